@@ -1,0 +1,46 @@
+# ossnet: bootstrap .venv and run the main entry points.
+#   make quickstart   set up and run the main job on the embedded default
+#   make test         set up (with the dev extra) and run the whole test suite
+#   make bench        run every benchmark in --quick mode
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: quickstart test test-unit test-ray test-e2e bench lint clean venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m pipelines.cli quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+test-ray: $(STAMP)
+	$(PY) -m pytest tests/ray -q
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest tests/e2e -q
+
+bench: $(STAMP)
+	$(PY) -m bench.mise --quick
+	$(PY) -m bench.memory --quick
+
+lint: $(STAMP)
+	$(PY) -m compileall -q ossnet pipelines tune bench
+
+clean:
+	rm -rf .ossnet build *.egg-info

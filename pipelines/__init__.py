@@ -1,0 +1,1 @@
+"""Ray, storage and tracking pipelines around the ossnet library."""

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: Ray Tune + Optuna + ASHA over OSS-Net training runs."""
