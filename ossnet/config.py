@@ -58,16 +58,26 @@ class PatchConfig:
     Attributes:
         size: edge length of the cubic patch (odd); 0 disables patches (O-Net).
         multiscale: also take a ``2*size`` window average-pooled to ``size`` (variants B, D).
+        kernel: kernel of the patch encoder's two convolutions; None means ``size`` (the paper's
+            7^3 kernel on a 7^3 patch). The small presets use 3 so CPU training stays fast.
     """
 
     size: int = 7
     multiscale: bool = False
+    kernel: int | None = None
 
     def validate(self) -> None:
         if self.size < 0 or (self.size > 0 and self.size % 2 == 0):
             _fail("patch.size", f"must be 0 or an odd positive integer, got {self.size}")
         if self.size == 0 and self.multiscale:
             _fail("patch.multiscale", "needs patch.size > 0")
+        if self.kernel is not None and (self.kernel < 1 or self.kernel % 2 == 0):
+            _fail("patch.kernel", f"must be an odd positive integer, got {self.kernel}")
+
+    @property
+    def conv_kernel(self) -> int:
+        """Kernel edge of the patch encoder's convolutions."""
+        return self.kernel if self.kernel is not None else self.size
 
     @property
     def enabled(self) -> bool:
@@ -180,8 +190,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "brats": dict(volume_shape=(256, 256, 160), in_channels=4, channels=(16, 32, 64, 128), hidden=512),
     "lits": dict(volume_shape=(512, 512, 512), in_channels=1, channels=(8, 16, 32, 64, 128), hidden=512),
     # Small grids for the quickstart and the tests: same structure, a fraction of the size.
-    "small": dict(volume_shape=(64, 64, 48), in_channels=4, channels=(8, 16, 32), hidden=64),
-    "tiny": dict(volume_shape=(32, 32, 24), in_channels=4, channels=(4, 8), hidden=32),
+    "small": dict(volume_shape=(64, 64, 48), in_channels=4, channels=(8, 16, 32), hidden=64, patch_kernel=3),
+    "tiny": dict(volume_shape=(32, 32, 24), in_channels=4, channels=(4, 8), hidden=32, patch_kernel=3),
 }
 
 
@@ -229,7 +239,11 @@ def model_config(
             skip=parts["skip"],
             lowres_head=parts["lowres_head"],
         ),
-        patch=PatchConfig(size=size, multiscale=parts["multiscale"]),
+        patch=PatchConfig(
+            size=size,
+            multiscale=parts["multiscale"],
+            kernel=min(p["patch_kernel"], size) if size > 0 and "patch_kernel" in p else None,
+        ),
         decoder=DecoderConfig(hidden=p["hidden"], cbn_norm=cbn_norm),
         activation=activation,
     )
