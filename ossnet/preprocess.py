@@ -1,0 +1,628 @@
+"""Reversible per-case preprocessing: validation, orientation, z-score, crop/pad, label mapping.
+
+Pure numpy. Everything that changes a volume's geometry or intensities is recorded in a
+``PreprocessRecord`` so inference can map predictions back onto the source file's voxel grid.
+
+Geometry pipeline (source file -> model grid), applied to every channel and to the label:
+
+1. ``apply_orientation(volume, ornt)``: flips/transposes to RAS (``ornt`` as nibabel's
+   ``io_orientation`` returns it; computed by the caller, which may import nibabel).
+2. ``crop_or_pad(volume, volume_shape)``: centred crop or zero pad to the model grid.
+
+Intensities are z-scored per channel *before* the geometry steps, over the whole source volume
+(``"all"``) or over its nonzero voxels (``"nonzero"``, which keeps the zero background at 0).
+Work is done in slabs along the first spatial axis so a 512^3 channel needs no full-size
+temporaries beyond its own float32 copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[tuple[int, int, int, int], ...]
+"""Per spatial axis ``(src_start, src_stop, dst_start, dst_stop)`` of a crop/pad."""
+
+ZSCORE_MASKS: tuple[str, ...] = ("nonzero", "all")
+_SLAB_ELEMENTS = 1 << 24  # ~16M voxels per slab bounds every temporary to 64 MiB of float32
+
+
+def _slabs(n: int, plane: int) -> Iterator[slice]:
+    """Slices along the first axis holding about ``_SLAB_ELEMENTS`` elements each."""
+    step = max(1, _SLAB_ELEMENTS // max(1, plane))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def validate_spatial_shape(shape: Sequence[int], name: str = "volume") -> tuple[int, int, int]:
+    """Check that ``shape`` describes a 3D volume; return the 3D shape.
+
+    Trailing singleton dimensions (e.g. ``(X, Y, Z, 1)``, common in NIfTI exports) are dropped.
+
+    Raises:
+        ValueError: for 2D images, 4D+ images with more than one volume, or an axis of size 1.
+    """
+    dims = list(int(s) for s in shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) != 3:
+        kind = f"{len(dims)}D"
+        raise ValueError(f"{name}: expected a 3D volume, got a {kind} image of shape {tuple(int(s) for s in shape)}")
+    if any(d < 2 for d in dims):
+        raise ValueError(f"{name}: expected a 3D volume, got shape {tuple(dims)} (an axis of size < 2: a 2D image?)")
+    return dims[0], dims[1], dims[2]
+
+
+def validate_finite(array: np.ndarray, name: str = "volume") -> None:
+    """Raise ``ValueError`` if ``array`` holds NaN or Inf (checked slab-wise, no full-size mask)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    plane = int(np.prod(array.shape[1:])) if array.ndim > 1 else 1
+    for sl in _slabs(array.shape[0], plane):
+        part = array[sl]
+        if not np.isfinite(part).all():
+            n_nan = int(np.isnan(part).sum())
+            n_inf = int(np.isinf(part).sum())
+            raise ValueError(f"{name}: non-finite voxels (NaN: {n_nan}, Inf: {n_inf} in slab {sl.start}:{sl.stop})")
+
+
+def validate_volume(array: np.ndarray, name: str = "volume") -> np.ndarray:
+    """Check a 3D intensity volume (dimensionality, finiteness); return it squeezed to 3D.
+
+    Args:
+        array: ``(X, Y, Z)`` or ``(X, Y, Z, 1)`` intensities.
+        name: what to call it in error messages (usually the file path).
+    """
+    shape = validate_spatial_shape(array.shape, name)
+    array = array.reshape(shape)
+    validate_finite(array, name)
+    return array
+
+
+def label_values(label: np.ndarray, name: str = "label") -> set[int]:
+    """The set of values in an integer-valued label volume.
+
+    Raises:
+        ValueError: for NaN/Inf or non-integer values (e.g. 0.5), naming ``name``.
+    """
+    present: set[int] = set()
+    plane = int(np.prod(label.shape[1:])) if label.ndim > 1 else 1
+    floating = np.issubdtype(label.dtype, np.floating)
+    for sl in _slabs(label.shape[0], plane):
+        part = label[sl]
+        if floating:
+            if not np.isfinite(part).all():
+                raise ValueError(f"{name}: label holds NaN or Inf values")
+            frac = part != np.round(part)
+            if frac.any():
+                bad = np.unique(part[frac])[:3]
+                raise ValueError(f"{name}: non-integer label values, e.g. {', '.join(f'{v:g}' for v in bad)}")
+        ints = part.astype(np.int64, copy=False)
+        lo, hi = int(ints.min()), int(ints.max())
+        if lo < 0 or hi > 4095:
+            present.update(int(v) for v in np.unique(ints))
+        else:
+            present.update(int(v) for v in np.flatnonzero(np.bincount(ints.ravel(), minlength=1)))
+    return present
+
+
+def validate_label_values(label: np.ndarray, allowed: Iterable[int], name: str = "label") -> set[int]:
+    """Check that a label holds only integer values from ``allowed``; return the values present.
+
+    Raises:
+        ValueError: non-finite, non-integer or unexpected values, naming ``name``.
+    """
+    allowed_set = {int(v) for v in allowed}
+    present = label_values(label, name)
+    unexpected = sorted(present - allowed_set)
+    if unexpected:
+        shown = ", ".join(str(v) for v in unexpected[:8])
+        raise ValueError(
+            f"{name}: unexpected label values [{shown}] (allowed: {', '.join(str(v) for v in sorted(allowed_set))})"
+        )
+    return present
+
+
+def binarize_label(label: np.ndarray, foreground: Iterable[int] | None = None) -> np.ndarray:
+    """Map a label to {0, 1} uint8: ``label > 0`` (default) or membership in ``foreground``.
+
+    BraTS labels {1, 2, 4} become whole tumour; LiTS {1, 2} become liver + tumour.
+    """
+    if foreground is None:
+        return (label > 0).astype(np.uint8)
+    return np.isin(label, np.asarray(list(foreground))).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Intensity normalisation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_mask_mode(mask: str) -> None:
+    if mask not in ZSCORE_MASKS:
+        raise ValueError(f"zscore mask: must be one of {', '.join(ZSCORE_MASKS)}, got {mask!r}")
+
+
+def zscore_stats(x: np.ndarray, mask: str = "nonzero") -> tuple[float, float]:
+    """Mean and standard deviation of one channel over its mask, in float64, slab-wise.
+
+    Args:
+        x: ``(X, Y, Z)`` intensities.
+        mask: ``"nonzero"`` (voxels != 0) or ``"all"``.
+
+    Returns:
+        ``(mean, std)``; ``(0.0, 1.0)`` for an empty mask and std 1.0 for a constant channel,
+        so normalising never divides by zero.
+    """
+    _check_mask_mode(mask)
+    plane = int(np.prod(x.shape[1:]))
+    count, total = 0, 0.0
+    for sl in _slabs(x.shape[0], plane):
+        part = x[sl]
+        vals = part[part != 0] if mask == "nonzero" else part
+        count += vals.size
+        total += float(vals.sum(dtype=np.float64))
+    if count == 0:
+        logger.warning("z-score: empty %s mask; using mean 0, std 1", mask)
+        return 0.0, 1.0
+    mean = total / count
+    sq = 0.0
+    for sl in _slabs(x.shape[0], plane):
+        part = x[sl]
+        vals = part[part != 0] if mask == "nonzero" else part
+        sq += float(np.square(vals.astype(np.float64) - mean).sum())
+    std = math.sqrt(sq / count)
+    if std < 1e-8:
+        logger.warning("z-score: constant channel (value %g); using std 1", mean)
+        std = 1.0
+    return mean, std
+
+
+def zscore_channel(x: np.ndarray, mask: str = "nonzero", *, inplace: bool = False) -> tuple[np.ndarray, float, float]:
+    """Z-score one channel over its mask; voxels outside a ``"nonzero"`` mask stay 0.
+
+    Args:
+        x: ``(X, Y, Z)`` intensities; must be float32 when ``inplace``.
+        mask: ``"nonzero"`` or ``"all"``.
+        inplace: overwrite ``x`` (saves one full-size copy).
+
+    Returns:
+        ``(normalised float32 (X, Y, Z), mean, std)``.
+    """
+    mean, std = zscore_stats(x, mask)
+    if inplace:
+        if x.dtype != np.float32:
+            raise ValueError(f"zscore_channel: inplace needs float32, got {x.dtype}")
+        out = x
+    else:
+        out = np.empty(x.shape, dtype=np.float32)
+    plane = int(np.prod(x.shape[1:]))
+    for sl in _slabs(x.shape[0], plane):
+        part = x[sl]
+        zero = part == 0 if mask == "nonzero" else None
+        norm = ((part - mean) / std).astype(np.float32, copy=False)
+        if zero is not None:
+            norm[zero] = 0.0
+        out[sl] = norm
+    return out, mean, std
+
+
+def zscore_channels(
+    image: np.ndarray, mask: str | np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...]]:
+    """Per-channel z-score of a ``(C, X, Y, Z)`` image.
+
+    Args:
+        image: ``(C, X, Y, Z)`` intensities.
+        mask: ``None`` or ``"nonzero"`` (each channel's nonzero voxels; zeros stay 0), ``"all"``,
+            or a boolean ``(X, Y, Z)`` foreground mask (voxels outside it become 0).
+
+    Returns:
+        ``(normalised float32 (C, X, Y, Z), means (C,), stds (C,))``.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"zscore_channels: expected (C, X, Y, Z), got shape {image.shape}")
+    out = np.empty(image.shape, dtype=np.float32)
+    means: list[float] = []
+    stds: list[float] = []
+    for c in range(image.shape[0]):
+        if isinstance(mask, np.ndarray):
+            if mask.shape != image.shape[1:]:
+                raise ValueError(f"zscore_channels: mask shape {mask.shape} != image shape {image.shape[1:]}")
+            vals = image[c][mask].astype(np.float64)
+            mean = float(vals.mean()) if vals.size else 0.0
+            std = float(vals.std()) if vals.size else 1.0
+            std = std if std >= 1e-8 else 1.0
+            out[c] = np.where(mask, (image[c] - mean) / std, 0.0)
+        else:
+            out[c], mean, std = zscore_channel(image[c], "nonzero" if mask is None else mask)
+        means.append(mean)
+        stds.append(std)
+    return out, tuple(means), tuple(stds)
+
+
+def invert_zscore(
+    image: np.ndarray, means: Sequence[float], stds: Sequence[float], mask: str = "nonzero"
+) -> np.ndarray:
+    """Undo ``zscore_channels`` on a ``(C, ...)`` image; returns float32.
+
+    With the ``"nonzero"`` mask, normalised zeros map back to 0 (the background; a foreground
+    voxel exactly at the mean is indistinguishable from it).
+    """
+    _check_mask_mode(mask)
+    out = np.empty(image.shape, dtype=np.float32)
+    for c in range(image.shape[0]):
+        x = image[c].astype(np.float32)
+        restored = x * np.float32(stds[c]) + np.float32(means[c])
+        out[c] = np.where(x != 0, restored, 0.0) if mask == "nonzero" else restored
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Orientation (numpy equivalents of nibabel.orientations, so ossnet stays nibabel-free)
+# --------------------------------------------------------------------------------------------
+
+
+def _as_ornt(ornt: Any) -> np.ndarray:
+    arr = np.asarray(ornt, dtype=np.float64)
+    if arr.shape != (3, 2) or np.isnan(arr).any():
+        raise ValueError(f"orientation: expected a (3, 2) axis/flip array, got {arr.tolist()}")
+    if sorted(int(a) for a in arr[:, 0]) != [0, 1, 2] or not set(arr[:, 1].tolist()) <= {1.0, -1.0}:
+        raise ValueError(f"orientation: not a permutation with flips: {arr.tolist()}")
+    return arr.astype(np.int64)
+
+
+def apply_orientation(volume: np.ndarray, ornt: Any) -> np.ndarray:
+    """Flip and transpose the last three axes as ``nibabel.orientations.apply_orientation``.
+
+    Args:
+        volume: ``(..., X, Y, Z)``.
+        ornt: ``(3, 2)``: row ``i`` sends source axis ``i`` to axis ``ornt[i, 0]``, flipped if
+            ``ornt[i, 1] == -1``.
+
+    Returns:
+        A view (no copy) with reoriented spatial axes.
+    """
+    o = _as_ornt(ornt)
+    lead = volume.ndim - 3
+    out = volume
+    for ax in range(3):
+        if o[ax, 1] == -1:
+            out = np.flip(out, axis=lead + ax)
+    perm = list(range(lead)) + [lead + int(a) for a in np.argsort(o[:, 0])]
+    return out.transpose(perm)
+
+
+def invert_orientation(ornt: Any) -> np.ndarray:
+    """The ``(3, 2)`` orientation undoing ``ornt``: ``apply(apply(v, o), invert(o)) == v``."""
+    o = _as_ornt(ornt)
+    inv = np.zeros((3, 2), dtype=np.int64)
+    for i in range(3):
+        inv[o[i, 0]] = (i, o[i, 1])
+    return inv
+
+
+def orientation_affine(ornt: Any, shape: Sequence[int]) -> np.ndarray:
+    """Voxel-to-voxel affine from the reoriented array back to the source array.
+
+    Equals ``nibabel.orientations.inv_ornt_aff(ornt, shape)``; ``shape`` is the source shape.
+    """
+    o = _as_ornt(ornt)
+    shp = np.asarray(shape[:3], dtype=np.float64)
+    undo_reorder = np.eye(4)[list(o[:, 0]) + [3], :]
+    undo_flip = np.diag(list(o[:, 1].astype(np.float64)) + [1.0])
+    center_trans = -(shp - 1) / 2.0
+    undo_flip[:3, 3] = o[:, 1] * center_trans - center_trans
+    return undo_flip @ undo_reorder
+
+
+# --------------------------------------------------------------------------------------------
+# Crop / pad
+# --------------------------------------------------------------------------------------------
+
+
+def crop_pad_box(in_shape: Sequence[int], out_shape: Sequence[int]) -> Box:
+    """Centred crop/pad box mapping a grid of ``in_shape`` onto ``out_shape``.
+
+    The offset per axis is ``ceil((out - in) / 2)``: padding puts the extra voxel before (as the
+    reference BraTS loader does), cropping removes ``floor((in - out) / 2)`` voxels before.
+    """
+    box = []
+    for n_in, n_out in zip(in_shape, out_shape):
+        offset = -((int(n_in) - int(n_out)) // 2)  # ceil((out - in) / 2)
+        src_start = max(0, -offset)
+        dst_start = max(0, offset)
+        length = min(int(n_in) - src_start, int(n_out) - dst_start)
+        box.append((src_start, src_start + length, dst_start, dst_start + length))
+    return tuple(box)
+
+
+def _box_slices(box: Box) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    src = tuple(slice(b[0], b[1]) for b in box)
+    dst = tuple(slice(b[2], b[3]) for b in box)
+    return src, dst
+
+
+def crop_or_pad(
+    volume: np.ndarray, shape: Sequence[int], *, fill: float = 0, dtype: Any = None
+) -> tuple[np.ndarray, Box]:
+    """Centre ``volume``'s last three axes on a grid of ``shape`` (crop where larger, pad where smaller).
+
+    Args:
+        volume: ``(..., X, Y, Z)``.
+        shape: target ``(X', Y', Z')``.
+        fill: value of padded voxels.
+        dtype: output dtype (default: the input's), cast while copying to avoid a second copy.
+
+    Returns:
+        ``(out (..., X', Y', Z'), box)``; ``undo_crop_or_pad(out, volume.shape[-3:], box)`` restores
+        the input geometry (cropped-away voxels come back as ``fill``).
+    """
+    if len(shape) != 3:
+        raise ValueError(f"crop_or_pad: target shape must have 3 sizes, got {tuple(shape)}")
+    box = crop_pad_box(volume.shape[-3:], shape)
+    lead = volume.shape[:-3]
+    out = np.full(lead + tuple(int(s) for s in shape), fill, dtype=dtype or volume.dtype)
+    src, dst = _box_slices(box)
+    ell = (Ellipsis,)
+    out[ell + dst] = volume[ell + src]
+    return out, box
+
+
+def undo_crop_or_pad(volume: np.ndarray, original_shape: Sequence[int], box: Box, *, fill: float = 0) -> np.ndarray:
+    """Inverse of ``crop_or_pad``: ``(..., X', Y', Z')`` back to ``(..., *original_shape)``."""
+    box = tuple(tuple(int(v) for v in b) for b in box)  # type: ignore[assignment]
+    lead = volume.shape[:-3]
+    out = np.full(lead + tuple(int(s) for s in original_shape[-3:]), fill, dtype=volume.dtype)
+    src, dst = _box_slices(box)
+    ell = (Ellipsis,)
+    out[ell + src] = volume[ell + dst]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The record
+# --------------------------------------------------------------------------------------------
+
+
+def _tuple2(a: Any) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in row) for row in np.asarray(a, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class PreprocessRecord:
+    """Everything needed to map a case between its source file and the model grid.
+
+    Attributes:
+        original_shape: spatial shape of the source file ``(X, Y, Z)``.
+        original_affine: source voxel -> world (mm) affine, 4x4.
+        orientation: ``(3, 2)`` axis/flip transform from source axes to RAS.
+        volume_shape: the model grid ``(X', Y', Z')``.
+        box: centred crop/pad box from the RAS grid to the model grid.
+        zscore_mask: ``"nonzero"`` or ``"all"``.
+        means, stds: per-channel z-score statistics (empty for a label-only record).
+        label_map: how labels became binary (``"nonzero"``: label > 0).
+    """
+
+    original_shape: tuple[int, int, int]
+    original_affine: tuple[tuple[float, ...], ...]
+    orientation: tuple[tuple[int, int], ...]
+    volume_shape: tuple[int, int, int]
+    box: Box
+    zscore_mask: str = "nonzero"
+    means: tuple[float, ...] = ()
+    stds: tuple[float, ...] = ()
+    label_map: str = "nonzero"
+
+    @classmethod
+    def create(
+        cls,
+        original_shape: Sequence[int],
+        original_affine: Any,
+        orientation: Any,
+        volume_shape: Sequence[int],
+        zscore_mask: str = "nonzero",
+    ) -> "PreprocessRecord":
+        """Build the geometry part of a record (statistics are added with ``with_stats``)."""
+        _check_mask_mode(zscore_mask)
+        o = _as_ornt(orientation)
+        shape = tuple(int(s) for s in original_shape[:3])
+        ras_shape = tuple(shape[int(np.flatnonzero(o[:, 0] == j)[0])] for j in range(3))
+        return cls(
+            original_shape=shape,  # type: ignore[arg-type]
+            original_affine=_tuple2(original_affine),
+            orientation=tuple((int(a), int(f)) for a, f in o),
+            volume_shape=tuple(int(s) for s in volume_shape),  # type: ignore[arg-type]
+            box=crop_pad_box(ras_shape, volume_shape),
+            zscore_mask=zscore_mask,
+        )
+
+    def with_stats(self, means: Sequence[float], stds: Sequence[float]) -> "PreprocessRecord":
+        return replace(self, means=tuple(float(m) for m in means), stds=tuple(float(s) for s in stds))
+
+    @property
+    def ras_shape(self) -> tuple[int, int, int]:
+        """Spatial shape after reorientation, before crop/pad."""
+        o = np.asarray(self.orientation)
+        return tuple(self.original_shape[int(np.flatnonzero(o[:, 0] == j)[0])] for j in range(3))  # type: ignore[return-value]
+
+    @property
+    def ras_affine(self) -> np.ndarray:
+        """RAS voxel -> world affine (4x4), as ``nibabel.as_closest_canonical`` gives."""
+        return np.asarray(self.original_affine) @ orientation_affine(self.orientation, self.original_shape)
+
+    @property
+    def grid_affine(self) -> np.ndarray:
+        """Model-grid voxel -> world affine (4x4): the RAS affine shifted by the crop/pad offset."""
+        shift = np.eye(4)
+        shift[:3, 3] = [b[0] - b[2] for b in self.box]
+        return self.ras_affine @ shift
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the model-grid (RAS) axes."""
+        zooms = np.sqrt((self.ras_affine[:3, :3] ** 2).sum(axis=0))
+        return tuple(float(z) for z in zooms)  # type: ignore[return-value]
+
+    @property
+    def cropped(self) -> bool:
+        """Whether crop/pad removed source voxels (they cannot be restored)."""
+        return any(b[1] - b[0] < n for b, n in zip(self.box, self.ras_shape))
+
+    def to_grid(self, volume: np.ndarray, *, fill: float = 0, dtype: Any = None) -> np.ndarray:
+        """Source geometry ``(..., *original_shape)`` -> model grid ``(..., *volume_shape)``."""
+        if tuple(volume.shape[-3:]) != self.original_shape:
+            raise ValueError(f"to_grid: volume shape {volume.shape[-3:]} != original shape {self.original_shape}")
+        out, _ = crop_or_pad(apply_orientation(volume, self.orientation), self.volume_shape, fill=fill, dtype=dtype)
+        return out
+
+    def to_original(self, volume: np.ndarray, *, fill: float = 0) -> np.ndarray:
+        """Model grid ``(..., *volume_shape)`` -> source geometry ``(..., *original_shape)``.
+
+        Use it to write predictions in the source file's voxel grid (with ``original_affine``).
+        """
+        if tuple(volume.shape[-3:]) != self.volume_shape:
+            raise ValueError(f"to_original: volume shape {volume.shape[-3:]} != model grid {self.volume_shape}")
+        ras = undo_crop_or_pad(volume, self.ras_shape, self.box, fill=fill)
+        return np.ascontiguousarray(apply_orientation(ras, invert_orientation(self.orientation)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form (lists, floats, ints)."""
+        return {
+            "original_shape": list(self.original_shape),
+            "original_affine": [list(r) for r in self.original_affine],
+            "orientation": [list(r) for r in self.orientation],
+            "volume_shape": list(self.volume_shape),
+            "box": [list(b) for b in self.box],
+            "zscore_mask": self.zscore_mask,
+            "means": list(self.means),
+            "stds": list(self.stds),
+            "label_map": self.label_map,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessRecord":
+        """Inverse of ``to_dict``; raises ``ValueError`` naming a missing or malformed field."""
+        try:
+            return cls(
+                original_shape=tuple(int(v) for v in data["original_shape"]),  # type: ignore[arg-type]
+                original_affine=_tuple2(data["original_affine"]),
+                orientation=tuple((int(a), int(f)) for a, f in data["orientation"]),
+                volume_shape=tuple(int(v) for v in data["volume_shape"]),  # type: ignore[arg-type]
+                box=tuple(tuple(int(v) for v in b) for b in data["box"]),  # type: ignore[arg-type]
+                zscore_mask=str(data.get("zscore_mask", "nonzero")),
+                means=tuple(float(v) for v in data.get("means", ())),
+                stds=tuple(float(v) for v in data.get("stds", ())),
+                label_map=str(data.get("label_map", "nonzero")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"preprocess record: malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def preprocess_channel(x: np.ndarray, record: PreprocessRecord, *, name: str = "volume") -> tuple[np.ndarray, float, float]:
+    """Validate, z-score and move one source channel onto the model grid.
+
+    Args:
+        x: ``(X, Y, Z)`` source intensities (any numeric dtype; float32 is normalised in place).
+        record: geometry of the case (``PreprocessRecord.create``).
+        name: file name for error messages.
+
+    Returns:
+        ``(grid float32 (X', Y', Z'), mean, std)``.
+    """
+    x = validate_volume(x, name)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    normed, mean, std = zscore_channel(x, record.zscore_mask, inplace=True)
+    return record.to_grid(normed, dtype=np.float32), mean, std
+
+
+def preprocess_image(
+    channels: Sequence[np.ndarray] | np.ndarray,
+    affine: Any,
+    orientation: Any,
+    volume_shape: Sequence[int],
+    *,
+    zscore_mask: str = "nonzero",
+) -> tuple[np.ndarray, PreprocessRecord]:
+    """In-memory preprocessing of a multi-channel source image (inference on NIfTI, tests).
+
+    Args:
+        channels: ``C`` arrays ``(X, Y, Z)`` or one ``(C, X, Y, Z)`` array in source geometry.
+        affine: source voxel -> world affine (4x4).
+        orientation: ``(3, 2)`` source -> RAS transform (``nibabel.io_orientation(affine)``).
+        volume_shape: model grid.
+        zscore_mask: ``"nonzero"`` or ``"all"``.
+
+    Returns:
+        ``(image float32 (C, *volume_shape), record)``.
+    """
+    shape = validate_spatial_shape(np.shape(channels[0]), "channel 0")
+    record = PreprocessRecord.create(shape, affine, orientation, volume_shape, zscore_mask)
+    out = np.empty((len(channels),) + record.volume_shape, dtype=np.float32)
+    means, stds = [], []
+    for c, x in enumerate(channels):
+        x = np.array(x, dtype=np.float32)  # a private copy: normalised in place
+        if validate_spatial_shape(x.shape, f"channel {c}") != shape:
+            raise ValueError(f"channel {c}: shape {x.shape} != channel 0 shape {shape}")
+        out[c], mean, std = preprocess_channel(x, record, name=f"channel {c}")
+        means.append(mean)
+        stds.append(std)
+    return out, record.with_stats(means, stds)
+
+
+def preprocess_label(
+    label: np.ndarray, record: PreprocessRecord, allowed: Iterable[int], *, name: str = "label"
+) -> tuple[np.ndarray, int]:
+    """Validate a source label, binarise it (label > 0) and move it onto the model grid.
+
+    Returns:
+        ``(grid uint8 (X', Y', Z'), foreground voxels lost to cropping)``.
+    """
+    shape = validate_spatial_shape(label.shape, name)
+    label = label.reshape(shape)
+    if shape != record.original_shape:
+        raise ValueError(f"{name}: label shape {shape} != image shape {record.original_shape}")
+    validate_label_values(label, allowed, name)
+    binary = binarize_label(label)
+    total = int(binary.sum(dtype=np.int64))
+    grid = record.to_grid(binary, dtype=np.uint8)
+    lost = total - int(grid.sum(dtype=np.int64))
+    return grid, lost
+
+
+__all__ = [
+    "Box",
+    "PreprocessRecord",
+    "ZSCORE_MASKS",
+    "apply_orientation",
+    "binarize_label",
+    "crop_or_pad",
+    "crop_pad_box",
+    "invert_orientation",
+    "invert_zscore",
+    "label_values",
+    "orientation_affine",
+    "preprocess_channel",
+    "preprocess_image",
+    "preprocess_label",
+    "undo_crop_or_pad",
+    "validate_finite",
+    "validate_label_values",
+    "validate_spatial_shape",
+    "validate_volume",
+    "zscore_channel",
+    "zscore_channels",
+    "zscore_stats",
+]

@@ -1,0 +1,404 @@
+"""pipelines.ingest: NIfTI archives -> store -> read, for every layout, bad inputs and re-runs."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ossnet.preprocess import invert_zscore
+from ossnet.sampling import border_band, lowres_label
+from pipelines.ingest import (
+    IngestError,
+    IngestJob,
+    configure_ingest_parser,
+    ingest,
+    run_ingest_cli,
+    seeded_split,
+)
+from pipelines.ingest_sources import detect_layout, parse_split_file, source_fs
+from pipelines.store import CaseNotFoundError, open_store
+
+SHAPE = (37, 41, 29)  # odd: crops x and y, pads z on the grid below
+GRID = (33, 35, 31)
+# Non-identity: axes permuted and flipped, anisotropic spacing, shifted origin.
+AFFINE = np.array([[0.0, 0.0, -1.2, 80.0], [-0.9, 0.0, 0.0, 60.0], [0.0, 1.1, 0.0, -40.0], [0.0, 0.0, 0.0, 1.0]])
+MODS = ("flair", "t1", "t1ce", "t2")
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _image(rng: np.random.Generator, shape=SHAPE) -> np.ndarray:
+    x = rng.integers(1, 1000, size=shape).astype(np.int16)
+    x[:3] = 0  # background for the nonzero z-score mask
+    return x
+
+
+def _label(rng: np.random.Generator, values=(1, 2, 4), shape=SHAPE) -> np.ndarray:
+    lab = np.zeros(shape, dtype=np.uint8)
+    lab[8:25, 10:30, 6:20] = rng.choice(values, size=(17, 20, 14))
+    return lab
+
+
+def _brats_case(root: Path, case_id: str, rng: np.random.Generator, skip=(), **override) -> dict[str, np.ndarray]:
+    data = {m: _image(rng) for m in MODS}
+    data["seg"] = _label(rng)
+    data.update(override)
+    for key, arr in data.items():
+        if key not in skip:
+            _save(root / case_id / f"{case_id}_{key}.nii.gz", arr)
+    return data
+
+
+def _job(source, store, **kw) -> IngestJob:
+    return IngestJob(source=str(source), store=str(store), preset="tiny", volume_shape=GRID, **kw)
+
+
+def _check_round_trip(store_url: str, case_id: str, sources: list[np.ndarray], label: np.ndarray) -> None:
+    """Stored voxels, un-normalised and mapped back to the source grid, equal the source files."""
+    store = open_store(store_url)
+    arrays = store.read_case(case_id, ("image", "label", "image_lowres", "label_lowres", "border"))
+    attrs = store.case_attrs(case_id)
+    rec = store.record(case_id)
+    assert arrays["image"].shape == (len(sources), *GRID) and arrays["image"].dtype == np.float16
+    restored = rec.to_original(invert_zscore(arrays["image"], rec.means, rec.stds, rec.zscore_mask))
+    kept = rec.to_original(np.ones(GRID, dtype=bool))
+    assert 0.5 < kept.mean() < 1.0  # some voxels were cropped, most kept
+    src = np.stack(sources).astype(np.float32)
+    np.testing.assert_allclose(restored[:, kept], src[:, kept], rtol=2e-3, atol=1.0)
+    np.testing.assert_array_equal(rec.to_original(arrays["label"])[kept], (label > 0)[kept])
+    # Geometry: affine and spacing are those of the RAS-canonical source, shifted onto the grid.
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(sources[0], AFFINE))
+    np.testing.assert_allclose(rec.ras_affine, canonical.affine, atol=1e-5)
+    np.testing.assert_allclose(attrs["spacing"], canonical.header.get_zooms()[:3], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(attrs["affine"]), rec.grid_affine, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(rec.original_affine), AFFINE, atol=1e-6)
+    # Derived arrays are those of the stored label.
+    np.testing.assert_array_equal(arrays["label_lowres"], lowres_label(arrays["label"], store.info["lowres_factor"]))
+    np.testing.assert_array_equal(arrays["border"].astype(bool), border_band(arrays["label"], store.band_width))
+    assert arrays["image_lowres"].shape == (len(sources), *store.lowres_shape)
+    assert attrs["label_voxels"] == int(arrays["label"].sum())
+    for src_info in attrs["sources"].values():
+        assert len(src_info["sha256"]) == 64 and src_info["size"] > 0
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_brats_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    cases = {f"BraTS20_Training_{i:03d}": _brats_case(tmp_path / "brats", f"BraTS20_Training_{i:03d}", rng) for i in range(2)}
+    report = ingest(_job(tmp_path / "brats", tmp_path / "s.zarr"))
+    assert report.ok and report.layout == "brats" and report.count("ingested") == 2
+    store = open_store(str(tmp_path / "s.zarr"))
+    assert store.modalities == MODS and store.info["zscore_mask"] == "nonzero"
+    for cid, data in cases.items():
+        _check_round_trip(str(tmp_path / "s.zarr"), cid, [data[m] for m in MODS], data["seg"])
+        assert store.case_attrs(cid)["sources"]["flair"]["path"].endswith(f"{cid}_flair.nii.gz")
+
+
+def test_lits_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    vols = {}
+    for n, batch in ((3, "Training Batch 1"), (12, "Training Batch 2")):
+        vol = rng.integers(-1024, 1500, size=SHAPE).astype(np.int16)
+        seg = _label(rng, values=(1, 2))
+        _save(tmp_path / "lits" / batch / f"volume-{n}.nii", vol)
+        _save(tmp_path / "lits" / batch / f"segmentation-{n}.nii", seg)
+        vols[f"lits-{n:03d}"] = (vol, seg)
+    report = ingest(_job(tmp_path / "lits", tmp_path / "s.zarr"))
+    assert report.ok and report.layout == "lits" and sorted(c.case_id for c in report.cases) == ["lits-003", "lits-012"]
+    assert open_store(str(tmp_path / "s.zarr")).info["zscore_mask"] == "all"
+    for cid, (vol, seg) in vols.items():
+        _check_round_trip(str(tmp_path / "s.zarr"), cid, [vol], seg)
+
+
+def test_generic_folders_multichannel_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    data = {}
+    for cid in ("p01", "p02"):
+        chans = [_image(rng), _image(rng)]
+        for c, ch in enumerate(chans):
+            _save(tmp_path / "src" / "images" / f"{cid}_{c:04d}.nii.gz", ch)
+        seg = _label(rng, values=(1,))
+        _save(tmp_path / "src" / "labels" / f"{cid}.nii.gz", seg)
+        data[cid] = (chans, seg)
+    report = ingest(_job(tmp_path / "src", tmp_path / "s.zarr"))
+    assert report.ok and report.layout == "generic"
+    assert open_store(str(tmp_path / "s.zarr")).modalities == ("ch0", "ch1")
+    for cid, (chans, seg) in data.items():
+        _check_round_trip(str(tmp_path / "s.zarr"), cid, chans, seg)
+
+
+def test_generic_csv_round_trip_with_relative_paths(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    rows, data = [], {}
+    for cid in ("a1", "b2"):
+        t1, t2, seg = _image(rng), _image(rng), _label(rng, values=(1,))
+        _save(tmp_path / "data" / f"{cid}_t1.nii.gz", t1)
+        _save(tmp_path / "data" / f"{cid}_t2.nii.gz", t2)
+        _save(tmp_path / "data" / f"{cid}_mask.nii.gz", seg)
+        rows.append(f"{cid},data/{cid}_t1.nii.gz,data/{cid}_t2.nii.gz,data/{cid}_mask.nii.gz,42")
+        data[cid] = ([t1, t2], seg)
+    (tmp_path / "cases.csv").write_text("case_id,image_t1,image_t2,label,age\n" + "\n".join(rows) + "\n")
+    report = ingest(_job(tmp_path / "cases.csv", tmp_path / "s.zarr"))
+    assert report.ok and open_store(str(tmp_path / "s.zarr")).modalities == ("t1", "t2")
+    for cid, (chans, seg) in data.items():
+        _check_round_trip(str(tmp_path / "s.zarr"), cid, chans, seg)
+
+
+def test_memory_store_and_file_url(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    data = _brats_case(tmp_path / "brats", "c1", rng)
+    for url in (f"memory://ossnet-test-{uuid.uuid4().hex}/s.zarr", f"file://{tmp_path / 'f.zarr'}"):
+        report = ingest(_job(f"file://{tmp_path / 'brats'}", url))
+        assert report.ok and report.executor == "serial"
+        _check_round_trip(url, "c1", [data[m] for m in MODS], data["seg"])
+
+
+def test_detect_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    _brats_case(tmp_path / "b", "c1", rng)
+    _save(tmp_path / "l" / "volume-0.nii", _image(rng))
+    _save(tmp_path / "g" / "images" / "x.nii.gz", _image(rng))
+    (tmp_path / "c.csv").write_text("image,label\n")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / "notes.txt").write_text("hi")
+    for name, layout in (("b", "brats"), ("l", "lits"), ("g", "generic"), ("c.csv", "generic")):
+        fs, root = source_fs(str(tmp_path / name))
+        assert detect_layout(fs, root) == layout
+    with pytest.raises(IngestError, match="e: empty folder"):
+        ingest(_job(tmp_path / "e", tmp_path / "s.zarr"))
+    with pytest.raises(IngestError, match="no NIfTI files"):
+        ingest(_job(tmp_path / "n", tmp_path / "s.zarr"))
+    with pytest.raises(IngestError, match="no such folder"):
+        ingest(_job(tmp_path / "missing", tmp_path / "s.zarr"))
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_fail_alone_with_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(6)
+    src = tmp_path / "brats"
+    good = {cid: _brats_case(src, cid, rng) for cid in ("good1", "good2")}
+    nan_img = _image(rng).astype(np.float32)
+    nan_img[20, 20, 20] = np.nan
+    inf_img = _image(rng).astype(np.float32)
+    inf_img[5, 5, 5] = np.inf
+    frac_seg = _label(rng).astype(np.float32)
+    frac_seg[10, 12, 8] = 1.5
+    bad_seg = _label(rng)
+    bad_seg[10, 12, 8] = 3
+    _brats_case(src, "missing_t1ce", rng, skip=("t1ce",))
+    _brats_case(src, "shape_mismatch", rng, seg=_label(rng, shape=(37, 41, 28)))
+    _brats_case(src, "nan_voxels", rng, t2=nan_img)
+    _brats_case(src, "inf_voxels", rng, flair=inf_img)
+    _brats_case(src, "fractional_label", rng, seg=frac_seg)
+    _brats_case(src, "label_value_3", rng, seg=bad_seg)
+    _brats_case(src, "four_d", rng, t1=np.stack([_image(rng)] * 2, axis=-1))
+    _brats_case(src, "two_d", rng, t1=_image(rng)[:, :, 0])
+    (src / "empty_case").mkdir()
+    data = _brats_case(src, "affine_mismatch", rng)
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 5.0
+    _save(src / "affine_mismatch" / "affine_mismatch_t2.nii.gz", data["t2"], shifted)
+    _brats_case(src, "truncated", rng)
+    blob = (src / "truncated" / "truncated_flair.nii.gz").read_bytes()
+    (src / "truncated" / "truncated_flair.nii.gz").write_bytes(blob[: len(blob) // 2])
+    _brats_case(src, "corrupt", rng)
+    (src / "corrupt" / "corrupt_t1.nii.gz").write_bytes(gzip.compress(b"not a nifti header" * 10))
+
+    store_url = str(tmp_path / "s.zarr")
+    args = configure_ingest_parser(argparse.ArgumentParser()).parse_args(
+        [str(src), "--store", store_url, "--preset", "tiny", "--volume-shape", *map(str, GRID)])
+    out = io.StringIO()
+    assert run_ingest_cli(args, out=out) == 1
+    table = out.getvalue()
+
+    expected = {
+        "missing_t1ce": "missing_t1ce: missing modality t1ce",
+        "shape_mismatch": "shape_mismatch_seg.nii.gz: label shape (37, 41, 28) != ",
+        "nan_voxels": "nan_voxels_t2.nii.gz: non-finite voxels (NaN: 1, Inf: 0",
+        "inf_voxels": "inf_voxels_flair.nii.gz: non-finite voxels (NaN: 0, Inf: 1",
+        "fractional_label": "fractional_label_seg.nii.gz: non-integer label values, e.g. 1.5",
+        "label_value_3": "label_value_3_seg.nii.gz: unexpected label values [3] (allowed: 0, 1, 2, 4)",
+        "four_d": "four_d_t1.nii.gz: expected a 3D volume, got a 4D image",
+        "two_d": "two_d_t1.nii.gz: expected a 3D volume, got a 2D image",
+        "empty_case": "empty_case: empty folder",
+        "affine_mismatch": "affine_mismatch_t2.nii.gz: affine differs from",
+        "truncated": "truncated_flair.nii.gz: cannot read voxel data, truncated or corrupt file",
+        "corrupt": "corrupt_t1.nii.gz: cannot read NIfTI header",
+    }
+    store = open_store(store_url)
+    for cid, message in expected.items():
+        line = next(row for row in table.splitlines() if row.startswith(cid + " "))
+        assert " failed " in line and message in line, line
+        assert store.case_status(cid) == "missing"
+        assert store.attrs["last_ingest"]["failed"][cid].count("\n") == 0
+    assert store.case_ids() == ["good1", "good2"]
+    for cid, data in good.items():
+        _check_round_trip(store_url, cid, [data[m] for m in MODS], data["seg"])
+    assert f"2 ingested, 0 skipped, {len(expected)} failed" in table
+
+
+def test_case_id_escaping_the_store_is_rejected(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    _save(tmp_path / "img.nii.gz", _image(rng))
+    _save(tmp_path / "seg.nii.gz", _label(rng, values=(1,)))
+    (tmp_path / "cases.csv").write_text("case_id,image,label\n../x,img.nii.gz,seg.nii.gz\nok,img.nii.gz,seg.nii.gz\n")
+    report = ingest(_job(tmp_path / "cases.csv", tmp_path / "out" / "s.zarr"))
+    failed = {c.case_id: c.message for c in report.failed}
+    assert list(failed) == ["../x"] and "cases.csv line 2" in failed["../x"] and "escape the store path" in failed["../x"]
+    assert not (tmp_path / "out" / "x").exists() and not (tmp_path / "out" / "s.zarr" / "x").exists()
+    assert open_store(str(tmp_path / "out" / "s.zarr")).case_ids() == ["ok"]
+
+
+def test_source_level_errors_exit_2(tmp_path: Path) -> None:
+    parser = configure_ingest_parser(argparse.ArgumentParser())
+    err = io.StringIO()
+    args = parser.parse_args([str(tmp_path / "nothing"), "--store", str(tmp_path / "s.zarr")])
+    assert run_ingest_cli(args, out=io.StringIO(), err=err) == 2
+    assert err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1
+    with pytest.raises(SystemExit):  # strict: unknown flags are errors
+        parser.parse_args(["src", "--store", "s", "--bogus"])
+    with pytest.raises(IngestError, match="ingest.val_fraction"):
+        _job(tmp_path, tmp_path / "s.zarr", val_fraction=1.5).validate()
+
+
+# ----------------------------------------------------------------------------- re-runs
+
+
+def test_killed_ingest_is_completed_by_a_rerun(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    cases = {cid: _brats_case(tmp_path / "brats", cid, rng) for cid in ("c1", "c2", "c3")}
+    url = str(tmp_path / "s.zarr")
+    assert ingest(_job(tmp_path / "brats", url)).ok
+    # Simulate a kill while c2 was being rewritten: a started, never committed group, and a
+    # manifest written before the kill (c2 hidden while rewritten).
+    store = open_store(url, "r+")
+    store.write_manifest({k: v for k, v in store.manifest.items() if k != "c2"}, {})
+    writer = store.case_writer("c2")
+    writer.create_array("image", (4, *GRID), np.float16)
+    writer.write("image", np.ones(GRID, dtype=np.float16), (0,))
+    reader = open_store(url)
+    assert "c2" not in reader.case_ids() and reader.case_status("c2") == "partial"
+    with pytest.raises(CaseNotFoundError, match="incomplete"):
+        reader.read_case("c2")
+
+    report = ingest(_job(tmp_path / "brats", url))
+    assert {c.case_id: c.status for c in report.cases} == {"c1": "skipped", "c2": "ingested", "c3": "skipped"}
+    assert open_store(url).case_ids() == ["c1", "c2", "c3"]
+    _check_round_trip(url, "c2", [cases["c2"][m] for m in MODS], cases["c2"]["seg"])
+
+
+def test_changed_source_is_reingested_and_overwrite_redoes_all(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    _brats_case(tmp_path / "brats", "c1", rng)
+    _brats_case(tmp_path / "brats", "c2", rng)
+    url = str(tmp_path / "s.zarr")
+    ingest(_job(tmp_path / "brats", url))
+    new = _image(rng, shape=SHAPE)
+    new[3:, :5] = 0  # different content and compressed size
+    _save(tmp_path / "brats" / "c1" / "c1_t1.nii.gz", new)
+    report = ingest(_job(tmp_path / "brats", url))
+    assert {c.case_id: c.status for c in report.cases} == {"c1": "ingested", "c2": "skipped"}
+    report = ingest(_job(tmp_path / "brats", url, overwrite=True))
+    assert report.count("ingested") == 2
+
+
+def test_incompatible_rerun_is_refused(tmp_path: Path) -> None:
+    _brats_case(tmp_path / "brats", "c1", np.random.default_rng(10))
+    url = str(tmp_path / "s.zarr")
+    ingest(_job(tmp_path / "brats", url))
+    with pytest.raises(IngestError, match="volume_shape"):
+        ingest(IngestJob(source=str(tmp_path / "brats"), store=url, preset="tiny"))
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_seeded_split_is_deterministic_and_order_free() -> None:
+    ids = [f"case{i:03d}" for i in range(40)]
+    a = seeded_split(ids, 0.15, seed=0)
+    assert a == seeded_split(list(reversed(ids)), 0.15, seed=0)
+    assert sum(s == "val" for s in a.values()) == 6
+    assert a != seeded_split(ids, 0.15, seed=1)
+    grown = seeded_split(ids + ["case999"], 0.15, seed=0)
+    assert sum(grown[k] != a[k] for k in ids) <= 1  # adding a case moves at most one other
+    assert set(seeded_split(["x", "y"], 0.01, 0).values()) == {"train", "val"}
+    assert set(seeded_split(["x", "y"], 0.0, 0).values()) == {"train"}
+
+
+def test_ingest_split_is_seeded_and_split_file_honoured(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    ids = [f"BraTS20_Training_{i:03d}" for i in range(1, 5)]
+    for cid in ids:
+        _brats_case(tmp_path / "brats", cid, rng)
+    url = str(tmp_path / "s.zarr")
+    ingest(_job(tmp_path / "brats", url, val_fraction=0.25, split_seed=3))
+    assert open_store(url).manifest == seeded_split(ids, 0.25, 3)
+    # The reference BraTS split format: section headers, one id per line.
+    split = tmp_path / "bra_ts_split.txt"
+    split.write_text(f"Training:\n    {ids[0]}\n    {ids[1]}\n\nValidation:\n    {ids[2]}\n    BraTS20_Training_999\n")
+    report = ingest(_job(tmp_path / "brats", url, split_file=str(split)))
+    store = open_store(url)
+    assert store.splits() == {"train": ids[:2], "val": [ids[2]], "unassigned": [ids[3]]}
+    assert store.attrs["manifest"]["splits"]["method"] == "file"
+    assert {c.case_id: c.split for c in report.cases}[ids[2]] == "val"
+
+
+def test_parse_split_file_formats(tmp_path: Path) -> None:
+    (tmp_path / "s.json").write_text(json.dumps({"train": ["a", "b"], "validation": ["c"]}))
+    (tmp_path / "s.csv").write_text("case_id,split\na,train\nb,val\nc,test\n")
+    assert parse_split_file(str(tmp_path / "s.json")) == {"a": "train", "b": "train", "c": "val"}
+    assert parse_split_file(str(tmp_path / "s.csv")) == {"a": "train", "b": "val", "c": "test"}
+    (tmp_path / "bad.csv").write_text("case_id,split\na,holdout\n")
+    with pytest.raises(IngestError, match="bad.csv line 2: unknown split name 'holdout'"):
+        parse_split_file(str(tmp_path / "bad.csv"))
+    (tmp_path / "bad.txt").write_text("a\nb\n")
+    with pytest.raises(IngestError, match="before any 'Training:'"):
+        parse_split_file(str(tmp_path / "bad.txt"))
+
+
+# ----------------------------------------------------------------------------- parallel
+
+
+@pytest.mark.slow  # spawned workers re-import torch: seconds each on a busy machine
+def test_process_pool_ingest(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    cases = {cid: _brats_case(tmp_path / "brats", cid, rng) for cid in ("c1", "c2")}
+    url = str(tmp_path / "s.zarr")
+    report = ingest(_job(tmp_path / "brats", url, workers=2, executor="process"))
+    assert report.ok and report.executor == "process" and report.count("ingested") == 2
+    for cid, data in cases.items():
+        _check_round_trip(url, cid, [data[m] for m in MODS], data["seg"])
+    with pytest.raises(IngestError, match="memory:// store lives in one process"):
+        ingest(_job(tmp_path / "brats", "memory://x/s.zarr", workers=2, executor="process"))
+
+
+def test_unlabelled_cases_when_allowed(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    _brats_case(tmp_path / "brats", "c1", rng, skip=("seg",))
+    report = ingest(_job(tmp_path / "brats", tmp_path / "a.zarr"))
+    assert report.failed[0].message.endswith("missing label (no *_seg.nii[.gz])")
+    report = ingest(_job(tmp_path / "brats", tmp_path / "b.zarr", require_labels=False))
+    assert report.ok
+    store = open_store(str(tmp_path / "b.zarr"))
+    assert store.case_attrs("c1")["has_label"] is False
+    with pytest.raises(CaseNotFoundError, match="no array 'label'"):
+        store.read_case("c1", ("label",))
+    assert os.path.isdir(tmp_path / "b.zarr" / "cases" / "c1" / "image")
