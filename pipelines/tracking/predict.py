@@ -1,0 +1,129 @@
+"""Predict a volume of any size with a model that works on a fixed grid (no MLflow here).
+
+The model sees ``model.config.volume_shape``: the input is z-scored (per the checkpoint's
+preprocessing spec, unless already normalised), centred on that grid by ``crop_or_pad``, run
+through the ``Inferer``, and the probability map is mapped back to the input's grid by
+``undo_crop_or_pad`` (voxels cropped away get probability 0). The pyfunc bundle and the
+library loader both call ``predict_volume`` so that their outputs are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VolumePrediction:
+    """Prediction at the input's size.
+
+    Attributes:
+        probability: (X, Y, Z) float32 in [0, 1].
+        mask: (X, Y, Z) uint8 {0, 1} (``probability >= threshold``).
+        n_queries: points decoded by the model.
+        seconds: inference wall time.
+        mode: the inference mode that ran.
+    """
+
+    probability: np.ndarray
+    mask: np.ndarray
+    n_queries: int
+    seconds: float
+    mode: str
+
+
+def default_mode(model: nn.Module) -> str:
+    """``"mise_lowres"`` for models with a low-resolution head (C, D), else ``"mise"``."""
+    return "mise_lowres" if model.config.has_lowres_head else "mise"
+
+
+def make_inferer(model: nn.Module, *, mode: str | None = None, device: str = "cpu",
+                 chunk_points: int = 2**14, threshold: float = 0.5) -> Any:
+    """An ``ossnet.inference.Inferer`` with the model's default mode unless ``mode`` is given."""
+    from ossnet.inference import Inferer
+
+    return Inferer(mode=mode or default_mode(model), device=device, chunk_points=chunk_points,
+                   threshold=threshold, seed_threshold=min(0.3, threshold))
+
+
+def zscore_mask_of(preprocess: Any) -> str | None:
+    """The z-score mask mode a checkpoint's preprocessing spec asks for, or None for no z-score.
+
+    Reads ``normalization`` (``"zscore"``/``"zscore_nonzero"``/``"zscore_all"``/``"none"``) and an
+    optional ``zscore_mask`` attribute; a missing spec means the default ``"nonzero"`` z-score.
+    """
+    if preprocess is None:
+        return "nonzero"
+    norm = str(getattr(preprocess, "normalization", "zscore")).lower()
+    if norm in ("none", "", "identity"):
+        return None
+    if norm.startswith("zscore_"):
+        return norm.split("_", 1)[1]
+    return str(getattr(preprocess, "zscore_mask", "nonzero"))
+
+
+def predict_volume(
+    model: nn.Module,
+    image: np.ndarray,
+    inferer: Any | None = None,
+    *,
+    preprocess: Any = None,
+    normalized: bool = False,
+) -> VolumePrediction:
+    """Segment a ``(C, X, Y, Z)`` volume of any spatial size with a fixed-grid model.
+
+    Args:
+        model: an ``OSSNet`` on the inferer's device.
+        image: (C, X, Y, Z) intensities (raw unless ``normalized``); (X, Y, Z) is accepted for
+            single-channel models.
+        inferer: an ``Inferer``; default ``make_inferer(model)`` at the spec's threshold.
+        preprocess: the checkpoint's preprocessing spec (decides the z-score).
+        normalized: the image is already normalised; skip the z-score.
+
+    Returns:
+        A ``VolumePrediction`` on the input's (X, Y, Z) grid.
+
+    Raises:
+        ValueError: wrong channel count or dimensionality, non-finite voxels.
+    """
+    from ossnet.preprocess import crop_or_pad, undo_crop_or_pad, validate_finite, zscore_channels
+
+    cfg = model.config
+    arr = np.asarray(image)
+    if arr.ndim == 3 and cfg.encoder.in_channels == 1:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise ValueError(f"image: expected (C, X, Y, Z), got shape {arr.shape}")
+    if arr.shape[0] != cfg.encoder.in_channels:
+        raise ValueError(f"image: model expects {cfg.encoder.in_channels} channels, got {arr.shape[0]} (shape {arr.shape})")
+    if any(s < 2 for s in arr.shape[1:]):
+        raise ValueError(f"image: every spatial size must be >= 2, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"image: expected real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    validate_finite(arr, "image")
+    mask_mode = None if normalized else zscore_mask_of(preprocess)
+    if mask_mode is not None:
+        arr, _, _ = zscore_channels(arr, mask_mode)
+    original = arr.shape[1:]
+    grid, box = crop_or_pad(arr, cfg.volume_shape, dtype=np.float32)
+    if inferer is None:
+        inferer = make_inferer(model, threshold=float(getattr(preprocess, "threshold", 0.5)))
+    result = inferer(model, grid)
+    probability = np.asarray(result.probability, dtype=np.float32)
+    probability = undo_crop_or_pad(probability, original, box, fill=0.0)
+    mask = (probability >= inferer.threshold).astype(np.uint8)
+    logger.debug("predicted %s volume on grid %s: %d queries", tuple(original), cfg.volume_shape, result.n_queries)
+    return VolumePrediction(probability=probability, mask=mask, n_queries=int(result.n_queries),
+                            seconds=float(result.seconds), mode=str(result.mode))
+
+
+__all__ = ["VolumePrediction", "default_mode", "make_inferer", "predict_volume", "zscore_mask_of"]

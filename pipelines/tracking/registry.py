@@ -1,0 +1,327 @@
+"""Model registry: register + promote the ``champion`` alias, and resolve model specs to files.
+
+Aliases, not stages: ``register_and_promote`` adds a version tagged with its validation metric
+and moves the alias only when that metric beats the current holder's. ``locate_model`` checks
+that a model spec exists (registry lookups only, no download) so jobs fail before any work;
+``resolve_model_uri`` then downloads the bundle into a cache and returns the checkpoint file.
+
+Accepted specs: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/<model_id>``,
+``runs:/<run_id>/<model name>``, a bare 32-hex MLflow run id, or a local path (a checkpoint
+file, or a downloaded bundle directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from pipelines.tracking.uri import resolve_tracking_uri, sqlite_path, state_dir
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+CHAMPION_ALIAS = "champion"
+DEFAULT_MODEL_NAME = "ossnet"
+DEFAULT_MODEL_SPEC = f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION_ALIAS}"
+_RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}
+
+
+class ModelNotFoundError(LookupError):
+    """A model spec names a model, alias, version, run or file that does not exist."""
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model spec points, checked to exist.
+
+    Attributes:
+        spec: the spec as given.
+        kind: "registry", "logged_model", "run" or "local".
+        uri: the MLflow URI to download (None for local paths).
+        local_path: the local checkpoint file or bundle directory (kind "local").
+        name, version: registered model name and version (kind "registry").
+        model_id: the MLflow logged model id, when known.
+        run_id: the source run, when known.
+    """
+
+    spec: str
+    kind: str
+    uri: str | None = None
+    local_path: Path | None = None
+    name: str | None = None
+    version: int | None = None
+    model_id: str | None = None
+    run_id: str | None = None
+
+    @property
+    def cache_key(self) -> str | None:
+        """A directory name that identifies immutable content, or None (don't cache)."""
+        if self.model_id:
+            return self.model_id
+        return None
+
+
+def _client(tracking_uri: str | None) -> "MlflowClient":
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) in _NOT_FOUND
+
+
+def _model_id_of_version(mv: Any) -> str | None:
+    model_id = getattr(mv, "model_id", None)
+    if model_id:
+        return model_id
+    source = getattr(mv, "source", "") or ""
+    match = re.match(r"^models:/(m-[0-9a-f]+)$", source)
+    return match.group(1) if match else None
+
+
+def _run_model(client: "MlflowClient", run_id: str, name: str | None) -> Any:
+    """The logged model of a run named ``name`` (latest step), else its only/latest model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise ModelNotFoundError(f"model: no MLflow run {run_id} in {client.tracking_uri}") from exc
+        raise
+    outputs = list(run.outputs.model_outputs) if run.outputs is not None else []
+    steps = {o.model_id: o.step for o in outputs}
+    models = [client.get_logged_model(mid) for mid in steps]
+    if not models:  # older servers may not record run outputs: search the experiment
+        models = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == run_id]
+    if name is not None:
+        models = [m for m in models if m.name == name]
+    if not models:
+        what = f"named {name!r}" if name else "logged"
+        raise ModelNotFoundError(f"model: run {run_id} has no model {what}")
+    return max(models, key=lambda m: (steps.get(m.model_id, 0), m.creation_timestamp))
+
+
+def locate_model(spec: str, tracking_uri: str | None = None) -> ModelLocation:
+    """Check that ``spec`` names an existing model and say where it is; downloads nothing.
+
+    Raises:
+        ModelNotFoundError: with a one-line message naming the missing name/alias/version/run.
+        ValueError: an unsupported spec (e.g. a registry stage instead of an alias).
+    """
+    from mlflow.exceptions import MlflowException
+
+    spec = str(spec).strip()
+    if not spec:
+        raise ValueError("model: empty model spec")
+    local = Path(spec).expanduser()
+    if "://" not in spec and not spec.startswith(("models:", "runs:")):
+        if local.exists():
+            return ModelLocation(spec, "local", local_path=local.resolve())
+        if not _RUN_ID_RE.match(spec):
+            raise ModelNotFoundError(f"model: {spec!r} is not a file, a models:/ or runs:/ URI, or an MLflow run id")
+    uri = resolve_tracking_uri(tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        # Opening it would create an empty database (and run MLflow's migrations) first.
+        raise ModelNotFoundError(f"model: {spec!r} not found: there is no MLflow database at {db}")
+    client = _client(uri)
+    where = client.tracking_uri
+    if _RUN_ID_RE.match(spec):
+        lm = _run_model(client, spec, None)
+        return ModelLocation(spec, "run", uri=f"models:/{lm.model_id}", model_id=lm.model_id, run_id=spec)
+    if spec.startswith("runs:/"):
+        parts = spec[len("runs:/"):].strip("/").split("/", 1)
+        name = parts[1] if len(parts) > 1 and parts[1] else None
+        lm = _run_model(client, parts[0], name)
+        return ModelLocation(spec, "run", uri=f"models:/{lm.model_id}", model_id=lm.model_id, run_id=parts[0])
+    if not spec.startswith("models:/"):
+        raise ValueError(f"model: unsupported URI {spec!r}; use models:/NAME@ALIAS, models:/NAME/VERSION or a run id")
+    body = spec[len("models:/"):].strip("/")
+    if re.match(r"^m-[0-9a-f]+$", body):
+        try:
+            lm = client.get_logged_model(body)
+        except MlflowException as exc:
+            if _not_found(exc):
+                raise ModelNotFoundError(f"model: no logged model {body} in {where}") from exc
+            raise
+        return ModelLocation(spec, "logged_model", uri=spec, model_id=body, run_id=lm.source_run_id)
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+        version = None
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+        alias = None
+        if not version.isdigit():
+            raise ValueError(f"model: {spec!r}: registry stages are not supported; use models:/{name}@ALIAS")
+    else:
+        raise ValueError(f"model: {spec!r} needs an alias or a version: models:/{body}@champion or models:/{body}/1")
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise ModelNotFoundError(f"model: no registered model {name!r} in {where}") from exc
+        raise
+    if alias is not None:
+        if alias not in rm.aliases:
+            known = ", ".join(sorted(rm.aliases)) or "none"
+            raise ModelNotFoundError(f"model: registered model {name!r} has no alias {alias!r} (aliases: {known})")
+        version = str(rm.aliases[alias])
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if _not_found(exc):
+            raise ModelNotFoundError(f"model: registered model {name!r} has no version {version}") from exc
+        raise
+    model_id = _model_id_of_version(mv)
+    return ModelLocation(spec, "registry", uri=f"models:/{name}/{mv.version}", name=name, version=int(mv.version),
+                         model_id=model_id, run_id=mv.run_id or None)
+
+
+def resolve_model_uri(
+    spec: str, tracking_uri: str | None = None, *, dst_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """A local checkpoint file for a model spec, downloading the bundle when needed.
+
+    Existence is checked first (``locate_model``), so a wrong name/alias/version/run fails
+    before any download. Bundles of logged models are immutable and cached by model id under
+    ``dst_dir`` (default ``<state dir>/models``); a cache entry is complete or absent.
+
+    Raises:
+        ModelNotFoundError: the model, alias, version, run or file does not exist.
+    """
+    from pipelines.tracking.bundle import checkpoint_in_model_dir
+
+    loc = locate_model(spec, tracking_uri)
+    if loc.kind == "local":
+        assert loc.local_path is not None
+        return checkpoint_in_model_dir(loc.local_path) if loc.local_path.is_dir() else loc.local_path
+    cache_root = Path(dst_dir) if dst_dir is not None else state_dir() / "models"
+    cache_root.mkdir(parents=True, exist_ok=True)
+    key = loc.cache_key
+    if key is not None and (cache_root / key / "MLmodel").is_file():
+        logger.debug("model %s: cached at %s", spec, cache_root / key)
+        return checkpoint_in_model_dir(cache_root / key)
+    return checkpoint_in_model_dir(_download(loc, cache_root, tracking_uri))
+
+
+def _download(loc: ModelLocation, cache_root: Path, tracking_uri: str | None) -> Path:
+    import mlflow.artifacts
+
+    uri = resolve_tracking_uri(tracking_uri)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_root))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=loc.uri, dst_path=str(staging),
+                                                         tracking_uri=uri, registry_uri=uri))
+        if loc.cache_key is None:
+            return local
+        final = cache_root / loc.cache_key
+        try:
+            os.replace(local, final)
+        except OSError:
+            if not (final / "MLmodel").is_file():  # another process filled it meanwhile: use theirs
+                raise
+        logger.info("model %s downloaded to %s", loc.spec, final)
+        return final
+    finally:
+        if loc.cache_key is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def register_and_promote(
+    model_uri: str,
+    name: str,
+    metric_value: float,
+    metric_name: str = "val_dice",
+    *,
+    alias: str = CHAMPION_ALIAS,
+    greater_is_better: bool = True,
+    tracking_uri: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> tuple[int, bool]:
+    """Register ``model_uri`` as a new version of ``name``; move ``alias`` to it if it is better.
+
+    The version is tagged ``{metric_name: metric_value}``. The alias moves when there is no
+    current holder, the holder has no valid metric tag, or the new metric is strictly better.
+    A NaN metric never takes the alias. Not atomic: run one promoter per model name at a time.
+
+    Args:
+        model_uri: ``models:/<model_id>`` (``ModelInfo.model_uri``) or ``runs:/<run_id>/<name>``.
+        name: registered model name (created when missing).
+        metric_value: the version's validation metric.
+        metric_name: tag key of the metric.
+        alias: the alias to move.
+        greater_is_better: direction of the comparison.
+        tracking_uri: tracking/registry URI; default the resolved one.
+        tags: extra version tags.
+
+    Returns:
+        ``(version, promoted)``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    loc = locate_model(model_uri, tracking_uri)
+    if loc.kind not in ("logged_model", "run") or loc.model_id is None:
+        raise ValueError(f"register_and_promote: {model_uri!r} is not a logged model (models:/<model_id> or runs:/)")
+    try:
+        client.create_registered_model(name)
+        logger.info("created registered model %r", name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    value = float(metric_value)
+    version_tags = {metric_name: repr(value), **{str(k): str(v) for k, v in (tags or {}).items()}}
+    mv = client.create_model_version(name, source=f"models:/{loc.model_id}", run_id=loc.run_id,
+                                     tags=version_tags, model_id=loc.model_id)
+    version = int(mv.version)
+
+    current = client.get_registered_model(name).aliases.get(alias)
+    best: float | None = None
+    if current is not None:
+        raw = client.get_model_version(name, str(current)).tags.get(metric_name)
+        try:
+            best = float(raw) if raw is not None else None
+        except ValueError:
+            best = None
+        if best is not None and math.isnan(best):
+            best = None
+    if math.isnan(value):
+        promoted = False
+        logger.warning("model %s v%d has %s = NaN; %r not moved", name, version, metric_name, alias)
+    elif current is None or best is None:
+        promoted = True
+    else:
+        promoted = value > best if greater_is_better else value < best
+    if promoted:
+        client.set_registered_model_alias(name, alias, str(version))
+        logger.info("model %s v%d (%s=%.4f) is now %r (was %s)", name, version, metric_name, value, alias,
+                    f"v{current} with {best}" if current is not None else "unset")
+    else:
+        logger.info("model %s v%d (%s=%.4f) registered; %r stays v%s (%s)", name, version, metric_name, value,
+                    alias, current, best)
+    return version, promoted
+
+
+__all__ = [
+    "CHAMPION_ALIAS",
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_MODEL_SPEC",
+    "ModelLocation",
+    "ModelNotFoundError",
+    "locate_model",
+    "register_and_promote",
+    "resolve_model_uri",
+]

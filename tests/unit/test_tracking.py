@@ -1,0 +1,310 @@
+"""MLflow tracking: URI resolution, resumable runs, the pyfunc bundle, the registry, model specs.
+
+Real MLflow on a SQLite database in a temporary directory (no server, no Ray). One database and
+one logged bundle are shared by the module, because creating an MLflow database runs its
+migrations (seconds); each test uses its own run keys and registered model names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from ossnet.config import model_config
+from pipelines.figures import lesion_centre, slice_overlay_png
+from pipelines.tracking import (
+    DEFAULT_MODEL_SPEC,
+    RUN_KEY_TAG,
+    ModelNotFoundError,
+    RunLogger,
+    TrackingConfigError,
+    default_artifact_root,
+    flatten_params,
+    load_checkpoint_from_mlflow,
+    locate_model,
+    predict_volume,
+    register_and_promote,
+    resolve_model_uri,
+    resolve_tracking_uri,
+)
+
+ODD = (37, 41, 29)
+CUBE = (30, 30, 30)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _save_tiny_checkpoint(path: Path, seed: int = 0) -> torch.nn.Module:
+    from ossnet.checkpoint import PreprocessSpec, save_checkpoint
+    from ossnet.model import build_model
+
+    torch.manual_seed(seed)
+    cfg = model_config("C", "tiny")
+    model = build_model(cfg)
+    # Non-trivial batch-norm statistics, so eval-mode outputs depend on the saved buffers.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.8, 1.2)
+    spec = PreprocessSpec(modalities=("flair", "t1", "t1ce", "t2"), volume_shape=cfg.volume_shape)
+    save_checkpoint(path, model, spec, extra={"epoch": 3})
+    return model.eval()
+
+
+def _volume(shape: tuple[int, int, int], seed: int, channels: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100.0, 20.0, size=(channels, *shape)).astype(np.float32)
+    x, y, z = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    centre = [s / 2 for s in shape]
+    ball = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 < (min(shape) / 4) ** 2
+    image[:, ball] += 80.0
+    return image
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """A SQLite tracking store in a temporary working directory."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # so that a stray ./mlruns or ./mlflow.db would be seen
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.delenv("OSSNET_HOME", raising=False)
+        uri = resolve_tracking_uri(f"sqlite:///{root / 'db' / 'mlflow.db'}")
+        # For MLflow's own fluent calls in the tests (mlflow.pyfunc.load_model).
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield SimpleNamespace(root=root, uri=uri)
+
+
+@pytest.fixture(scope="module")
+def bundle(store: SimpleNamespace) -> SimpleNamespace:
+    """One training-like run that logs a tiny variant-C checkpoint as a pyfunc bundle."""
+    ckpt = store.root / "ckpt" / "model.pt"
+    ckpt.parent.mkdir()
+    model = _save_tiny_checkpoint(ckpt)
+    with RunLogger("bundle-job", experiment="ossnet-test", tracking_uri=store.uri) as run:
+        run.log_params({"model": dataclasses.asdict(model.config)})
+        info = run.log_model_bundle(ckpt, name="model")
+    return SimpleNamespace(ckpt=ckpt, model=model, run_id=run.run_id, info=info, uri=store.uri)
+
+
+# ----------------------------------------------------------------------------------- URIs
+
+
+def test_resolve_tracking_uri_order_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("OSSNET_HOME", raising=False)
+    default = resolve_tracking_uri(None)
+    state = tmp_path.resolve() / ".ossnet"
+    assert default == f"sqlite:///{state}/mlflow.db"
+    assert default.startswith("sqlite:////")  # absolute: four slashes
+    assert state.is_dir()
+    assert default_artifact_root(default) == state / "mlartifacts"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:5999"
+    assert resolve_tracking_uri("") == "http://127.0.0.1:5999"
+    assert default_artifact_root("http://127.0.0.1:5999") is None
+    # The flag beats the environment; a relative SQLite path is made absolute, its dir created.
+    assert resolve_tracking_uri("sqlite:///sub/dir/x.db") == f"sqlite:///{tmp_path.resolve()}/sub/dir/x.db"
+    assert (tmp_path / "sub" / "dir").is_dir()
+    assert resolve_tracking_uri("runs.db") == f"sqlite:///{tmp_path.resolve()}/runs.db"
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    home = tmp_path / "home"
+    monkeypatch.setenv("OSSNET_HOME", str(home))
+    assert resolve_tracking_uri(None) == f"sqlite:///{home.resolve()}/mlflow.db"
+
+    for bad in ("./mlruns", "file:///tmp/mlruns"):
+        with pytest.raises(TrackingConfigError, match="file"):
+            resolve_tracking_uri(bad)
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_flatten_params_nested_dataclass() -> None:
+    flat = flatten_params({"model": model_config("C", "tiny"), "lr": 3e-4, "tags": {}, "none": None})
+    assert flat["model.variant"] == "C"
+    assert flat["model.encoder.channels"] == "[4, 8]"
+    assert flat["model.volume_shape"] == "[32, 32, 24]"
+    assert flat["model.patch.size"] == "7"
+    assert flat["lr"] == "0.0003"
+    assert flat["tags"] == "{}" and flat["none"] == "None"
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+# ----------------------------------------------------------------------------------- runs
+
+
+def test_run_logs_everything_and_a_resumed_run_keeps_its_id(store: SimpleNamespace) -> None:
+    from mlflow import MlflowClient
+
+    config_file = store.root / "job.yaml"
+    config_file.write_text("model:\n  variant: C\n")
+    png = slice_overlay_png(_volume(ODD, 0), np.zeros(ODD, np.uint8), np.zeros(ODD, np.uint8),
+                            store.root / "fig.png", "epoch 0")
+    key = "train-job-resume"
+    with pytest.raises(RuntimeError, match="injected"):
+        with RunLogger(key, experiment="ossnet-test", tracking_uri=store.uri) as run:
+            assert not run.resumed
+            run.log_params({"train": {"epochs": 3, "lr": 1e-3}, "model": {"variant": "C"}})
+            run.log_artifact(config_file, "config")
+            run.log_figure_png(png, "val/epoch_000.png")
+            for epoch in (0, 1):
+                run.log_metrics({"loss": 1.0 / (epoch + 1), "val_dice": 0.1 * epoch}, step=epoch)
+            first_id = run.run_id
+            raise RuntimeError("injected crash")
+    client = MlflowClient(store.uri)
+    assert client.get_run(first_id).info.status == "FAILED"
+
+    with RunLogger(key, experiment="ossnet-test", tracking_uri=store.uri) as again:
+        assert again.resumed and again.run_id == first_id
+        assert again.log_params({"train": {"epochs": 3, "lr": 1e-3}, "extra": 1}) == {"extra": "1"}
+        # The restart repeats epoch 1: it must not appear twice in the history.
+        assert again.log_metrics({"loss": 0.45, "val_dice": 0.12}, step=1) == {}
+        assert again.log_metrics({"loss": 0.3, "val_dice": 0.2}, step=2) == {"loss": 0.3, "val_dice": 0.2}
+
+    run = client.get_run(first_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[RUN_KEY_TAG] == key
+    assert run.data.params["train.epochs"] == "3" and run.data.params["extra"] == "1"
+    history = client.get_metric_history(first_id, "loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
+    assert {m.step: m.value for m in history}[1] == 0.5
+    paths = {a.path for a in client.list_artifacts(first_id, "config")} | {
+        a.path for a in client.list_artifacts(first_id, "val")
+    }
+    assert paths == {"config/job.yaml", "val/epoch_000.png"}
+    # Artifacts go next to the database, never to ./mlruns.
+    assert run.info.artifact_uri.startswith((store.root / "db" / "mlartifacts").as_uri())
+    local = Path(run.info.artifact_uri.removeprefix("file://")) / "val" / "epoch_000.png"
+    assert local.read_bytes()[:8] == PNG_MAGIC
+    assert not (store.root / "mlruns").exists() and not (store.root / "mlflow.db").exists()
+    assert len(client.search_runs([run.info.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'")) == 1
+
+
+# --------------------------------------------------------------------------------- bundle
+
+
+@pytest.fixture(scope="module")
+def pyfunc(bundle: SimpleNamespace) -> Any:
+    import mlflow
+
+    return mlflow.pyfunc.load_model(bundle.info.model_uri)
+
+
+def test_pyfunc_bundle_predicts_any_volume_size(bundle: SimpleNamespace, pyfunc: Any) -> None:
+    assert bundle.info.model_uri.startswith("models:/m-")
+    odd = _volume(ODD, 1)
+    both = pyfunc.predict({"image": odd, "output": "both"})
+    mask, prob = both["mask"], both["probability"]
+    assert mask.shape == ODD and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert prob.shape == ODD and prob.dtype == np.float32
+    assert 0.0 <= float(prob.min()) and float(prob.max()) <= 1.0
+    np.testing.assert_array_equal(mask, (prob >= 0.5).astype(np.uint8))
+    # The same request through MLflow's params, and a second size through the default output.
+    np.testing.assert_array_equal(pyfunc.predict(odd, params={"output": "probability"}), prob)
+    cube = pyfunc.predict(_volume(CUBE, 2))
+    assert cube.shape == CUBE and cube.dtype == np.uint8
+    with pytest.raises(ValueError, match="channels"):
+        pyfunc.predict(_volume(CUBE, 3, channels=2))
+
+
+def test_library_loader_loads_the_same_bundle_with_identical_outputs(
+    bundle: SimpleNamespace, pyfunc: Any, tmp_path: Path
+) -> None:
+    model, info = load_checkpoint_from_mlflow(bundle.info.model_uri, bundle.uri, dst_dir=tmp_path)
+    for name, tensor in bundle.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    image = _volume(ODD, 1)
+    ours = predict_volume(model, image, preprocess=info.preprocess)
+    theirs = pyfunc.predict(image, params={"output": "probability"})
+    np.testing.assert_array_equal(ours.probability, theirs)
+    assert ours.mode == "mise_lowres" and ours.probability.shape == ODD
+
+    # The run id, runs:/ URI and logged-model URI all lead to the same checkpoint bytes.
+    digest = hashlib.sha256(bundle.ckpt.read_bytes()).hexdigest()
+    for spec in (bundle.run_id, f"runs:/{bundle.run_id}/model", bundle.info.model_uri):
+        path = resolve_model_uri(spec, bundle.uri, dst_dir=tmp_path)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, spec
+    # A local checkpoint path passes through unchanged.
+    assert resolve_model_uri(str(bundle.ckpt), bundle.uri) == bundle.ckpt.resolve()
+
+
+# ------------------------------------------------------------------------------- registry
+
+
+def test_champion_alias_moves_only_on_improvement(bundle: SimpleNamespace, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(bundle.uri, registry_uri=bundle.uri)
+    name = "ossnet-champion-test"
+    results = []
+    for dice in (0.5, 0.4, 0.7):
+        version, promoted = register_and_promote(bundle.info.model_uri, name, dice, tracking_uri=bundle.uri)
+        champion = client.get_model_version_by_alias(name, "champion")
+        results.append((version, promoted, int(champion.version)))
+    assert results == [(1, True, 1), (2, False, 1), (3, True, 3)]
+    assert float(client.get_model_version(name, "2").tags["val_dice"]) == 0.4
+    loc = locate_model(f"models:/{name}@champion", bundle.uri)
+    assert (loc.kind, loc.name, loc.version) == ("registry", name, 3)
+    path = resolve_model_uri(f"models:/{name}@champion", bundle.uri, dst_dir=tmp_path)
+    assert path.read_bytes() == bundle.ckpt.read_bytes()
+    # A second resolution of the same version is served from the cache.
+    assert resolve_model_uri(f"models:/{name}/3", bundle.uri, dst_dir=tmp_path) == path
+
+
+def test_resolve_model_uri_fails_clearly_before_any_work(bundle: SimpleNamespace, tmp_path: Path) -> None:
+    name = "ossnet-errors-test"
+    register_and_promote(bundle.info.model_uri, name, 0.5, tracking_uri=bundle.uri)
+    cache = tmp_path / "cache"
+    cases = {
+        "models:/no-such-model@champion": "no-such-model",
+        f"models:/{name}@staging": "staging",
+        f"models:/{name}/7": "version 7",
+        "0123456789abcdef0123456789abcdef": "0123456789abcdef0123456789abcdef",
+        "models:/m-0123456789abcdef": "m-0123456789abcdef",
+        str(tmp_path / "missing.pt"): "missing.pt",
+    }
+    for spec, needle in cases.items():
+        with pytest.raises(ModelNotFoundError, match=needle) as err:
+            resolve_model_uri(spec, bundle.uri, dst_dir=cache)
+        assert "\n" not in str(err.value), spec
+    with pytest.raises(ValueError, match="stages are not supported"):
+        locate_model(f"models:/{name}/Production", bundle.uri)
+    assert not cache.exists() or not any(cache.iterdir())
+    # A default store that was never created is reported, not created empty.
+    missing_db = tmp_path / "nowhere" / "mlflow.db"
+    with pytest.raises(ModelNotFoundError, match="no MLflow database"):
+        locate_model(DEFAULT_MODEL_SPEC, f"sqlite:///{missing_db}")
+    assert not missing_db.exists()
+
+
+# -------------------------------------------------------------------------------- figures
+
+
+def test_slice_overlay_png_writes_a_png_through_the_lesion(tmp_path: Path) -> None:
+    image = _volume(ODD, 5)
+    reference = np.zeros(ODD, np.uint8)
+    reference[20:25, 10:15, 3:8] = 1
+    prediction = np.zeros(ODD, np.float32)
+    prediction[21:26, 10:15, 3:8] = 0.9
+    assert lesion_centre(reference, prediction) == (22, 12, 5)
+    assert lesion_centre(np.zeros(ODD), None) == (18, 20, 14)
+    out = slice_overlay_png(image, reference, prediction, tmp_path / "a" / "case.png", "case 0")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert slice_overlay_png(image[0], None, prediction, tmp_path / "b.png").stat().st_size > 1000
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["case.png"]  # no temporary left
+    with pytest.raises(ValueError, match="prediction shape"):
+        slice_overlay_png(image, reference, prediction[:-1], tmp_path / "c.png")
