@@ -28,7 +28,20 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=quickstart.run_cli)
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_quickstart,)
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    from pipelines import ingest
+
+    p = sub.add_parser(
+        "ingest",
+        help="validate NIfTI archives (BraTS 2020, LiTS, generic) and write them into a Zarr store",
+        description=ingest.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ingest.configure_ingest_parser(p)
+    p.set_defaults(handler=ingest.run_ingest_cli)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_quickstart, _add_ingest)
 
 
 def build_parser() -> argparse.ArgumentParser:
