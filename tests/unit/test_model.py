@@ -267,3 +267,20 @@ def test_parameter_counts_match_reference_at_brats() -> None:
         assert abs(n / ref - 1) < 0.15, f"{variant}: {n} parameters vs reference {ref:.0f}"
     # Skip encoder and low-res head cost ~1.45M; patches add the 343-d feature to fc_p.
     assert counts["onet"] < counts["A"] < counts["B"] < counts["C"] < counts["D"]
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_patch_encoder_matmul_path_equals_convolutions(kernel: int) -> None:
+    from ossnet.model.patches import PatchEncoder
+
+    torch.manual_seed(0)
+    enc = PatchEncoder(in_channels=8, size=7, activation="leaky_relu", kernel=kernel, use_matmul=True)
+    patches = torch.randn(2, 5, 8, 7, 7, 7, requires_grad=True)
+    fast = enc(patches)
+    grad_fast = torch.autograd.grad(fast.square().sum(), [patches, enc.net[0].weight])
+    enc.use_matmul = False
+    slow = enc(patches)
+    grad_slow = torch.autograd.grad(slow.square().sum(), [patches, enc.net[0].weight])
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grad_fast, grad_slow):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
