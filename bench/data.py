@@ -56,6 +56,7 @@ from ossnet.preprocess import binarize_label, crop_or_pad, zscore_channels
 from ossnet.sampling import (
     border_band, downsample_image, extract_patches, lowres_label, normalize_points, sample_points, training_sample,
 )
+from pipelines.synthetic import write_brats_archive
 
 log = logging.getLogger("bench.data")
 
@@ -67,29 +68,6 @@ SIZES: dict[str, tuple[tuple[int, int, int], int, int, int]] = {
     "full": ((256, 256, 160), 8, 2, 2),
     "quick": ((128, 128, 80), 4, 2, 2),
 }
-
-
-def write_brats_archive(cases: Sequence[PhantomCase], folder: Path, dtype: Any = np.int16) -> Path:
-    """Write cases as a BraTS 2020 archive: ``<folder>/<id>/<id>_<modality>.nii.gz`` + ``_seg``.
-
-    Args:
-        cases: phantoms (``image`` (C, X, Y, Z) raw intensities, ``label`` (X, Y, Z)).
-        folder: archive root (created).
-        dtype: on-disk image dtype (BraTS ships int16).
-
-    Returns:
-        ``folder``.
-    """
-    import nibabel as nib
-
-    for case in cases:
-        case_dir = Path(folder) / case.case_id
-        case_dir.mkdir(parents=True, exist_ok=True)
-        for c, mod in enumerate(case.modalities):
-            data = np.rint(case.image[c]).astype(dtype) if np.issubdtype(dtype, np.integer) else case.image[c].astype(dtype)
-            nib.save(nib.Nifti1Image(data, case.affine), str(case_dir / f"{case.case_id}_{mod}.nii.gz"))
-        nib.save(nib.Nifti1Image(case.label.astype(np.uint8), case.affine), str(case_dir / f"{case.case_id}_seg.nii.gz"))
-    return Path(folder)
 
 
 def _configs(grid: tuple[int, int, int]) -> tuple[Any, SamplingConfig, AugmentConfig]:

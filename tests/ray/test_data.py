@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import write_brats_archive
+from pipelines.synthetic import write_brats_archive
 from ossnet.config import AugmentConfig, SamplingConfig, model_config
 from ossnet.phantoms import brats_like
 from pipelines.data import ROW_KEYS, CaseSampleDataset, EpochClock, build_training_dataset, ingest_options

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import write_brats_archive
+from pipelines.synthetic import write_brats_archive
 from ossnet.config import AugmentConfig, SamplingConfig, model_config
 from ossnet.phantoms import brats_like
 from ossnet.sampling import downsample_image, lowres_label
