@@ -1,0 +1,246 @@
+"""The inference strategy object: encode once, decode query points in fixed-size chunks.
+
+``Inferer`` is independent of the model (MONAI's inferers): it holds the compute device, the
+chunk size, the output placement and the MISE settings, and works with any module exposing
+``config`` (a ``ModelConfig``), ``encode(image_lowres)`` and ``decode(points, patches, encoding)``.
+Peak decode memory is bounded by ``chunk_points`` (one chunk of patches and activations); the
+value map itself is one ``(X, Y, Z)`` float32 and one bool volume on the compute device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ossnet.inference import mise
+from ossnet.sampling import downsample_image, extract_patches, normalize_points, pool_volume
+
+logger = logging.getLogger(__name__)
+
+MODES: tuple[str, ...] = ("dense", "mise", "mise_lowres")
+DEFAULT_COARSE_STRIDE = 4
+DEFAULT_SEED_THRESHOLD = 0.3
+Array = Union[np.ndarray, torch.Tensor]
+
+
+@dataclass
+class InferenceResult:
+    """Prediction for one volume.
+
+    Attributes:
+        probability: ``(X, Y, Z)`` occupancy probability at full resolution (float32 unless the
+            inferer asks for float16). NumPy on the host, or a tensor on ``Inferer.output_device``.
+        mask: ``(X, Y, Z)`` bool, ``probability >= threshold``.
+        n_queries: points decoded by the model (a dense pass decodes ``X * Y * Z``).
+        seconds: wall time of encode + decode + assembly (device synchronised).
+        mode: the mode that actually ran ("mise" when "mise_lowres" fell back).
+        level_queries: points decoded per MISE stride, coarsest first (empty for dense).
+    """
+
+    probability: Array
+    mask: Array
+    n_queries: int
+    seconds: float
+    mode: str
+    level_queries: dict[int, int] = field(default_factory=dict)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode (batch norm running statistics) for the duration, then restore."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclass(frozen=True)
+class Inferer:
+    """Full-resolution prediction by dense decoding or multiresolution isosurface extraction.
+
+    Attributes:
+        mode: "dense" decodes every voxel; "mise" starts MISE from a dense coarse grid;
+            "mise_lowres" starts MISE from the low-resolution head (variants C, D) and falls back
+            to "mise", with a warning, for models without a head.
+        chunk_points: points per decoder pass (bounds memory; 2**14 in the paper).
+        device: compute device; the model must already be on it.
+        threshold: decision threshold on the probability (inside is ``>= threshold``).
+        coarse_stride: stride of the coarsest MISE grid, a power of two. Default
+            ``DEFAULT_COARSE_STRIDE`` (4, the reference code's coarsest stride): the coarse grid
+            then hits every structure containing a 4^3-voxel cube (a ball of diameter ~7).
+        seed_threshold: low-res probability from which a low-res cell seeds MISE, at most
+            ``threshold`` (below it, so that weakly detected small structures are still
+            searched). Default ``min(DEFAULT_SEED_THRESHOLD, threshold)`` (0.3).
+        safety_band: coarse cells by which the seeded region is dilated before evaluation, so
+            that low-res errors next to a seed are revisited (2: 8 voxels at stride 4, a quarter
+            of a BraTS low-res cell; surfaces leaving the region are then followed by crack
+            propagation, see ``ossnet.inference.mise``).
+        dilation: extra ring of cells refined around straddling cells at every level (0 is the
+            original MISE; crack propagation already follows surfaces out of refined regions).
+        output_device: None returns NumPy arrays; otherwise torch tensors on this device.
+        probability_dtype: "float32" or "float16" for the returned probability map.
+    """
+
+    mode: str = "mise_lowres"
+    chunk_points: int = 2**14
+    device: Union[str, torch.device] = "cpu"
+    threshold: float = 0.5
+    coarse_stride: int | None = None
+    seed_threshold: float | None = None
+    safety_band: int = 2
+    dilation: int = 0
+    output_device: Union[str, torch.device, None] = None
+    probability_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"inferer.mode: unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.chunk_points < 1:
+            raise ValueError(f"inferer.chunk_points: must be >= 1, got {self.chunk_points}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"inferer.threshold: must be in (0, 1), got {self.threshold}")
+        if self.coarse_stride is not None and (self.coarse_stride < 2 or not _is_power_of_two(self.coarse_stride)):
+            raise ValueError(
+                f"inferer.coarse_stride: must be a power of two >= 2 (use mode 'dense' for every voxel), got {self.coarse_stride}"
+            )
+        if self.seed_threshold is not None and not 0.0 < self.seed_threshold <= self.threshold:
+            raise ValueError(
+                f"inferer.seed_threshold: must be in (0, threshold={self.threshold}], got {self.seed_threshold}"
+            )
+        if self.safety_band < 0 or self.dilation < 0:
+            raise ValueError(f"inferer.safety_band/dilation: must be >= 0, got {self.safety_band}/{self.dilation}")
+        if self.probability_dtype not in ("float32", "float16"):
+            raise ValueError(f"inferer.probability_dtype: 'float32' or 'float16', got {self.probability_dtype!r}")
+
+    @property
+    def stride(self) -> int:
+        """The coarsest MISE stride actually used."""
+        return self.coarse_stride if self.coarse_stride is not None else DEFAULT_COARSE_STRIDE
+
+    @property
+    def seed(self) -> float:
+        """The low-res seed threshold actually used."""
+        return self.seed_threshold if self.seed_threshold is not None else min(DEFAULT_SEED_THRESHOLD, self.threshold)
+
+    def __call__(self, model: nn.Module, image: Array) -> InferenceResult:
+        """Segment one volume.
+
+        Args:
+            model: an ``OSSNet`` (or anything with its ``config``/``encode``/``decode``), on ``device``.
+            image: ``(C, X, Y, Z)`` normalised volume on ``model.config.volume_shape``.
+
+        Returns:
+            An ``InferenceResult`` at full resolution.
+        """
+        model = getattr(model, "module", model)  # DDP / DataParallel wrappers: use the bare network
+        cfg = model.config
+        device = torch.device(self.device)
+        expected = (cfg.encoder.in_channels, *cfg.volume_shape)
+        if tuple(image.shape) != tuple(expected):
+            raise ValueError(f"image: expected shape {expected} (C, X, Y, Z), got {tuple(image.shape)}")
+        param = next(model.parameters(), None)
+        if param is not None and param.device.type != device.type:
+            raise ValueError(f"inferer.device: model is on {param.device}, inferer computes on {device}")
+        start = time.perf_counter()
+        with _eval_mode(model), torch.inference_mode():
+            volume = torch.as_tensor(image).to(device=device, dtype=torch.float32)
+            # The same resampling as training (sampling.downsample_image), on the compute device.
+            encoding = model.encode(downsample_image(volume, cfg.lowres_input_shape)[None])
+            oracle = _ChunkedDecoder(model, volume, encoding, self.chunk_points)
+            mode = self.mode
+            if mode == "mise_lowres" and encoding.lowres_logits is None:
+                logger.warning("variant %s has no low-resolution head: mode 'mise_lowres' runs 'mise'", cfg.variant)
+                mode = "mise"
+            state = None
+            if mode == "dense":
+                probability = oracle.dense(cfg.volume_shape)
+            else:
+                state = mise.MiseState(cfg.volume_shape, device, oracle, self.threshold)
+                if mode == "mise":
+                    coords = mise.dense_start(state, self.stride)
+                else:
+                    lowres_prob = torch.sigmoid(encoding.lowres_logits[0, 0].float())
+                    coords = mise.lowres_start(
+                        state, self.stride, lowres_prob, cfg.lowres_factor, self.seed, self.safety_band
+                    )
+                mise.refine(state, coords, self.stride, self.dilation)
+                probability = state.values
+            out_device = torch.device(self.output_device) if self.output_device is not None else torch.device("cpu")
+            dtype = torch.float16 if self.probability_dtype == "float16" else torch.float32
+            mask = (probability >= self.threshold).to(out_device)
+            probability = probability.to(out_device, dtype)
+            if out_device.type == "cuda":
+                torch.cuda.synchronize(out_device)
+        seconds = time.perf_counter() - start
+        result = InferenceResult(
+            probability=probability.numpy() if self.output_device is None else probability,
+            mask=mask.numpy() if self.output_device is None else mask,
+            n_queries=oracle.n_queries,
+            seconds=seconds,
+            mode=mode,
+            level_queries=dict(state.level_queries) if state is not None else {},
+        )
+        logger.debug("inference %s: %d queries in %.3f s", mode, result.n_queries, seconds)
+        return result
+
+
+class _ChunkedDecoder:
+    """Point oracle: voxel indices ``(K, 3)`` int64 -> probabilities ``(K,)`` float32, chunk by chunk."""
+
+    def __init__(self, model: nn.Module, volume: torch.Tensor, encoding: Any, chunk_points: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.volume = volume
+        self.encoding = encoding
+        self.chunk = chunk_points
+        self.shape = tuple(cfg.volume_shape)
+        self.patch_size = cfg.patch.size if cfg.patch.enabled else 0
+        self.multiscale = cfg.patch.multiscale
+        # Pooled once per volume, not once per chunk, for the multiscale (B, D) patches.
+        self.pooled = pool_volume(volume) if self.patch_size and self.multiscale else None
+        self.n_queries = 0
+
+    def _decode(self, points: torch.Tensor) -> torch.Tensor:
+        patches = None
+        if self.patch_size:
+            patches = extract_patches(
+                self.volume, points, size=self.patch_size, multiscale=self.multiscale, pooled=self.pooled
+            )[None]
+        coords = normalize_points(points, self.shape).to(self.volume.dtype)[None]
+        logits = self.model.decode(coords, patches, self.encoding)
+        return torch.sigmoid(logits[0].float())
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(points.shape[0], dtype=torch.float32, device=self.volume.device)
+        for lo in range(0, points.shape[0], self.chunk):
+            out[lo : lo + self.chunk] = self._decode(points[lo : lo + self.chunk])
+        self.n_queries += int(points.shape[0])
+        return out
+
+    def dense(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        """Decode every voxel; index chunks are generated on the fly so memory stays per-chunk."""
+        x, y, z = shape
+        total = x * y * z
+        out = torch.empty(total, dtype=torch.float32, device=self.volume.device)
+        for lo in range(0, total, self.chunk):
+            flat = torch.arange(lo, min(lo + self.chunk, total), device=self.volume.device)
+            points = torch.stack([flat // (y * z), (flat // z) % y, flat % z], dim=1)
+            out[lo : lo + flat.numel()] = self._decode(points)
+        self.n_queries += total
+        return out.view(shape)
+
+
+__all__ = ["DEFAULT_COARSE_STRIDE", "DEFAULT_SEED_THRESHOLD", "InferenceResult", "Inferer", "MODES"]

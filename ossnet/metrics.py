@@ -1,0 +1,109 @@
+"""Segmentation metrics on dense, full-resolution binary masks.
+
+Every function accepts NumPy arrays or torch tensors (any device) of the same shape; non-bool
+inputs are binarised with ``!= 0``. Counts are computed where the data lives (no device copy).
+
+Empty-mask conventions (the paper's reference code reports metrics on sampled points; this
+project reports them on the dense volume, so empty cases must be defined):
+
+- both masks empty: Dice = IoU = 1.0 (a correct "no tumour" prediction is perfect);
+- exactly one mask empty: Dice = IoU = 0.0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+
+Mask = Union[np.ndarray, torch.Tensor]
+
+
+class ConfusionCounts(NamedTuple):
+    """Voxel counts of a binary prediction against a reference."""
+
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+
+
+def _pair(pred: Mask, ref: Mask) -> tuple[Mask, Mask]:
+    """Binarise both masks and check that they describe the same grid."""
+    if tuple(pred.shape) != tuple(ref.shape):
+        raise ValueError(f"mask shapes differ: pred {tuple(pred.shape)} vs ref {tuple(ref.shape)}")
+    if isinstance(pred, torch.Tensor) or isinstance(ref, torch.Tensor):
+        p = pred if isinstance(pred, torch.Tensor) else torch.from_numpy(np.asarray(pred))
+        r = ref if isinstance(ref, torch.Tensor) else torch.from_numpy(np.asarray(ref))
+        r = r.to(p.device)
+        return (p if p.dtype == torch.bool else p != 0), (r if r.dtype == torch.bool else r != 0)
+    p, r = np.asarray(pred), np.asarray(ref)
+    return (p if p.dtype == np.bool_ else p != 0), (r if r.dtype == np.bool_ else r != 0)
+
+
+def _count(mask: Mask) -> int:
+    return int(mask.sum().item()) if isinstance(mask, torch.Tensor) else int(np.count_nonzero(mask))
+
+
+def confusion_counts(pred: Mask, ref: Mask) -> ConfusionCounts:
+    """True/false positive/negative voxel counts.
+
+    Args:
+        pred: predicted mask, any shape.
+        ref: reference mask, same shape as ``pred``.
+    """
+    p, r = _pair(pred, ref)
+    tp = _count(p & r)
+    n_pred, n_ref = _count(p), _count(r)
+    total = int(np.prod(tuple(p.shape), dtype=np.int64))
+    fp, fn = n_pred - tp, n_ref - tp
+    return ConfusionCounts(tp=tp, fp=fp, fn=fn, tn=total - tp - fp - fn)
+
+
+def dice(pred: Mask, ref: Mask) -> float:
+    """Dice coefficient 2|P∩R| / (|P| + |R|).
+
+    Both masks empty -> 1.0; exactly one empty -> 0.0.
+
+    Args:
+        pred: predicted mask, any shape (e.g. ``(X, Y, Z)``).
+        ref: reference mask, same shape as ``pred``.
+    """
+    c = confusion_counts(pred, ref)
+    denom = 2 * c.tp + c.fp + c.fn
+    return 1.0 if denom == 0 else 2.0 * c.tp / denom
+
+
+def iou(pred: Mask, ref: Mask) -> float:
+    """Intersection over union |P∩R| / |P∪R| (Jaccard index).
+
+    Both masks empty -> 1.0; exactly one empty -> 0.0.
+
+    Args:
+        pred: predicted mask, any shape.
+        ref: reference mask, same shape as ``pred``.
+    """
+    c = confusion_counts(pred, ref)
+    union = c.tp + c.fp + c.fn
+    return 1.0 if union == 0 else c.tp / union
+
+
+def volume_ml(mask: Mask, spacing: Sequence[float]) -> float:
+    """Foreground volume in millilitres.
+
+    Args:
+        mask: ``(X, Y, Z)`` binary mask.
+        spacing: voxel size in millimetres along X, Y, Z (1 ml = 1000 mm^3).
+    """
+    if len(tuple(mask.shape)) != 3 or len(spacing) != 3:
+        raise ValueError(f"volume_ml needs a 3D mask and 3 spacings, got shape {tuple(mask.shape)}, spacing {tuple(spacing)}")
+    if any(float(s) <= 0 for s in spacing):
+        raise ValueError(f"spacing must be positive, got {tuple(spacing)}")
+    m = mask if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool else (
+        mask != 0 if isinstance(mask, torch.Tensor) else np.asarray(mask) != 0
+    )
+    return _count(m) * float(np.prod([float(s) for s in spacing])) / 1000.0
+
+
+__all__ = ["ConfusionCounts", "confusion_counts", "dice", "iou", "volume_ml"]
