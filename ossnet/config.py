@@ -59,7 +59,7 @@ class PatchConfig:
         size: edge length of the cubic patch (odd); 0 disables patches (O-Net).
         multiscale: also take a ``2*size`` window average-pooled to ``size`` (variants B, D).
         kernel: kernel of the patch encoder's two convolutions; None means ``size`` (the paper's
-            7^3 kernel on a 7^3 patch). The small presets use 3 so CPU training stays fast.
+            7^3 kernel on a 7^3 patch). The tiny test preset uses 3.
     """
 
     size: int = 7
@@ -185,12 +185,14 @@ _VARIANT_PARTS: dict[str, dict[str, Any]] = {
     "D": dict(skip=True, lowres_head=True, patch_size=7, multiscale=True),
 }
 
-# Dataset presets: full-resolution grid, channels, encoder widths, decoder width.
+# Dataset presets: full-resolution grid, channels, encoder widths, decoder width (and patch
+# size / patch-encoder kernel where they differ from the paper).
 _PRESETS: dict[str, dict[str, Any]] = {
     "brats": dict(volume_shape=(256, 256, 160), in_channels=4, channels=(16, 32, 64, 128), hidden=512),
     "lits": dict(volume_shape=(512, 512, 512), in_channels=1, channels=(8, 16, 32, 64, 128), hidden=512),
     # Small grids for the quickstart and the tests: same structure, a fraction of the size.
-    "small": dict(volume_shape=(64, 64, 48), in_channels=4, channels=(8, 16, 32), hidden=64, patch_kernel=3),
+    # small: 5^3 patches with a whole-patch kernel, applied as one matmul: cheap on a CPU.
+    "small": dict(volume_shape=(64, 64, 48), in_channels=4, channels=(8, 16, 32), hidden=64, patch_size=5),
     "tiny": dict(volume_shape=(32, 32, 24), in_channels=4, channels=(4, 8), hidden=32, patch_kernel=3),
 }
 
@@ -228,6 +230,8 @@ def model_config(
     parts = _VARIANT_PARTS[key]
     p = _PRESETS[preset]
     size = parts["patch_size"]
+    if size > 0 and "patch_size" in p:
+        size = p["patch_size"]
     if patch_size is not None and size > 0:
         size = int(patch_size)
     cfg = ModelConfig(
