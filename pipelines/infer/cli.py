@@ -1,0 +1,134 @@
+"""``ossnet infer``: the command-line shell over ``run_inference``.
+
+Settings come from, in increasing precedence: ``InferJob`` defaults, ``--config YAML`` (a flat
+mapping of ``InferJob`` fields), ``--set KEY=VALUE`` and the dedicated flags. With ``--address``
+the same command runs as a job on a Ray cluster (``pipelines.jobs``); paths must then be
+visible from the cluster (shared storage or fsspec URLs).
+
+Exit codes: 0 every case ok or skipped, 1 some case failed, 2 the job could not run (unknown
+model or alias, unreadable input, bad setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Iterator, Sequence, TextIO
+
+from pipelines.infer.job import INPUT_LAYOUTS, MODES, InferError, InferJob
+from pipelines.jobconfig import ConfigError, OverrideFlag, add_config_arguments, load_job, overrides_from_args
+
+logger = logging.getLogger(__name__)
+
+FLAGS: tuple[OverrideFlag, ...] = (
+    OverrideFlag("--output", "output", str, "output folder or URL (masks/, report.parquet, report.csv)"),
+    OverrideFlag("--model", "model", str, "models:/NAME@ALIAS (default models:/ossnet@champion), "
+                 "models:/NAME/VERSION, an MLflow run id or a checkpoint file"),
+    OverrideFlag("--tracking-uri", "tracking_uri", str, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
+                 "or the local database)"),
+    OverrideFlag("--layout", "layout", str, f"input layout: {', '.join(INPUT_LAYOUTS)} (default: auto)"),
+    OverrideFlag("--labels", "labels", str, "reference labels folder matched by file stem (enables Dice/IoU)"),
+    OverrideFlag("--split", "split", str, "Zarr store input: only this split (train, val, test, unassigned)"),
+    OverrideFlag("--mode", "mode", str, f"inference mode: {', '.join(MODES)} (default: auto = low-res-start "
+                 "MISE when the model has a low-res head, else dense-start MISE)"),
+    OverrideFlag("--chunk-points", "chunk_points", int, "points per decoder pass; bounds memory (default: 16384)"),
+    OverrideFlag("--actors", "actors", int, "predictor actors (default: 1)"),
+    OverrideFlag("--gpus-per-actor", "gpus_per_actor", float, "GPUs per actor (default: 1 if the cluster has GPUs)"),
+    OverrideFlag("--cpus-per-actor", "cpus_per_actor", float, "CPUs per actor (default: 1)"),
+    OverrideFlag("--save-probabilities", "save_probabilities", bool, "also write float32 probability maps"),
+    OverrideFlag("--save-zarr", "save_zarr", bool, "also write a Zarr copy (predictions.zarr)"),
+    OverrideFlag("--overwrite", "overwrite", bool, "redo every case, even finished ones"),
+    OverrideFlag("--report-every", "report_every_s", float, "rewrite the report at least every S seconds (default 30)"),
+)
+
+
+def configure_infer_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``ossnet infer`` arguments to ``parser``."""
+    parser.add_argument("input", nargs="?", default=None,
+                        help="NIfTI folder, glob or file; BraTS-style case folders; generic images/ folder; "
+                             "CSV (image or image_<modality> columns, optional label, case_id); or a Zarr store")
+    add_config_arguments(parser, FLAGS)
+    parser.add_argument("--address", default=None,
+                        help="submit to a Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
+    return parser
+
+
+def job_from_args(args: argparse.Namespace) -> InferJob:
+    """Build and validate the ``InferJob`` of parsed ``configure_infer_parser`` arguments."""
+    overrides = overrides_from_args(args, FLAGS)
+    if args.input is not None:
+        overrides.insert(0, ("input", args.input))
+    return load_job(InferJob, args.config, overrides).validate()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``ray job stop``, ``kill``) raises KeyboardInterrupt, so the report is flushed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _submitted_argv(argv: Sequence[str] | None) -> list[str]:
+    """``infer ...`` as typed (from ``sys.argv``), minus ``--address``, for the cluster job."""
+    from pipelines.jobs import without_address
+
+    if argv is None:
+        raw = list(sys.argv[1:])
+        argv = raw[raw.index("infer"):] if "infer" in raw else ["infer", *raw]
+    return without_address(argv)
+
+
+def run_infer_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None,
+                  argv: Sequence[str] | None = None) -> int:
+    """Run ``ossnet infer``: print failed cases and the summary; returns the exit code.
+
+    Args:
+        args: parsed ``configure_infer_parser`` arguments.
+        out, err: streams (default stdout / stderr).
+        argv: the command (``["infer", ...]``) to submit with ``--address`` (default: ``sys.argv``).
+    """
+    from pipelines.tracking.registry import ModelNotFoundError
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        job = job_from_args(args)
+    except (ConfigError, InferError) as exc:
+        err.write(f"error: {exc}\n")
+        return 2
+    if args.address:
+        from pipelines.jobs import JobError, submit_cli_command
+
+        try:
+            return submit_cli_command(args.address, _submitted_argv(argv))
+        except JobError as exc:
+            err.write(f"error: {exc}\n")
+            return 2
+    from pipelines.infer.run import run_inference
+
+    try:
+        with _sigterm_as_interrupt():
+            report = run_inference(job)
+    except (ModelNotFoundError, ValueError) as exc:  # InferError, ConfigError, bad model URIs
+        err.write(f"error: {exc}\n")
+        return 2
+    out.write(report.table() + "\n")
+    out.flush()
+    return 0 if report.ok else 1
+
+
+__all__ = ["FLAGS", "configure_infer_parser", "job_from_args", "run_infer_cli"]

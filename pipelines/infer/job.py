@@ -1,0 +1,278 @@
+"""The inference job description (``InferJob``), its per-case result rows and the final report.
+
+Pure Python: no torch, Ray or MLflow here, so the CLI parser and the unit tests import it fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Iterable, Mapping
+
+from pipelines.tracking.registry import DEFAULT_MODEL_SPEC
+
+INPUT_LAYOUTS: tuple[str, ...] = ("auto", "nifti", "brats", "lits", "generic", "zarr")
+MODES: tuple[str, ...] = ("auto", "dense", "mise", "mise_lowres")  # "auto": mise_lowres if the model has a low-res head
+STATUSES: tuple[str, ...] = ("ok", "failed", "skipped")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "unassigned")  # the store's split names
+REPORT_COLUMNS: tuple[str, ...] = (
+    "case_id", "status", "error", "seconds", "predict_seconds", "n_queries", "foreground_ml", "dice", "iou", "mode",
+    "model", "model_sha256", "mask",
+)
+
+
+class InferError(ValueError):
+    """The job cannot run at all (bad field, unreadable input, input/model mismatch); one line."""
+
+
+def _absolute(url: str) -> str:
+    """Local paths become absolute (Ray workers run elsewhere); URLs are kept as given."""
+    url = str(url).strip()
+    if not url or "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+@dataclass(frozen=True)
+class InferJob:
+    """One batch inference run.
+
+    Attributes:
+        input: a folder or glob of NIfTI files, a single NIfTI file, a BraTS-style folder of case
+            folders, a generic ``images/`` (+ ``labels/``) folder, a CSV (``image`` or
+            ``image_<modality>`` columns, optional ``label`` and ``case_id``), or an ossnet Zarr
+            store; local path or fsspec URL.
+        output: output folder (local path or fsspec URL): ``masks/``, ``probabilities/``,
+            ``predictions.zarr``, ``report.parquet``, ``report.csv``.
+        model: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, an MLflow run id or a checkpoint path.
+        tracking_uri: MLflow tracking URI (default: ``$MLFLOW_TRACKING_URI`` or the local database).
+        layout: "auto" or one of ``INPUT_LAYOUTS`` ("nifti": one single-channel file per case).
+        labels: folder of reference labels matched to cases by file stem (nifti and generic
+            layouts); BraTS/LiTS/CSV/Zarr inputs bring their own labels. Enables Dice/IoU.
+        split: Zarr input only: one split ("train", "val", "test", "unassigned"); None: all cases.
+        mode: "auto" (low-res-start MISE for models with a low-res head, else dense-start MISE),
+            "dense", "mise" or "mise_lowres".
+        chunk_points: points per decoder pass; bounds the inference memory.
+        actors: size of the predictor actor pool.
+        gpus_per_actor: GPUs per predictor actor; None: 1 when the cluster has GPUs (shared
+            fractionally when there are more actors than GPUs), else 0.
+        cpus_per_actor: CPUs per predictor actor (also its torch thread count on CPU).
+        save_probabilities: also write float32 probability maps (NIfTI).
+        save_zarr: also write masks (and probabilities) into ``predictions.zarr``.
+        overwrite: redo every case, even those a previous run finished.
+        storage_options: fsspec options for input and output URLs.
+        affine_atol: tolerance (mm) when comparing the affines of a case's files.
+        report_every_s: the report is rewritten at least this often while the job runs, so a
+            killed job keeps the record of the cases it finished.
+        progress_every: log a progress line every N finished cases (0: about 20 lines per job).
+    """
+
+    input: str
+    output: str
+    model: str = DEFAULT_MODEL_SPEC
+    tracking_uri: str | None = None
+    layout: str = "auto"
+    labels: str | None = None
+    split: str | None = None
+    mode: str = "auto"
+    chunk_points: int = 2**14
+    actors: int = 1
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    save_probabilities: bool = False
+    save_zarr: bool = False
+    overwrite: bool = False
+    storage_options: dict[str, Any] | None = None
+    affine_atol: float = 1e-3
+    report_every_s: float = 30.0
+    progress_every: int = 0
+
+    def validate(self) -> "InferJob":
+        """Check every field; raise ``InferError`` naming the first bad one. Returns self."""
+        checks = [
+            (bool(str(self.input).strip()), "input", "must not be empty"),
+            (bool(str(self.output).strip()), "output", "must not be empty"),
+            (bool(str(self.model).strip()), "model", "must not be empty"),
+            (self.layout in INPUT_LAYOUTS, "layout", f"must be one of {', '.join(INPUT_LAYOUTS)}, got {self.layout!r}"),
+            (self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (self.split is None or self.split in SPLITS, "split",
+             f"must be one of {', '.join(SPLITS)}, got {self.split!r}"),
+            (int(self.chunk_points) >= 1, "chunk_points", f"must be >= 1, got {self.chunk_points}"),
+            (int(self.actors) >= 1, "actors", f"must be >= 1, got {self.actors}"),
+            (self.gpus_per_actor is None or float(self.gpus_per_actor) >= 0, "gpus_per_actor",
+             f"must be >= 0, got {self.gpus_per_actor}"),
+            (float(self.cpus_per_actor) > 0, "cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}"),
+            (float(self.affine_atol) >= 0, "affine_atol", f"must be >= 0, got {self.affine_atol}"),
+            (float(self.report_every_s) > 0, "report_every_s", f"must be > 0, got {self.report_every_s}"),
+            (int(self.progress_every) >= 0, "progress_every", f"must be >= 0, got {self.progress_every}"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise InferError(f"infer.{name}: {message}")
+        if self.split is not None and self.layout not in ("auto", "zarr"):
+            raise InferError(f"infer.split: only for Zarr store inputs, not layout {self.layout!r}")
+        return self
+
+    def normalized(self) -> "InferJob":
+        """Validated copy with local paths made absolute (what the workers receive)."""
+        self.validate()
+        return replace(self, input=_absolute(self.input), output=_absolute(self.output).rstrip("/") or "/",
+                       labels=_absolute(self.labels) if self.labels else None)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One row of the report.
+
+    Attributes:
+        case_id: the case.
+        status: "ok", "failed" or "skipped" (finished by an earlier run with the same model).
+        error: one line saying why the case failed (or what was wrong with its reference label).
+        seconds: read + predict + write time of this case (queueing excluded).
+        predict_seconds: the model's share of it (encode + decode on the actor's device).
+        n_queries: points the model decoded.
+        foreground_ml: predicted foreground volume in millilitres.
+        dice, iou: against the reference label in the scan's geometry; NaN without one.
+        mode: the inference mode that ran.
+        model: the model as resolved (``models:/NAME/VERSION``, ``models:/<id>`` or a file).
+        model_sha256: SHA-256 of the checkpoint (first 16 hex digits): a re-run with another
+            model redoes the case.
+        mask: URL of the written mask.
+    """
+
+    case_id: str
+    status: str
+    error: str = ""
+    seconds: float = 0.0
+    predict_seconds: float = 0.0
+    n_queries: int = 0
+    foreground_ml: float = math.nan
+    dice: float = math.nan
+    iou: float = math.nan
+    mode: str = ""
+    model: str = ""
+    model_sha256: str = ""
+    mask: str = ""
+
+    def to_row(self) -> dict[str, Any]:
+        """Plain dict in ``REPORT_COLUMNS`` order."""
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "CaseResult":
+        """Inverse of ``to_row``; tolerates missing columns and nulls (older or partial reports)."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in row:
+                continue
+            value = row[f.name]
+            if f.type in ("float", float):
+                kwargs[f.name] = math.nan if value is None else float(value)
+            elif f.type in ("int", int):
+                kwargs[f.name] = 0 if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+            else:
+                kwargs[f.name] = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+        return cls(**kwargs)
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+@dataclass(frozen=True)
+class InferReport:
+    """Outcome of a run: one ``CaseResult`` per listed case.
+
+    Attributes:
+        output: the output folder.
+        cases: results sorted by case id.
+        seconds: wall time of the run (model resolution included).
+        pipeline_seconds: wall time of the Ray pipeline (0 when every case was skipped).
+        report_path: URL of the Parquet report (the CSV sits beside it).
+        actors: predictor actors used.
+        gpus_per_actor: GPUs per actor used.
+    """
+
+    output: str
+    cases: tuple[CaseResult, ...]
+    seconds: float
+    pipeline_seconds: float = 0.0
+    report_path: str = ""
+    actors: int = 0
+    gpus_per_actor: float = 0.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return sum(c.status == status for c in self.cases)
+
+    @property
+    def failed(self) -> tuple[CaseResult, ...]:
+        return tuple(c for c in self.cases if c.status == "failed")
+
+    @property
+    def ok(self) -> bool:
+        """True when no case failed."""
+        return not self.failed
+
+    @property
+    def processed(self) -> int:
+        """Cases this run worked on (ok or failed; not skipped)."""
+        return self.count("ok") + self.count("failed")
+
+    @property
+    def cases_per_s(self) -> float:
+        """Throughput of the pipeline over the cases it processed (NaN when none)."""
+        if self.processed == 0 or self.pipeline_seconds <= 0:
+            return math.nan
+        return self.processed / self.pipeline_seconds
+
+    @property
+    def mean_dice(self) -> float:
+        """Mean Dice over finished cases (ok or skipped) that have a reference; NaN if none."""
+        values = _finite(c.dice for c in self.cases if c.status != "failed")
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def mean_iou(self) -> float:
+        values = _finite(c.iou for c in self.cases if c.status != "failed")
+        return sum(values) / len(values) if values else math.nan
+
+    def summary(self) -> str:
+        """Counts, mean Dice, throughput and where the outputs are, in a few lines."""
+        n_ref = len(_finite(c.dice for c in self.cases if c.status != "failed"))
+        dice_text = f"mean Dice {self.mean_dice:.4f} / IoU {self.mean_iou:.4f} over {n_ref} cases with a reference" \
+            if n_ref else "no reference labels (no Dice)"
+        rate = self.cases_per_s
+        rate_text = (f"{rate:.3f} cases/s over {self.processed} processed" if math.isfinite(rate)
+                     else "nothing processed")
+        return "\n".join([
+            f"infer: {len(self.cases)} cases: {self.count('ok')} ok, {self.count('failed')} failed, "
+            f"{self.count('skipped')} skipped in {self.seconds:.1f} s ({rate_text}, {self.actors} actor(s))",
+            f"infer: {dice_text}",
+            f"infer: outputs in {self.output} (masks/), report {self.report_path}",
+        ])
+
+    def table(self, limit: int = 20) -> str:
+        """Failed cases first (up to ``limit`` rows), then the summary."""
+        width = max([len("case")] + [len(c.case_id) for c in self.failed[:limit]])
+        lines = []
+        if self.failed:
+            lines.append(f"{'case':<{width}}  error")
+            lines += [f"{c.case_id:<{width}}  {c.error}" for c in self.failed[:limit]]
+            if len(self.failed) > limit:
+                lines.append(f"... and {len(self.failed) - limit} more failed cases (see the report)")
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+
+__all__ = [
+    "CaseResult",
+    "INPUT_LAYOUTS",
+    "InferError",
+    "InferJob",
+    "InferReport",
+    "MODES",
+    "REPORT_COLUMNS",
+    "STATUSES",
+]

@@ -1,0 +1,359 @@
+"""Outputs of an inference job: atomic file writes, NIfTI encoding, the Zarr copy, the report, resume.
+
+Layout of the output folder (local path or fsspec URL)::
+
+    masks/<case_id>.nii.gz          uint8 {0, 1}, the scan's own shape, affine and qform/sform codes
+    probabilities/<case_id>.nii.gz  float32 in [0, 1] (``save_probabilities``)
+    predictions.zarr/<case_id>/     mask (+ probability) arrays and the affine (``save_zarr``)
+    report.parquet, report.csv      one row per case (``pipelines.infer.job.REPORT_COLUMNS``)
+
+Atomicity: every file is encoded in memory, written under a hidden temporary name in its final
+folder (``.<name>.<random>.ossnet-tmp``) and renamed over the final name (``os.replace`` locally;
+on object stores, where a rename is a copy, the final object still appears whole or not at all
+because an object is written by one PUT). A killed job leaves at most temporary files, which
+the next run removes (``remove_stale_temps``) before it starts: one job per output folder.
+A Zarr case group is published by a ``complete: true`` attribute written last.
+
+Resume (``plan_cases``): a case is done when the previous report says ok (or skipped) for the same
+model checkpoint and every requested output of it exists; everything else is redone.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import logging
+import os
+import posixpath
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import fsspec
+import numpy as np
+
+from pipelines.infer.job import REPORT_COLUMNS, CaseResult
+
+logger = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".ossnet-tmp"
+DONE_STATUSES = ("ok", "skipped")
+
+
+def _is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(url: str, data: bytes | Callable[[], bytes],
+                       storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``data`` to ``url`` so that readers see the old file, or the whole new one, never a part.
+
+    Args:
+        url: destination file (local path or fsspec URL); its folder is created.
+        data: the bytes, or a function producing them (called after the temporary file exists,
+            so a failure while encoding also leaves no partial file).
+        storage_options: fsspec options.
+    """
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    folder, name = posixpath.split(path)
+    if _is_local(fs):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TMP_SUFFIX)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data() if callable(data) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return
+    fs.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+    try:
+        fs.pipe_file(tmp, data() if callable(data) else data)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm(tmp)
+        except Exception:  # already gone, or the store is unreachable: the next run cleans up
+            pass
+        raise
+
+
+def remove_stale_temps(folders: Iterable[str], storage_options: Mapping[str, Any] | None = None) -> int:
+    """Delete temporary files left by a killed job in ``folders``; returns how many."""
+    removed = 0
+    for url in folders:
+        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        if not fs.isdir(path):
+            continue
+        for entry in fs.ls(path, detail=False):
+            if posixpath.basename(entry).endswith(TMP_SUFFIX):
+                fs.rm(entry)
+                removed += 1
+    if removed:
+        logger.info("infer: removed %d temporary file(s) left by an interrupted run", removed)
+    return removed
+
+
+def nifti_bytes(data: np.ndarray, affine: np.ndarray, *, sform_code: int = 1, qform_code: int = 1,
+                compress: bool = True) -> bytes:
+    """A NIfTI-1 file (gzipped unless ``compress`` is False) holding ``data`` with ``affine``.
+
+    Args:
+        data: ``(X, Y, Z)`` uint8 mask or float32 probabilities, in the scan's voxel order.
+        affine: the scan's voxel -> world affine (4x4).
+        sform_code, qform_code: the scan's codes, so viewers place the mask exactly over it.
+    """
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(data), np.asarray(affine, dtype=np.float64))
+    img.set_sform(affine, code=int(sform_code))
+    img.set_qform(affine, code=int(qform_code))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_data_dtype(data.dtype)
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=1, mtime=0) if compress else raw
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a job writes (see the module docstring). Picklable; URLs only."""
+
+    root: str
+    storage_options: Mapping[str, Any] | None = None
+
+    def _join(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    @property
+    def masks(self) -> str:
+        return self._join("masks")
+
+    @property
+    def probabilities(self) -> str:
+        return self._join("probabilities")
+
+    @property
+    def zarr(self) -> str:
+        return self._join("predictions.zarr")
+
+    @property
+    def report_parquet(self) -> str:
+        return self._join("report.parquet")
+
+    @property
+    def report_csv(self) -> str:
+        return self._join("report.csv")
+
+    def mask(self, case_id: str) -> str:
+        return self._join("masks", f"{case_id}.nii.gz")
+
+    def probability(self, case_id: str) -> str:
+        return self._join("probabilities", f"{case_id}.nii.gz")
+
+    def prepare(self, save_probabilities: bool, save_zarr: bool) -> None:
+        """Create the folders (and the Zarr root group) and remove stale temporary files."""
+        fs, root = fsspec.core.url_to_fs(self.root, **dict(self.storage_options or {}))
+        fs.makedirs(root, exist_ok=True)
+        folders = [self.root, self.masks] + ([self.probabilities] if save_probabilities else [])
+        for url in folders[1:]:
+            fs.makedirs(fsspec.core.url_to_fs(url, **dict(self.storage_options or {}))[1], exist_ok=True)
+        remove_stale_temps(folders, self.storage_options)
+        if save_zarr:
+            import zarr
+
+            zarr.open_group(_zarr_store(self.zarr, self.storage_options), mode="a",
+                            attributes={"ossnet_predictions": {"format_version": 1}})
+
+    def existing(self, folder: str) -> set[str]:
+        """Case ids with a ``<case_id>.nii.gz`` in ``folder`` (one listing, not one call per case)."""
+        fs, path = fsspec.core.url_to_fs(folder, **dict(self.storage_options or {}))
+        if not fs.isdir(path):
+            return set()
+        names = (posixpath.basename(p) for p in fs.ls(path, detail=False))
+        return {n[: -len(".nii.gz")] for n in names if n.endswith(".nii.gz") and not n.startswith(".")}
+
+    def complete_zarr_cases(self) -> set[str]:
+        """Case ids whose group in ``predictions.zarr`` is published (``complete: true``)."""
+        import zarr
+
+        try:
+            root = zarr.open_group(_zarr_store(self.zarr, self.storage_options), mode="r")
+        except Exception:  # no copy yet
+            return set()
+        return {name for name, node in root.members(max_depth=0)
+                if isinstance(node, zarr.Group) and node.attrs.get("complete") is True}
+
+    def done_outputs(self, save_probabilities: bool, save_zarr: bool) -> set[str]:
+        """Case ids for which every requested output exists."""
+        done = self.existing(self.masks)
+        if save_probabilities:
+            done &= self.existing(self.probabilities)
+        if save_zarr:
+            done &= self.complete_zarr_cases()
+        return done
+
+
+def _zarr_store(url: str, storage_options: Mapping[str, Any] | None) -> Any:
+    from zarr.storage import FsspecStore, LocalStore
+
+    if "://" in url and not url.startswith("file://"):
+        return FsspecStore.from_url(url, storage_options=dict(storage_options or {}))
+    return LocalStore(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def write_zarr_case(layout: OutputLayout, case_id: str, mask: np.ndarray, probability: np.ndarray | None,
+                    attrs: Mapping[str, Any]) -> None:
+    """Write one case's group into ``predictions.zarr``; published by ``complete: true`` last.
+
+    Args:
+        mask: ``(X, Y, Z)`` uint8 in the scan's geometry.
+        probability: ``(X, Y, Z)`` float32 or None.
+        attrs: JSON-compatible metadata (affine, source, model).
+    """
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    root = zarr.open_group(_zarr_store(layout.zarr, layout.storage_options), mode="a")
+    group = root.create_group(case_id, overwrite=True, attributes={"complete": False})
+    chunks = tuple(min(64, int(s)) for s in mask.shape)
+    group.create_array("mask", data=np.ascontiguousarray(mask), chunks=chunks,
+                       compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+    if probability is not None:
+        group.create_array("probability", data=np.ascontiguousarray(probability), chunks=chunks,
+                           compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+    group.attrs.put({**dict(attrs), "case_id": case_id, "complete": True})
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def report_frame(rows: Iterable[CaseResult]) -> Any:
+    """The report as a pandas DataFrame in ``REPORT_COLUMNS`` order, sorted by case id."""
+    import pandas as pd
+
+    records = sorted((r.to_row() for r in rows), key=lambda r: r["case_id"])
+    frame = pd.DataFrame.from_records(records, columns=list(REPORT_COLUMNS))
+    floats = ("seconds", "predict_seconds", "foreground_ml", "dice", "iou")
+    return frame.astype({**{c: "float64" for c in floats}, "n_queries": "int64"})
+
+
+def write_report(layout: OutputLayout, rows: Iterable[CaseResult]) -> str:
+    """Write ``report.parquet`` and ``report.csv`` atomically; returns the Parquet URL."""
+    frame = report_frame(rows)
+
+    def parquet() -> bytes:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        return buffer.getvalue()
+
+    atomic_write_bytes(layout.report_parquet, parquet, layout.storage_options)
+    atomic_write_bytes(layout.report_csv, lambda: frame.to_csv(index=False).encode(), layout.storage_options)
+    return layout.report_parquet
+
+
+def read_report(layout: OutputLayout) -> dict[str, CaseResult]:
+    """The previous run's rows by case id (empty when there is no readable report)."""
+    import pandas as pd
+
+    fs, path = fsspec.core.url_to_fs(layout.report_parquet, **dict(layout.storage_options or {}))
+    if not fs.isfile(path):
+        return {}
+    try:
+        with fs.open(path, "rb") as fh:
+            frame = pd.read_parquet(fh)
+    except Exception as exc:  # unreadable: redo everything rather than trust it
+        logger.warning("infer: ignoring unreadable report %s (%s)", layout.report_parquet, exc)
+        return {}
+    rows = {}
+    for record in frame.to_dict(orient="records"):
+        if record.get("case_id"):
+            result = CaseResult.from_row(record)
+            rows[result.case_id] = result
+    return rows
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does with each listed case.
+
+    Attributes:
+        todo: case ids to process.
+        skipped: rows of cases a previous run finished (status "skipped", earlier figures kept).
+        redo_reasons: case id -> why a previously reported case is processed again.
+    """
+
+    todo: tuple[str, ...]
+    skipped: tuple[CaseResult, ...]
+    redo_reasons: Mapping[str, str]
+
+
+def plan_cases(case_ids: Sequence[str], previous: Mapping[str, CaseResult], outputs_done: set[str],
+               model_sha256: str, overwrite: bool = False) -> Plan:
+    """Decide which cases to skip: previous status ok/skipped, same model, all outputs present.
+
+    Args:
+        case_ids: the listed (processable) cases.
+        previous: the previous report's rows by case id.
+        outputs_done: case ids whose requested outputs all exist.
+        model_sha256: this run's checkpoint digest.
+        overwrite: redo everything.
+    """
+    todo: list[str] = []
+    skipped: list[CaseResult] = []
+    reasons: dict[str, str] = {}
+    for cid in case_ids:
+        prev = previous.get(cid)
+        why = None
+        if overwrite:
+            why = "overwrite"
+        elif prev is None:
+            why = None if cid not in outputs_done else "no report row (interrupted run)"
+        elif prev.status not in DONE_STATUSES:
+            why = f"previous status {prev.status}"
+        elif prev.model_sha256 != model_sha256:
+            why = "another model"
+        elif cid not in outputs_done:
+            why = "output missing"
+        if prev is not None and why is None:
+            skipped.append(CaseResult(**{**prev.to_row(), "status": "skipped", "error": ""}))
+        else:
+            todo.append(cid)
+            if why is not None:
+                reasons[cid] = why
+    return Plan(tuple(todo), tuple(skipped), reasons)
+
+
+__all__ = [
+    "DONE_STATUSES",
+    "OutputLayout",
+    "Plan",
+    "TMP_SUFFIX",
+    "atomic_write_bytes",
+    "nifti_bytes",
+    "plan_cases",
+    "read_report",
+    "remove_stale_temps",
+    "report_frame",
+    "write_report",
+    "write_zarr_case",
+]

@@ -1,0 +1,360 @@
+"""The three per-case stages of the inference pipeline; each never raises for a bad case.
+
+``read_case`` (CPU task): read the scan (NIfTI files, local or fsspec, or a Zarr store case),
+validate it and preprocess it with the model's own spec -> the ``(C, X', Y', Z')`` grid volume
+plus its ``PreprocessRecord``.
+
+``CasePredictor`` (actor, GPU when there is one): the model is loaded once per actor; each
+case is segmented by ``ossnet.inference.Inferer`` -> the grid mask (and probabilities if asked).
+
+``write_case`` (CPU task): undo the preprocessing (``PreprocessRecord.to_original``: the scan's
+orientation, shape and affine), write the outputs atomically, compute the foreground volume and,
+when a reference label exists, Dice/IoU in the scan's geometry -> one report row.
+
+Why three stages and not one actor doing everything: decompressing NIfTI files, z-scoring,
+gzip-compressing outputs and reading reference labels are CPU work that would leave the GPU idle
+for a large part of each case (a BraTS case spends about as long in ``.nii.gz`` I/O as a GPU
+needs for low-res-start MISE). As separate CPU stages they overlap with prediction. The price is
+that the grid volume passes through the object store once (read -> actor) and the grid mask once
+(actor -> write); probability maps travel only when they are requested.
+
+Where there is nothing to overlap, nothing is shipped: on a CPU-only cluster the read stage and
+the predictor ask for the same resources (1 CPU, no GPU), so Ray Data fuses ``read_case`` into
+the actor (``ActorPoolMapOperator[Map(read_case)->MapBatches(CasePredictor)]``) and the grid
+volume never leaves the process that predicts it. With GPU actors (or ``cpus_per_actor != 1``)
+the resources differ, fusion does not apply and reads run as CPU tasks ahead of the GPU.
+
+Rows between stages are plain dicts of NumPy arrays and strings (one case per row). A failure
+becomes ``status = "failed"`` with a one-line ``error`` and travels on to the report, so one bad
+case never stops the Ray pipeline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipelines.infer.cases import InferCase
+from pipelines.infer.job import CaseResult
+from pipelines.infer.outputs import OutputLayout, atomic_write_bytes, nifti_bytes, write_zarr_case
+from pipelines.ingest_case import one_line
+
+logger = logging.getLogger(__name__)
+
+READY, FAILED = "ready", "failed"
+_EMPTY_F32 = np.zeros((0, 0, 0), dtype=np.float32)
+_EMPTY_U8 = np.zeros((0, 0, 0), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What the stages need besides the row (small and picklable).
+
+    Attributes:
+        modalities: the model's channel names, in its order.
+        volume_shape: the model grid.
+        zscore_mask: the model's z-score mask ("nonzero" or "all").
+        outputs: the output layout.
+        save_probabilities, save_zarr: optional outputs.
+        model, model_sha256: the resolved model and its checkpoint digest (report columns).
+        source_options: fsspec options for the inputs.
+        affine_atol: tolerance (mm) between the affines of a case's files.
+        store_url: Zarr input store, if any.
+        store_channels: store channel index per model channel (Zarr input).
+    """
+
+    modalities: tuple[str, ...]
+    volume_shape: tuple[int, int, int]
+    zscore_mask: str
+    outputs: OutputLayout
+    save_probabilities: bool = False
+    save_zarr: bool = False
+    model: str = ""
+    model_sha256: str = ""
+    source_options: Mapping[str, Any] | None = None
+    affine_atol: float = 1e-3
+    store_url: str | None = None
+    store_channels: tuple[int, ...] = ()
+
+
+def case_item(case: InferCase) -> dict[str, Any]:
+    """The pipeline's input row for a case (strings only)."""
+    return {"case_id": case.case_id, "kind": case.kind, "images": json.dumps([list(i) for i in case.images]),
+            "label": case.label or ""}
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value.item() if hasattr(value, "item") else value)
+
+
+def _failed(row: Mapping[str, Any], error: str, seconds: float) -> dict[str, Any]:
+    return {"case_id": _text(row["case_id"]), "label": _text(row.get("label", "")), "status": FAILED,
+            "error": one_line(error), "seconds": float(seconds), "meta": "{}"}
+
+
+def _failure_message(exc: BaseException, where: str) -> str:
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return f"{where}: out of memory ({type(exc).__name__}: {one_line(exc)[:300]})"
+    if isinstance(exc, ValueError):  # the validators' and readers' messages name the file
+        return str(exc)
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: read + preprocess
+# --------------------------------------------------------------------------------------------
+
+
+def _check_affine(affine: np.ndarray, name: str) -> None:
+    from pipelines.ingest_case import CaseError
+
+    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        raise CaseError(f"{name}: the affine is degenerate or not finite: {np.round(affine, 4).tolist()}")
+
+
+def _read_nifti(images: Sequence[tuple[str, str]], ctx: StageContext) -> tuple[np.ndarray, Any, tuple[int, int]]:
+    import nibabel as nib
+
+    from ossnet.preprocess import PreprocessRecord, preprocess_channel, validate_spatial_shape
+    from pipelines.ingest_case import CaseError, _load, _local_files, _read
+
+    paths = [p for _, p in images]
+    with _local_files(paths, ctx.source_options) as local:
+        imgs = [_load(local[p], p) for p in paths]
+        first = paths[0]
+        shape = validate_spatial_shape(imgs[0].shape, first)
+        affine = np.asarray(imgs[0].affine, dtype=np.float64)
+        _check_affine(affine, first)
+        for img, path in zip(imgs[1:], paths[1:]):
+            other = validate_spatial_shape(img.shape, path)
+            if other != shape:
+                raise CaseError(f"{path}: image shape {other} != {first} shape {shape}")
+            diff = float(np.abs(np.asarray(img.affine) - affine).max())
+            if not np.isfinite(diff) or diff > ctx.affine_atol:
+                raise CaseError(f"{path}: affine differs from {first} (max difference {diff:.4g})")
+        record = PreprocessRecord.create(shape, affine, nib.io_orientation(affine), ctx.volume_shape, ctx.zscore_mask)
+        grid = np.empty((len(paths), *record.volume_shape), dtype=np.float32)
+        means, stds = [], []
+        for c, (img, path) in enumerate(zip(imgs, paths)):
+            x = _read(img, path, np.float32)  # private float32 copy, normalised in place
+            grid[c], mean, std = preprocess_channel(x, record, name=path)
+            del x
+            means.append(mean)
+            stds.append(std)
+        header = imgs[0].header
+        codes = (int(header["sform_code"]), int(header["qform_code"]))
+    return grid, record.with_stats(means, stds), codes
+
+
+def _read_store(case_id: str, ctx: StageContext) -> tuple[np.ndarray, Any, tuple[int, int]]:
+    from ossnet.preprocess import validate_finite
+    from pipelines.store import open_store
+
+    assert ctx.store_url is not None
+    store = open_store(ctx.store_url, "r", ctx.source_options)
+    record = store.record(case_id)
+    image = store.read_case(case_id, ("image",))["image"]
+    grid = np.ascontiguousarray(image[list(ctx.store_channels)], dtype=np.float32)
+    validate_finite(grid, f"{ctx.store_url}: case {case_id} image")
+    return grid, record, (1, 1)
+
+
+def read_case(item: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """Stage 1: read and preprocess one case.
+
+    Returns:
+        The row with ``status`` "ready", ``image`` ``(C, X', Y', Z')`` float32 on the model grid
+        and ``meta`` (JSON: the ``PreprocessRecord`` and the NIfTI qform/sform codes); or
+        ``status`` "failed" with ``error``.
+    """
+    t0 = time.perf_counter()
+    case_id = _text(item["case_id"])
+    try:
+        if _text(item["kind"]) == "zarr":
+            grid, record, codes = _read_store(case_id, ctx)
+        else:
+            grid, record, codes = _read_nifti([tuple(p) for p in json.loads(_text(item["images"]))], ctx)
+    except Exception as exc:  # any bad input stays this case's problem
+        if not isinstance(exc, (ValueError, OSError, MemoryError)):
+            logger.warning("infer: reading %s failed unexpectedly", case_id, exc_info=True)
+        return {**_failed(item, _failure_message(exc, case_id), time.perf_counter() - t0), "image": _EMPTY_F32[None]}
+    meta = {"record": record.to_dict(), "sform_code": codes[0], "qform_code": codes[1]}
+    return {"case_id": case_id, "label": _text(item.get("label", "")), "status": READY, "error": "",
+            "seconds": time.perf_counter() - t0, "meta": json.dumps(meta), "image": grid}
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: predict (actor)
+# --------------------------------------------------------------------------------------------
+
+
+def _stack(values: list[Any]) -> np.ndarray:
+    if all(isinstance(v, np.ndarray) for v in values):
+        if len({v.shape for v in values}) == 1:
+            return np.stack(values)
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+    return np.asarray(values)
+
+
+class CasePredictor:
+    """Callable class for ``map_batches``: one model per actor, one case per call.
+
+    Args:
+        checkpoint: the checkpoint file's bytes, or a one-element list holding an ``ObjectRef``
+            to them (so every actor, on any node, gets the model through the object store).
+        mode: "auto" (the model's default: low-res-start MISE with a low-res head, else
+            dense-start MISE), "dense", "mise" or "mise_lowres".
+        chunk_points: points per decoder pass (bounds memory).
+        threads: torch CPU threads when there is no GPU.
+        keep_probability: return the probability map too.
+    """
+
+    def __init__(self, checkpoint: bytes | list[Any], mode: str = "auto", chunk_points: int = 2**14,
+                 threads: int = 1, keep_probability: bool = False) -> None:
+        import torch
+
+        from ossnet.checkpoint import load_checkpoint
+        from pipelines.tracking.predict import make_inferer
+
+        if not isinstance(checkpoint, (bytes, bytearray)):
+            import ray
+
+            checkpoint = ray.get(checkpoint[0])
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(threads)))
+        self.model, info = load_checkpoint(io.BytesIO(bytes(checkpoint)), map_location=self.device)
+        self.inferer = make_inferer(self.model, mode=None if mode == "auto" else mode, device=self.device,
+                                    chunk_points=int(chunk_points), threshold=float(info.preprocess.threshold))
+        self.keep_probability = keep_probability
+        logger.info("infer: predictor ready on %s (variant %s, mode %s, %d points per pass)", self.device,
+                    self.model.config.variant, self.inferer.mode, self.inferer.chunk_points)
+
+    def _release(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def predict_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Segment the row's grid volume; the image is dropped, the grid mask added."""
+        base = {k: row[k] for k in ("case_id", "label", "status", "error", "seconds", "meta")}
+        empty = {"mask": _EMPTY_U8, "probability": _EMPTY_F32, "n_queries": 0, "mode": "", "predict_seconds": 0.0}
+        if _text(row["status"]) != READY:
+            return {**base, **empty}
+        t0 = time.perf_counter()
+        try:
+            result = self.inferer(self.model, np.asarray(row["image"], dtype=np.float32))
+        except Exception as exc:  # CUDA/CPU out of memory, bad shapes: this case only
+            message = _failure_message(exc, f"{_text(row['case_id'])}: predict on {self.device} "
+                                             f"(chunk_points={self.inferer.chunk_points})")
+            self._release()
+            return {**_failed(row, message, float(row["seconds"]) + time.perf_counter() - t0), **empty}
+        probability = np.asarray(result.probability, dtype=np.float32) if self.keep_probability else _EMPTY_F32
+        return {**base, "seconds": float(row["seconds"]) + time.perf_counter() - t0,
+                "mask": np.asarray(result.mask, dtype=np.uint8), "probability": probability,
+                "n_queries": int(result.n_queries), "mode": str(result.mode), "predict_seconds": float(result.seconds)}
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["case_id"])
+        outs = [self.predict_row({k: batch[k][i] for k in batch}) for i in range(n)]
+        return {k: _stack([o[k] for o in outs]) for k in outs[0]}
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: undo preprocessing + write + metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _reference(case_id: str, label: str, record: Any, ctx: StageContext) -> np.ndarray:
+    """The reference label as a bool mask in the scan's geometry."""
+    from ossnet.preprocess import validate_finite, validate_spatial_shape
+    from pipelines.ingest_case import CaseError, _load, _local_files, _read
+
+    if label == "store":
+        from pipelines.store import open_store
+
+        grid = open_store(str(ctx.store_url), "r", ctx.source_options).read_case(case_id, ("label",))["label"]
+        return record.to_original(grid) > 0
+    with _local_files([label], ctx.source_options) as local:
+        img = _load(local[label], label)
+        data = _read(img, label)
+        shape = validate_spatial_shape(data.shape, label)
+        if shape != tuple(record.original_shape):
+            raise CaseError(f"{label}: label shape {shape} != image shape {tuple(record.original_shape)}")
+        diff = float(np.abs(np.asarray(img.affine) - np.asarray(record.original_affine)).max())
+        if not np.isfinite(diff) or diff > ctx.affine_atol:
+            raise CaseError(f"{label}: label affine differs from the image's (max difference {diff:.4g})")
+        validate_finite(data, label)
+        return data > 0
+
+
+def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """Stage 3: map the grid prediction back to the scan and write it; returns the report row."""
+    from ossnet.metrics import dice, iou, volume_ml
+    from ossnet.preprocess import PreprocessRecord
+
+    t0 = time.perf_counter()
+    case_id = _text(row["case_id"])
+    seconds = float(row["seconds"])
+    common = {"case_id": case_id, "mode": _text(row.get("mode", "")), "model": ctx.model,
+              "model_sha256": ctx.model_sha256, "n_queries": int(row.get("n_queries", 0)),
+              "predict_seconds": float(row.get("predict_seconds", 0.0))}
+    if _text(row["status"]) != READY:
+        return CaseResult(status="failed", error=_text(row["error"]), seconds=seconds, **common).to_row()
+    try:
+        meta = json.loads(_text(row["meta"]))
+        record = PreprocessRecord.from_dict(meta["record"])
+        affine = np.asarray(record.original_affine, dtype=np.float64)
+        mask = record.to_original(np.asarray(row["mask"], dtype=np.uint8))
+        codes = {"sform_code": int(meta.get("sform_code", 1)), "qform_code": int(meta.get("qform_code", 1))}
+        atomic_write_bytes(ctx.outputs.mask(case_id), lambda: nifti_bytes(mask, affine, **codes),
+                           ctx.outputs.storage_options)
+        probability = None
+        if ctx.save_probabilities:
+            probability = record.to_original(np.asarray(row["probability"], dtype=np.float32))
+            atomic_write_bytes(ctx.outputs.probability(case_id), lambda: nifti_bytes(probability, affine, **codes),
+                               ctx.outputs.storage_options)
+        if ctx.save_zarr:
+            write_zarr_case(ctx.outputs, case_id, mask, probability,
+                            {"affine": affine.tolist(), "model": ctx.model, "model_sha256": ctx.model_sha256})
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        foreground = volume_ml(mask, spacing)
+    except Exception as exc:  # a failed write fails this case only
+        if not isinstance(exc, (ValueError, OSError, MemoryError)):
+            logger.warning("infer: writing %s failed unexpectedly", case_id, exc_info=True)
+        return CaseResult(status="failed", error=one_line(_failure_message(exc, f"{case_id}: write")),
+                          seconds=seconds + time.perf_counter() - t0, **common).to_row()
+    d = j = float("nan")
+    note = ""
+    label = _text(row.get("label", ""))
+    if label:
+        try:
+            ref = _reference(case_id, label, record, ctx)
+            d, j = dice(mask > 0, ref), iou(mask > 0, ref)
+        except Exception as exc:  # the prediction stands; only the metric is missing
+            note = one_line(f"reference label: {_failure_message(exc, label)}")
+    return CaseResult(status="ok", error=note, seconds=seconds + time.perf_counter() - t0,
+                      foreground_ml=float(foreground), dice=float(d), iou=float(j), mask=ctx.outputs.mask(case_id),
+                      **common).to_row()
+
+
+def process_case(case: InferCase, ctx: StageContext, predictor: CasePredictor) -> CaseResult:
+    """All three stages in this process (no Ray): for tests and single-case use."""
+    return CaseResult.from_row(write_case(predictor.predict_row(read_case(case_item(case), ctx)), ctx))
+
+
+__all__ = ["CasePredictor", "StageContext", "case_item", "process_case", "read_case", "write_case"]
