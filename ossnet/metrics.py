@@ -100,10 +100,8 @@ def volume_ml(mask: Mask, spacing: Sequence[float]) -> float:
         raise ValueError(f"volume_ml needs a 3D mask and 3 spacings, got shape {tuple(mask.shape)}, spacing {tuple(spacing)}")
     if any(float(s) <= 0 for s in spacing):
         raise ValueError(f"spacing must be positive, got {tuple(spacing)}")
-    m = mask if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool else (
-        mask != 0 if isinstance(mask, torch.Tensor) else np.asarray(mask) != 0
-    )
-    return _count(m) * float(np.prod([float(s) for s in spacing])) / 1000.0
+    m = mask if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    return _count(m != 0) * float(np.prod([float(s) for s in spacing])) / 1000.0
 
 
 __all__ = ["ConfusionCounts", "confusion_counts", "dice", "iou", "volume_ml"]

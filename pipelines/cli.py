@@ -2,17 +2,24 @@
 
 Every subcommand parses strictly (an unknown flag is an error) and calls a Python API
 function that the tests call directly. Heavy imports happen inside the handlers so that
-``ossnet --help`` stays fast.
+``ossnet --help`` stays fast. ``ossnet --dry-run COMMAND ...`` parses and validates a command
+without running it (:func:`dry_run`; the deployment tests run it on every RayJob entrypoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
+import shlex
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, TextIO
 
 Handler = Callable[[argparse.Namespace], int]
+#: ``p.set_defaults(validate=fn)``: builds and checks the job of a parsed command without
+#: running anything (no Ray, no data access, no MLflow); raises with a one-line message.
+Validator = Callable[[argparse.Namespace], Any]
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +45,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ingest.configure_ingest_parser(p)
-    p.set_defaults(handler=ingest.run_ingest_cli)
+    p.set_defaults(handler=ingest.run_ingest_cli, validate=ingest.job_from_args)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +58,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train_cli.configure_train_parser(p)
-    p.set_defaults(handler=train_cli.run_train_cli)
+    p.set_defaults(handler=train_cli.run_train_cli, validate=train_cli.job_from_args)
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from tune import cli as tune_cli
+
+    p = sub.add_parser(
+        "tune",
+        help="hyperparameter sweep: Ray Tune + Optuna + ASHA over Ray Train runs, best model registered; "
+        "--resume continues, --address submits to a cluster",
+        description=tune_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune_cli.configure_tune_parser(p)
+    p.set_defaults(handler=tune_cli.run_tune_cli, validate=tune_cli.job_from_args)
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +86,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     infer_cli.configure_infer_parser(p)
-    p.set_defaults(handler=infer_cli.run_infer_cli)
+    p.set_defaults(handler=infer_cli.run_infer_cli, validate=infer_cli.job_from_args)
 
 
 def _add_jobs(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +103,7 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_quickstart, _add_ingest, _add_train, _add_infer, _add_jobs,
+    _add_quickstart, _add_ingest, _add_train, _add_tune, _add_infer, _add_jobs,
 )
 
 
@@ -93,10 +114,105 @@ def build_parser() -> argparse.ArgumentParser:
         description="OSS-Net: memory-efficient high-resolution 3D medical segmentation on Ray.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # dest differs from `train --dry-run` (which also opens the store): a subparser's defaults
+    # would otherwise overwrite this flag.
+    parser.add_argument(
+        "--dry-run", dest="validate_only", action="store_true",
+        help="parse the command and validate its config, print what would run, and exit "
+        "without starting Ray, reading data or contacting MLflow (`ossnet --dry-run train ...`)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:
         add(sub)
     return parser
+
+
+#: Command prefixes :func:`parse_entrypoint` accepts before the subcommand.
+ENTRYPOINT_PREFIXES: tuple[tuple[str, ...], ...] = (
+    ("ossnet",),
+    ("python", "-m", "pipelines.cli"),
+    ("python3", "-m", "pipelines.cli"),
+)
+
+
+def parse_entrypoint(command: str) -> argparse.Namespace:
+    """Parse a shell command line such as a RayJob ``entrypoint`` with the ``ossnet`` parser.
+
+    Args:
+        command: ``ossnet <subcommand> ...`` or ``python -m pipelines.cli <subcommand> ...``
+            (``ossnet`` may be given as a path), quoted as a POSIX shell would read it.
+
+    Returns:
+        The parsed arguments, with ``raw_argv`` set to the words after the prefix.
+
+    Raises:
+        ValueError: the command is not an ``ossnet`` command, or the parser rejects it
+            (argparse has already printed its usage message to stderr).
+    """
+    words = shlex.split(command)
+    if words and os.path.basename(words[0]) == "ossnet":
+        words[0] = "ossnet"
+    for prefix in ENTRYPOINT_PREFIXES:
+        if tuple(words[: len(prefix)]) == prefix:
+            argv = words[len(prefix):]
+            break
+    else:
+        raise ValueError(f"{command!r}: not an ossnet command (expected 'ossnet ...' or 'python -m pipelines.cli ...')")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        raise ValueError(f"{command!r}: rejected by the ossnet parser (exit {exc.code})") from None
+    args.raw_argv = argv
+    return args
+
+
+def _describe(job: Any) -> str:
+    """YAML of a validated job dataclass (its run name too when it has one)."""
+    if not (dataclasses.is_dataclass(job) and not isinstance(job, type)):
+        return f"{job!r}\n"
+    import yaml
+
+    from pipelines.jobconfig import to_dict
+
+    text = yaml.safe_dump(to_dict(job), sort_keys=False, default_flow_style=False)
+    # Derived names (TrainJob.run_name, TuneJob.name) decide what a re-run resumes: show them.
+    for attr, label in (("run_name", "run name"), ("name", "name")):
+        if isinstance(getattr(type(job), attr, None), property):
+            return text + f"# {label}: {getattr(job, attr)}\n"
+    return text
+
+
+def dry_run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """``ossnet --dry-run COMMAND ...``: validate a parsed command without running it.
+
+    Calls the validator the subcommand registered (``p.set_defaults(validate=fn)``), which builds
+    the job from the command line and its config file and checks every field. Nothing touches
+    Ray, the data or MLflow, so paths that exist only on a cluster (``s3://...``, a volume) are
+    fine: ``ossnet train --dry-run`` is the stricter check that also opens the store.
+
+    Returns:
+        0 and the resolved job on ``out`` when valid; 2 and a one-line ``error:`` on ``err``.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    command = getattr(args, "command", "?")
+    validate: Validator | None = getattr(args, "validate", None)
+    if validate is None:
+        out.write(f"# ossnet {command}: arguments parsed; this command has no config to validate\n")
+        return 0
+    try:
+        job = validate(args)
+    except Exception as exc:  # noqa: BLE001 - any validation failure is reported in one line
+        lines = str(exc).strip().splitlines()
+        err.write(f"error: ossnet {command}: {lines[0] if lines else type(exc).__name__}\n")
+        return 2
+    raw = list(getattr(args, "raw_argv", None) or [command])
+    at = raw.index(command) if command in raw else 0
+    # Only the top-level flag goes: `train --dry-run` after the subcommand is part of the command.
+    shown = shlex.join(["ossnet", *[a for a in raw[:at] if a != "--dry-run"], *raw[at:]])
+    out.write(f"# valid; would run: {shown}\n# nothing was started (dry run)\n")
+    out.write(_describe(job))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if args.validate_only:
+        return dry_run(args)
     handler: Handler = args.handler
     return int(handler(args) or 0)
 

@@ -5,6 +5,10 @@ with 4 logical CPUs (a 2-worker TorchTrainer needs CPU slots for its controller 
 Data tasks too; see ARCHITECTURE.md "Facts about the stack") and a small object store, and
 shuts it down at the end. Every test in this folder gets the ``ray`` marker.
 
+The dashboard runs (bound to 127.0.0.1 on a free port): Ray Train V2's placement-group cleaner
+polls the State API, which the dashboard serves; without it every Train run logs a warning per
+second and a crashed controller's placement group would never be removed.
+
 The instance is private to this pytest process: ``address="local"`` never joins another
 cluster on the host, and its temp dir (sockets, logs) is a fresh short folder under /tmp. Do
 not run this tier in the same pytest invocation as tests/e2e (its own multi-node cluster).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +35,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.ray)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +63,9 @@ def ray_session() -> Iterator[Any]:
             address="local",
             num_cpus=RAY_NUM_CPUS,
             object_store_memory=RAY_OBJECT_STORE_BYTES,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),
             _temp_dir=temp_dir,
             configure_logging=False,
         )

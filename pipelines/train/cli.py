@@ -1,0 +1,142 @@
+"""``ossnet train``: train from a YAML config with overrides, locally or on a Ray cluster.
+
+Examples::
+
+    ossnet train --config configs/quickstart.yaml
+    ossnet train --config configs/brats2020.yaml --store s3://bucket/brats.zarr --num-workers 4 --use-gpu
+    ossnet train --config configs/lits.yaml --set train.lr=1e-4 --set sampling.border_ratio=0.7
+    ossnet train --config configs/quickstart.yaml --address http://127.0.0.1:8275   # a Ray job
+
+The whole config is parsed and validated before anything starts. Without ``--address`` the job
+runs here: it joins the Ray instance named by ``RAY_ADDRESS`` or starts a local one. With
+``--address`` the fully resolved config (absolute local paths, fixed run name) is submitted as a
+Ray job through the Jobs API, with the project as its working_dir and ``MLFLOW_TRACKING_URI``
+forwarded; its logs stream here and the exit status is the job's. Re-running the same command
+resumes the same run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import TextIO
+
+from ossnet.config import ConfigError
+from pipelines.jobconfig import OverrideFlag, add_config_arguments, dump_yaml, overrides_from_args, parse_section, to_dict
+
+logger = logging.getLogger(__name__)
+
+OVERRIDE_FLAGS: tuple[OverrideFlag, ...] = (
+    OverrideFlag("--store", "store", str, "store URL or path"),
+    OverrideFlag("--variant", "model.variant", str, "model variant: onet, A, B, C, D"),
+    OverrideFlag("--preset", "model.preset", str, "model preset: brats, lits, small, tiny"),
+    OverrideFlag("--epochs", "train.epochs", int, "epochs to train in all"),
+    OverrideFlag("--batch-size", "train.batch_size", int, "volumes per step over all workers"),
+    OverrideFlag("--points", "sampling.n_points", int, "points per volume"),
+    OverrideFlag("--lr", "train.lr", float, "learning rate"),
+    OverrideFlag("--seed", "train.seed", int, "seed of sampling and initialisation"),
+    OverrideFlag("--num-workers", "scaling.num_workers", int, "Ray Train workers (0: in this process)"),
+    OverrideFlag("--use-gpu", "scaling.use_gpu", bool, "one GPU per worker, mixed precision"),
+    OverrideFlag("--cpus-per-worker", "scaling.resources_per_worker.CPU", float, "logical CPUs per worker (fractions allowed)"),
+    OverrideFlag("--max-failures", "scaling.max_failures", int, "worker-group restarts from the last checkpoint"),
+    OverrideFlag("--name", "run.name", str, "run name (default derived from the config: re-runs resume)"),
+    OverrideFlag("--storage-path", "run.storage_path", str, "Ray Train storage (checkpoints)"),
+    OverrideFlag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
+    OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
+    OverrideFlag("--model-name", "tracking.model_name", str, "registered model name"),
+    OverrideFlag("--no-mlflow", "tracking.enabled", help="do not track in MLflow", const=False),
+)
+
+
+def configure_train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``train`` flags to ``parser`` (config, overrides, submission)."""
+    parser.allow_abbrev = False  # strict: "--epoch" is an error, not "--epochs"
+    add_config_arguments(parser, OVERRIDE_FLAGS)
+    parser.add_argument("--config-json", metavar="JSON", help="the whole job as JSON (what --address submits)")
+    parser.add_argument("--address", metavar="URL",
+                        help="submit to this Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved job, then exit")
+    return parser
+
+
+def job_from_args(args: argparse.Namespace):  # -> TrainJob
+    """The ``TrainJob`` a parsed command line describes (validated)."""
+    from pipelines.jobconfig import apply_overrides, load_yaml
+    from pipelines.train.job import TrainJob
+
+    if args.config_json and args.config:
+        raise ConfigError("--config and --config-json are mutually exclusive")
+    data = load_yaml(args.config) if args.config else {}
+    if args.config_json:
+        try:
+            data = json.loads(args.config_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
+    return parse_section(TrainJob, apply_overrides(data, overrides_from_args(args, OVERRIDE_FLAGS)))
+
+
+def mlflow_ui_command(uri: str | None) -> str:
+    """The shell command that shows a tracking URI's runs (``open URL`` for a server)."""
+    if not uri:
+        return ""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def run_train_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Handler of ``ossnet train``: 0 on success, 1 when training failed, 2 for a bad config."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        job = job_from_args(args)
+        if args.dry_run:
+            from pipelines.train.driver import preflight
+
+            resolved, facts, uri = preflight(job)
+            out.write(dump_yaml(resolved))
+            out.write(f"# run name: {resolved.run_name}\n# train cases: {len(facts.train_cases)}, "
+                      f"val cases: {len(facts.val_cases)}, tracking: {uri or 'off'}\n")
+            return 0
+        if args.address:
+            from pipelines import jobs
+
+            resolved = job.resolved()
+            argv = ["train", "--config-json", json.dumps(to_dict(resolved))]
+            out.write(f"submitting run {resolved.run_name} to {args.address}\n")
+            out.flush()
+            return jobs.submit_cli_command(args.address, argv, out=out)
+        from pipelines.train.driver import train
+
+        result = train(job, config_path=args.config)
+    except ConfigError as exc:
+        err.write(f"error: {exc}\n")
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure in one line
+        from pipelines.jobs import JobError
+
+        if isinstance(exc, JobError):
+            err.write(f"error: {exc}\n")
+            return 2
+        logger.exception("training failed")
+        err.write(f"error: training failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n")
+        return 1
+    out.write(f"run {result.run_name}: {result.epochs} epochs "
+              f"({len(result.executed_epochs)} run now), checkpoints in {result.run_dir}\n")
+    if result.best_val_dice is not None:
+        out.write(f"best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}\n")
+    if result.mlflow_run_id:
+        out.write(f"MLflow run id: {result.mlflow_run_id}\n")
+    if result.model_version is not None:
+        state = "promoted to champion" if result.promoted else "not promoted (the champion is at least as good)"
+        out.write(f"model {job.tracking.model_name} version {result.model_version}: {state}\n")
+    if result.mlflow_run_id:
+        from pipelines.tracking import resolve_tracking_uri
+
+        out.write(f"MLflow UI: {mlflow_ui_command(resolve_tracking_uri(job.tracking.uri))}\n")
+    return 0
+
+
+__all__ = ["OVERRIDE_FLAGS", "configure_train_parser", "job_from_args", "mlflow_ui_command", "run_train_cli"]

@@ -1,0 +1,345 @@
+"""``train(job)``: the Ray Train driver (TorchTrainer, Train V2) with MLflow tracking.
+
+Steps, all on the driver process:
+
+1. resolve the job (absolute paths, fixed run name) and check it against the store and the
+   tracking URI before any worker starts;
+2. start or join Ray (:func:`ensure_ray`), build the streaming training dataset with its
+   :class:`~pipelines.data.EpochClock`;
+3. open the MLflow run (resumed by the run name) and log the config as params and artifacts;
+4. ``TorchTrainer.fit()`` runs :func:`~pipelines.train.loop.train_loop_per_worker`; Ray keeps
+   the best ``keep_checkpoints`` checkpoints by ``val_dice`` plus the latest under
+   ``<storage_path>/<run name>``, and restarts the workers up to ``max_failures`` times;
+5. log the best checkpoint as the pyfunc model bundle, register it and move ``champion`` to it
+   if its validation Dice beats the current champion's. Re-running a finished job does not log
+   or register the same model again (the run's ``ossnet.model_epoch`` tag records it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from ossnet.checkpoint import PreprocessSpec
+from ossnet.config import ConfigError
+from pipelines.jobconfig import dump_yaml, to_dict
+from pipelines.train.job import StoreFacts, TrainJob, check_against_store
+from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.state import MODEL_FILE, SCORE_METRIC, LocalCheckpoints, read_metrics
+
+if TYPE_CHECKING:
+    from pipelines.tracking import RunLogger
+
+logger = logging.getLogger(__name__)
+
+FAIL_AT_EPOCH_ENV = "OSSNET_FAIL_AT_EPOCH"
+FAIL_RANK_ENV = "OSSNET_FAIL_RANK"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODEL_EPOCH_TAG = "ossnet.model_epoch"
+MODEL_VERSION_TAG = "ossnet.model_version"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training job produced.
+
+    Attributes:
+        run_name: Ray Train run name = MLflow run key.
+        run_dir: ``<storage_path>/<run_name>`` (Ray's checkpoints, ossnet's markers).
+        epochs: the last completed epoch (``job.train.epochs`` on success).
+        executed_epochs: epochs the final attempt ran (a resumed run skips finished ones).
+        metrics: the last reported metrics.
+        history: per-epoch metrics of the final attempt.
+        best_epoch, best_val_dice: the best checkpoint by validation Dice.
+        best_checkpoint: directory of that checkpoint (``model.pt`` inside).
+        mlflow_run_id: the MLflow run (None with tracking off).
+        model_uri: ``models:/<model_id>`` of the logged bundle.
+        model_version: registered version (None when registration is off).
+        promoted: whether ``champion`` moved to this version in this call.
+    """
+
+    run_name: str
+    run_dir: str
+    epochs: int
+    executed_epochs: tuple[int, ...]
+    metrics: dict[str, float]
+    history: tuple[dict[str, float], ...] = ()
+    best_epoch: int | None = None
+    best_val_dice: float | None = None
+    best_checkpoint: str | None = None
+    mlflow_run_id: str | None = None
+    model_uri: str | None = None
+    model_version: int | None = None
+    promoted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ensure_ray(job: TrainJob) -> None:
+    """Join the running Ray (inside a Ray job or Tune trial, or ``RAY_ADDRESS``), else start a
+    private local instance with enough logical CPUs for the workers plus the data tasks."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # A Ray job (its runtime_env already carries the project) or an explicit cluster.
+        ray.init(configure_logging=False)
+        return
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    workers = job.scaling.num_workers * job.scaling.worker_resources()["CPU"]
+    # A 2-worker TorchTrainer deadlocks when the workers hold every CPU slot: the Ray Data
+    # sampling tasks need their own (logical CPUs, so this may exceed the cores).
+    num_cpus = max(os.cpu_count() or 1, math.ceil(workers + job.data.cpus_per_task) + 1)
+    object_store = (job.data.object_store_mb + 256) << 20
+    logger.info("starting a local Ray instance (%d logical CPUs, %d MiB object store)", num_cpus, object_store >> 20)
+    # The dashboard serves the State API that Train V2's placement-group cleaner polls.
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=_free_port(), runtime_env={"env_vars": env},
+             configure_logging=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tracking_uri(job: TrainJob) -> str | None:
+    if not job.tracking.enabled:
+        return None
+    from pipelines.tracking import TrackingConfigError, resolve_tracking_uri
+
+    try:
+        return resolve_tracking_uri(job.tracking.uri)
+    except TrackingConfigError as exc:
+        message = str(exc).removeprefix("--tracking-uri: ")  # the resolver names its own flag
+        raise ConfigError(f"tracking.uri: {message}") from None
+
+
+def preflight(job: TrainJob) -> tuple[TrainJob, StoreFacts, str | None]:
+    """Resolve and check a job without starting anything: ``(resolved job, store facts, URI)``."""
+    job = job.resolved()
+    facts = check_against_store(job)
+    return job, facts, _tracking_uri(job)
+
+
+def _best_checkpoint(result: Any, local: LocalCheckpoints | None) -> tuple[Any, dict[str, Any]] | None:
+    """The best checkpoint by ``val_dice`` (latest on ties) and its metrics: a local directory
+    in local mode, else a ``ray.train.Checkpoint`` (possibly on remote storage)."""
+    if local is not None:
+        best = local.best()
+        return (best[0], best[1]) if best else None
+    candidates = list(result.best_checkpoints or [])
+    if not candidates:
+        return None
+
+    def key(item: tuple[Any, dict[str, Any]]) -> tuple[float, float]:
+        value = item[1].get(SCORE_METRIC)
+        score = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+        return score, float(item[1].get("epoch", 0))
+
+    checkpoint, metrics = max(candidates, key=key)
+    return checkpoint, dict(metrics)
+
+
+def _recover_cwd(path: str) -> None:
+    """Re-enter ``path`` when the working directory was deleted under this process.
+
+    A Ray job's driver runs in its unpacked ``working_dir``; when several nodes share one host
+    and temp dir (infra/local-cluster.sh), another node's runtime-env agent may unpack the same
+    package again, replacing the directory. The path is valid again, but this process's working
+    directory is the deleted one (and MLflow calls ``os.getcwd()``).
+    """
+    try:
+        os.getcwd()
+        return
+    except FileNotFoundError:
+        pass
+    import tempfile
+
+    target = path if os.path.isdir(path) else tempfile.gettempdir()
+    logger.warning("the working directory %s was removed under this process; continuing in %s", path, target)
+    os.chdir(target)
+
+
+def _location(checkpoint: Any) -> str:
+    return str(checkpoint) if isinstance(checkpoint, (str, Path)) else str(checkpoint.path)
+
+
+@contextlib.contextmanager
+def _as_directory(checkpoint: Any) -> Iterator[Path]:
+    """A local directory holding the checkpoint (downloaded from remote storage if needed)."""
+    if isinstance(checkpoint, (str, Path)):
+        yield Path(checkpoint)
+    else:
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+
+def _open_run(job: TrainJob, uri: str | None, parent_run_id: str | None) -> contextlib.AbstractContextManager[Any]:
+    if uri is None:
+        return contextlib.nullcontext(None)
+    from pipelines.tracking import RunLogger
+
+    return RunLogger(job.run_name, job.tracking.experiment, uri, parent_run_id=parent_run_id,
+                     tags={"ossnet.variant": job.model.variant, "ossnet.preset": job.model.preset,
+                           "ossnet.store": job.store})
+
+
+def _log_config(run: RunLogger, job: TrainJob, config_path: str | os.PathLike[str] | None, tmp: Path) -> None:
+    run.log_params(to_dict(job))
+    resolved = tmp / "train.resolved.yaml"
+    resolved.write_text(dump_yaml(job))
+    run.log_artifact(resolved, "config")
+    if config_path is not None and Path(config_path).is_file():
+        run.log_artifact(config_path, "config")
+
+
+def _log_and_register(run: RunLogger, job: TrainJob, best: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """Log the best checkpoint as the model bundle and register it (once per best epoch)."""
+    from pipelines.tracking import register_and_promote
+
+    checkpoint, metrics = best
+    epoch = int(metrics.get("epoch", 0))
+    val_dice = float(metrics.get(SCORE_METRIC, float("nan")))
+    tags = run.client.get_run(run.run_id).data.tags
+    if tags.get(MODEL_EPOCH_TAG) == str(epoch) and (tags.get(MODEL_VERSION_TAG) or not job.tracking.register):
+        logger.info("run %s already logged its best model (epoch %d); not logging it again", run.run_id, epoch)
+        version = tags.get(MODEL_VERSION_TAG)
+        return {"model_uri": tags.get("ossnet.model_uri"), "model_version": int(version) if version else None,
+                "promoted": False}
+    with _as_directory(checkpoint) as directory:
+        info = run.log_model_bundle(directory / MODEL_FILE, name="model", step=epoch,
+                                    metadata={SCORE_METRIC: val_dice, "epoch": epoch, "run_name": job.run_name})
+    out: dict[str, Any] = {"model_uri": info.model_uri, "model_version": None, "promoted": False}
+    new_tags = {MODEL_EPOCH_TAG: epoch, "ossnet.model_uri": info.model_uri, "ossnet.best_val_dice": val_dice}
+    if job.tracking.register:
+        version, promoted = register_and_promote(info.model_uri, job.tracking.model_name, val_dice,
+                                                 SCORE_METRIC, tracking_uri=run.tracking_uri,
+                                                 tags={"ossnet.run_name": job.run_name, "epoch": epoch})
+        out.update(model_version=version, promoted=promoted)
+        new_tags.update({MODEL_VERSION_TAG: version, "ossnet.promoted": promoted})
+    run.set_tags(new_tags)
+    return out
+
+
+def train(
+    job: TrainJob,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Any] = (),
+    parent_run_id: str | None = None,
+) -> TrainResult:
+    """Train OSS-Net with Ray Train and track it in MLflow.
+
+    Args:
+        job: the job (validated; local paths may be relative to the current directory).
+        config_path: the YAML the job came from, logged as an artifact next to the resolved one.
+        callbacks: extra ``ray.train.UserCallback`` objects (e.g. Tune's ``TuneReportCallback``).
+        parent_run_id: MLflow parent run (a sweep).
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ConfigError: the job does not fit the store or the tracking settings (nothing started).
+        ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
+    """
+    import tempfile
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.data import EpochClock, build_training_dataset, ingest_options
+
+    cwd = os.getcwd()
+    job, facts, uri = preflight(job)
+    ensure_ray(job)
+    run_dir = Path(job.run.storage_path) / job.run_name
+    local_mode = job.scaling.num_workers == 0
+    options = ingest_options(object_store_memory=job.data.object_store_mb << 20)
+    clock = EpochClock.create(epoch=0, world_size=job.scaling.world_size)
+    dataset = build_training_dataset(
+        job.store, "train", facts.model, job.sampling, job.augment, epoch=clock, seed=job.train.seed,
+        samples_per_case=job.train.samples_per_case, num_cpus=job.data.cpus_per_task,
+        max_tasks=job.data.max_tasks, options=options,
+    )
+    dataset.context.enable_progress_bars = False  # per-epoch bars would flood the job log
+    preprocess = PreprocessSpec(modalities=facts.modalities, volume_shape=tuple(facts.model.volume_shape),
+                                zscore_mask=facts.zscore_mask)
+    loop_config = {
+        "job": job, "facts": facts, "clock": clock, "tracking_uri": uri, "parent_run_id": parent_run_id,
+        "local_mode": local_mode, "run_dir": str(run_dir), "preprocess": preprocess,
+        "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH_ENV) or 0),
+        "fail_rank": int(os.environ.get(FAIL_RANK_ENV) or 0),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
+            resources_per_worker=job.scaling.worker_resources(),
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.run_name,
+            storage_path=job.run.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=job.train.keep_checkpoints, checkpoint_score_attribute=SCORE_METRIC,
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
+            callbacks=list(callbacks) or None,
+        ),
+        datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(execution_options={"train": options}),
+    )
+    logger.info("training %s: %d epochs, %d worker(s)%s, checkpoints in %s", job.run_name, job.train.epochs,
+                job.scaling.num_workers, " (GPU)" if job.scaling.use_gpu else "", run_dir)
+    with _open_run(job, uri, parent_run_id) as run, tempfile.TemporaryDirectory(prefix="ossnet-train-") as tmp:
+        if run is not None:
+            _log_config(run, job, config_path, Path(tmp))
+        result = trainer.fit()
+        _recover_cwd(cwd)
+        returned = result.return_value or {}
+        local = LocalCheckpoints(run_dir / "local", job.train.keep_checkpoints) if local_mode else None
+        best = _best_checkpoint(result, local)
+        registered: dict[str, Any] = {}
+        if run is not None and best is not None:
+            registered = _log_and_register(run, job, best)
+    history = tuple(returned.get("history") or ())
+    executed = tuple(returned.get("executed_epochs") or ())
+    if history:
+        metrics = dict(history[-1])
+    else:  # nothing left to train: the metrics of the latest checkpoint
+        latest = local.latest() if local is not None else None
+        raw = read_metrics(latest) if latest is not None else (result.metrics or {})
+        metrics = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+    out = TrainResult(
+        run_name=job.run_name,
+        run_dir=str(run_dir),
+        epochs=int(returned.get("start_epoch", 1)) - 1 + len(executed),
+        executed_epochs=executed,
+        metrics=metrics,
+        history=history,
+        best_epoch=int(best[1]["epoch"]) if best and "epoch" in best[1] else None,
+        best_val_dice=float(best[1][SCORE_METRIC]) if best and SCORE_METRIC in best[1] else None,
+        best_checkpoint=_location(best[0]) if best else None,
+        mlflow_run_id=run.run_id if run is not None else None,
+        model_uri=registered.get("model_uri"),
+        model_version=registered.get("model_version"),
+        promoted=bool(registered.get("promoted", False)),
+        extra={"world_size": returned.get("world_size"), "start_epoch": returned.get("start_epoch")},
+    )
+    logger.info("finished %s at epoch %d (best val_dice %s at epoch %s)", out.run_name, out.epochs,
+                f"{out.best_val_dice:.4f}" if out.best_val_dice is not None else "n/a", out.best_epoch)
+    return out
+
+
+__all__ = ["FAIL_AT_EPOCH_ENV", "TrainResult", "ensure_ray", "preflight", "train"]

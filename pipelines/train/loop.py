@@ -1,0 +1,263 @@
+"""The per-worker training loop that Ray Train runs on every rank (a thin shell over ossnet).
+
+Per epoch ``e`` (1-based), every rank:
+
+1. sets the data :class:`~pipelines.data.EpochClock` to ``e`` and trains on its dataset shard
+   with ``ossnet.training.train_epoch`` (DDP synchronises the gradients);
+2. steps the LR schedule, gathers the epoch's metrics from all ranks;
+3. on validation epochs scores its share of the validation cases and gathers the scores;
+4. rank 0 logs the metrics (step = epoch) and the slice overlays to MLflow;
+5. on checkpoint epochs rank 0 writes the checkpoint (``pipelines.train.state``) and every rank
+   calls ``ray.train.report(metrics, checkpoint=...)`` (rank 0 attaches it); other epochs report
+   metrics only, so Ray Tune schedulers see every epoch.
+
+A restarted or re-run job resumes from ``ray.train.get_checkpoint()`` at the next epoch. The
+MLflow run is resumed by its key and skips (metric, epoch) pairs it already holds, so an epoch
+repeated after a crash appears once.
+
+Fault injection for tests: the driver passes ``fail_at_epoch`` (from ``OSSNET_FAIL_AT_EPOCH``);
+rank ``fail_rank`` raises after logging that epoch and before checkpointing it, the worst
+moment, unless the marker file in the run folder says it already did (so the restarted attempt
+goes on).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+
+from ossnet.config import AugmentConfig
+from ossnet.inference import Inferer
+from ossnet.model import build_model
+from ossnet.training import make_optimizer, make_scheduler, train_epoch
+from pipelines.train.job import StoreFacts, TrainJob
+from pipelines.train.state import LocalCheckpoints, checkpoint_dir_name, restore_checkpoint, write_checkpoint
+
+logger = logging.getLogger(__name__)
+
+FAILURE_MARKER = ".ossnet-injected-failure"
+
+
+class InjectedFailure(RuntimeError):
+    """The failure a test asked for with ``OSSNET_FAIL_AT_EPOCH``."""
+
+
+class _TimedBatches:
+    """Iterates batches and accumulates the seconds spent waiting for each one."""
+
+    def __init__(self, batches: Iterable[Mapping[str, Any]]) -> None:
+        self._it = iter(batches)
+        self.wait_s = 0.0
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        return self
+
+    def __next__(self) -> Mapping[str, Any]:
+        start = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.wait_s += time.perf_counter() - start
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` from every rank (a list of one without a process group)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_available() or not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _reduce_train(parts: list[dict[str, float]], n_points: int) -> dict[str, float]:
+    """Epoch metrics over ranks: volume-weighted means, summed volumes, slowest rank's time."""
+    volumes = sum(p["n_volumes"] for p in parts)
+    seconds = max(p["seconds"] for p in parts)
+    keys = [k for k in parts[0] if k not in ("n_volumes", "n_batches", "seconds", "wait_s")]
+    out = {f"train_{k}": sum(p[k] * p["n_volumes"] for p in parts) / volumes for k in keys}
+    out.update(
+        train_volumes=float(volumes),
+        epoch_seconds=seconds,
+        data_wait_fraction=sum(p["wait_s"] / max(p["seconds"], 1e-9) for p in parts) / len(parts),
+        volumes_per_s=volumes / max(seconds, 1e-9),
+        points_per_s=volumes * n_points / max(seconds, 1e-9),
+    )
+    return out
+
+
+def _setup_logging() -> None:
+    # Ray worker processes start without handlers; make epoch progress visible in job logs.
+    root = logging.getLogger()
+    pipelines_logger = logging.getLogger("pipelines")
+    if not root.handlers and not pipelines_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        pipelines_logger.addHandler(handler)
+    pipelines_logger.setLevel(logging.INFO)
+
+
+def _device(job: TrainJob, local_mode: bool) -> torch.device:
+    if local_mode:
+        return torch.device("cuda" if job.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    return device[0] if isinstance(device, list) else device
+
+
+def _maybe_fail(config: Mapping[str, Any], epoch: int, rank: int) -> None:
+    fail_at = int(config.get("fail_at_epoch") or 0)
+    if fail_at != epoch or rank != int(config.get("fail_rank") or 0):
+        return
+    marker = Path(config["run_dir"]) / FAILURE_MARKER
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"failure injected at epoch {epoch} on rank {rank}\n")
+    raise InjectedFailure(f"OSSNET_FAIL_AT_EPOCH={fail_at}: injected failure in epoch {epoch} on rank {rank}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Train loop. ``config`` comes from the driver (``pipelines.train.driver``).
+
+    Keys: ``job`` (a resolved TrainJob), ``facts`` (StoreFacts), ``clock`` (EpochClock),
+    ``tracking_uri`` (None: no MLflow), ``parent_run_id``, ``local_mode``, ``run_dir``,
+    ``preprocess`` (PreprocessSpec), ``fail_at_epoch``, ``fail_rank``.
+
+    Returns:
+        On every rank: ``{"start_epoch", "executed_epochs", "history", "world_size"}`` (Ray keeps
+        rank 0's).
+    """
+    import ray.train
+
+    _setup_logging()
+    job: TrainJob = config["job"]
+    facts: StoreFacts = config["facts"]
+    local_mode = bool(config["local_mode"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if job.scaling.worker_resources()["CPU"] <= 1:
+        torch.set_num_threads(1)  # one logical CPU: extra threads only contend with data tasks
+
+    device = _device(job, local_mode)
+    torch.manual_seed(job.train.seed)  # same initial weights on every rank
+    bare = build_model(facts.model).to(device)
+    model: torch.nn.Module = bare
+    if not local_mode:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(bare)
+        bare = getattr(model, "module", model)
+    optimizer = make_optimizer(bare, job.train.optimizer, job.train.lr)
+    scheduler = make_scheduler(optimizer, job.train.milestones, job.train.gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=job.train.mixed_precision and device.type == "cuda")
+
+    local = LocalCheckpoints(Path(config["run_dir"]) / "local", job.train.keep_checkpoints) if local_mode else None
+    start_epoch = 1
+    checkpoint = ray.train.get_checkpoint() if not local_mode else None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start_epoch = restore_checkpoint(directory, bare, optimizer, scheduler, scaler).epoch + 1
+    elif local is not None and local.latest() is not None:
+        start_epoch = restore_checkpoint(local.latest(), bare, optimizer, scheduler, scaler).epoch + 1
+    if start_epoch > 1:
+        logger.info("rank %d: resuming %s after epoch %d", rank, job.run_name, start_epoch - 1)
+
+    run_logger = None
+    if rank == 0 and config.get("tracking_uri"):
+        from pipelines.tracking import RunLogger
+
+        run_logger = RunLogger(job.run_name, job.tracking.experiment, config["tracking_uri"],
+                               parent_run_id=config.get("parent_run_id"))
+        run_logger.start()
+
+    from pipelines.data import SampleSpec
+    from pipelines.store import open_store
+    from pipelines.train.validation import Validator, summarize
+
+    png_dir = Path(tempfile.mkdtemp(prefix="ossnet-val-")) if rank == 0 and job.validation.png_cases else None
+    validator = Validator(
+        store_url=job.store,
+        case_ids=facts.val_cases[rank::world],
+        spec=SampleSpec.for_store(
+            open_store(job.store), facts.model,
+            replace(job.sampling, n_points=job.validation.n_points or job.sampling.n_points),
+            AugmentConfig.off(), job.train.seed, 1,
+        ),
+        inferer=Inferer(mode=job.validation.mode, chunk_points=job.validation.chunk_points, device=str(device)),
+        alpha=job.train.alpha,
+        png_cases=job.validation.png_cases if rank == 0 else 0,
+        png_dir=png_dir,
+    )
+    shard = ray.train.get_dataset_shard("train")
+    clock = config["clock"]
+    history: list[dict[str, float]] = []
+    for epoch in range(start_epoch, job.train.epochs + 1):
+        clock.set(epoch, rank=rank)
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        batches = _TimedBatches(shard.iter_torch_batches(
+            batch_size=job.per_worker_batch, prefetch_batches=job.data.prefetch_batches, drop_last=False,
+        ))
+        stats = train_epoch(model, batches, optimizer, job.train.alpha, device, scaler)
+        stats.update(seconds=time.perf_counter() - start, wait_s=batches.wait_s)
+        scheduler.step()
+        metrics: dict[str, float] = {"epoch": float(epoch), "lr": lr}
+        metrics.update(_reduce_train(_gather(stats, world), job.sampling.n_points))
+
+        pngs: list[Path] = []
+        if job.train.is_validation_epoch(epoch):
+            scores, pngs = validator(bare, epoch)
+            metrics.update(summarize([s for part in _gather(scores, world) for s in part]))
+        logger.info("epoch %d/%d: %s", epoch, job.train.epochs,
+                    "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        if run_logger is not None:
+            run_logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            from pipelines.tracking import log_figure_png
+
+            for png in pngs:
+                log_figure_png(png, f"validation/{png.parent.name}/{png.name}", run_id=run_logger.run_id,
+                               tracking_uri=config["tracking_uri"])
+        _maybe_fail(config, epoch, rank)
+
+        if job.train.is_checkpoint_epoch(epoch):
+            _report_checkpoint(config, metrics, epoch, rank, bare, optimizer, scheduler, scaler, local)
+        else:
+            ray.train.report(metrics)
+        history.append(metrics)
+    return {"start_epoch": start_epoch, "executed_epochs": [int(m["epoch"]) for m in history], "history": history,
+            "world_size": world}
+
+
+def _report_checkpoint(
+    config: Mapping[str, Any], metrics: dict[str, float], epoch: int, rank: int, model: torch.nn.Module,
+    optimizer: Any, scheduler: Any, scaler: Any, local: LocalCheckpoints | None,
+) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (Ray persists rank 0's directory)."""
+    import ray.train
+
+    job: TrainJob = config["job"]
+    name = checkpoint_dir_name(epoch)
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    args = dict(epoch=epoch, seed=job.train.seed, metrics=metrics, preprocess=config["preprocess"], run_name=job.run_name)
+    if local is not None:  # local mode: Ray keeps nothing, ossnet keeps the directories
+        path = write_checkpoint(local.path_for(epoch), model, optimizer, scheduler, scaler, **args)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)), checkpoint_dir_name=name)
+        local.prune()
+        return
+    with tempfile.TemporaryDirectory(prefix="ossnet-ckpt-") as tmp:
+        write_checkpoint(tmp, model, optimizer, scheduler, scaler, **args)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+
+__all__ = ["FAILURE_MARKER", "InjectedFailure", "train_loop_per_worker"]

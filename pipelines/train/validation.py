@@ -1,0 +1,113 @@
+"""Validation inside the training loop: dense full-resolution metrics through MISE, plus the
+auxiliary point and low-resolution metrics, and PNG slice overlays.
+
+Each rank validates its share of the validation cases (``cases[rank::world_size]``) on the bare
+model in eval mode (no DDP hooks, so no collective runs inside); the loop then gathers the
+per-case scores and averages them. The auxiliary metrics use one un-augmented sample per case
+drawn at a fixed epoch (0), so they are comparable from one validation to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ossnet.inference import Inferer
+from ossnet.metrics import dice, iou
+from ossnet.training import batch_to_device, evaluate_batch
+from pipelines.data import SampleSpec, _cached_store, collate_rows, sample_case_rows
+
+logger = logging.getLogger(__name__)
+
+# Scalar keys of one case's scores (the loop averages each over all cases).
+CASE_KEYS = ("dice", "iou", "queries", "seconds", "loss", "point_loss", "aux_loss", "point_acc", "lowres_dice")
+
+
+@dataclass
+class Validator:
+    """Scores one rank's validation cases.
+
+    Attributes:
+        store_url: the store (opened once per process).
+        case_ids: the validation cases this rank scores.
+        spec: sampling spec of the auxiliary point metrics (augmentation off).
+        inferer: the MISE (or dense) inference strategy on the rank's device.
+        alpha: auxiliary loss weight (for the validation loss).
+        png_cases: how many of ``case_ids`` (from the first) get a slice overlay.
+        png_dir: where overlays are written.
+    """
+
+    store_url: str
+    case_ids: Sequence[str]
+    spec: SampleSpec
+    inferer: Inferer
+    alpha: float
+    png_cases: int = 0
+    png_dir: Path | None = None
+    _device: torch.device = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._device = torch.device(self.inferer.device)
+
+    def __call__(self, model: nn.Module, epoch: int) -> tuple[list[dict[str, float]], list[Path]]:
+        """Score every case of this rank.
+
+        Args:
+            model: the bare ``OSSNet`` on the inferer's device.
+            epoch: the training epoch (names the PNGs).
+
+        Returns:
+            Per-case score dicts (``CASE_KEYS`` plus ``case_id``), and the PNGs written.
+        """
+        store = _cached_store(self.store_url)
+        scores: list[dict[str, Any]] = []
+        pngs: list[Path] = []
+        for index, case_id in enumerate(self.case_ids):
+            arrays = store.read_case(case_id, arrays=self.spec.arrays)
+            image = np.asarray(arrays["image"], dtype=np.float32)
+            label = np.asarray(arrays["label"]) > 0
+            start = time.perf_counter()
+            result = self.inferer(model, image)
+            mask = np.asarray(result.mask)
+            score: dict[str, Any] = {
+                "case_id": case_id,
+                "dice": dice(mask, label),
+                "iou": iou(mask, label),
+                "queries": float(result.n_queries),
+                "seconds": time.perf_counter() - start,
+            }
+            rows = sample_case_rows(arrays, case_id, 0, self.spec)
+            batch = batch_to_device(collate_rows(rows), self._device)
+            score.update(evaluate_batch(model, batch, self.alpha))
+            scores.append(score)
+            if index < self.png_cases and self.png_dir is not None:
+                from pipelines.figures import slice_overlay_png
+
+                path = self.png_dir / f"epoch_{epoch:04d}" / f"{case_id}.png"
+                title = f"{case_id}  epoch {epoch}  Dice {score['dice']:.3f}"
+                pngs.append(slice_overlay_png(image, label, mask, path, title=title))
+            del arrays, image, label, mask
+        return scores, pngs
+
+
+def summarize(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean of each score over cases, as ``val_<key>`` metrics (``val_dice``, ``val_iou``...)."""
+    if not scores:
+        raise ValueError("validation: no case was scored")
+    out: dict[str, float] = {}
+    for key in CASE_KEYS:
+        values = [float(s[key]) for s in scores if key in s]
+        if values:
+            out[f"val_{key}"] = float(np.mean(values))
+    out["val_cases"] = float(len(scores))
+    return out
+
+
+__all__ = ["CASE_KEYS", "Validator", "summarize"]
