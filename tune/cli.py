@@ -1,0 +1,156 @@
+"""``ossnet tune``: a hyperparameter sweep (Ray Tune + Optuna TPE + ASHA) from a YAML config.
+
+Examples::
+
+    ossnet tune --config configs/quickstart-tune.yaml
+    ossnet tune --config configs/quickstart-tune.yaml --resume          # after an interruption
+    ossnet tune --config configs/brats2020.yaml --set train.validate_every=1 --set space.lr.high=1e-3 --num-samples 32
+    ossnet tune --config configs/quickstart-tune.yaml --address http://127.0.0.1:8275   # a Ray job
+    ossnet tune --config configs/quickstart-tune.yaml --dry-run
+
+The config is a training config (every trial starts from it) plus ``space``, ``sweep`` and
+``scheduler`` sections; all of it, the search space included, is validated before anything
+starts. The sweep keeps its state under ``<sweep.storage_path>/<sweep name>``; an interrupted
+sweep continues with the same command and ``--resume`` (finished trials are not run again).
+At the end it prints the summary table (all trials, best first), registers the best trial's
+model and moves the ``champion`` alias to it if it beats the current champion. With
+``--address`` the resolved sweep is submitted as a Ray job and its log streams here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from ossnet.config import ConfigError
+from pipelines.jobconfig import OverrideFlag, add_config_arguments, apply_overrides, load_yaml, overrides_from_args
+
+logger = logging.getLogger(__name__)
+
+OVERRIDE_FLAGS: tuple[OverrideFlag, ...] = (
+    OverrideFlag("--store", "store", str, "store URL or path"),
+    OverrideFlag("--name", "sweep.name", str, "sweep name (default derived from the config: --resume finds it)"),
+    OverrideFlag("--num-samples", "sweep.num_samples", int, "trials in all"),
+    OverrideFlag("--seed", "sweep.seed", int, "seed of the TPE sampler"),
+    OverrideFlag("--max-concurrent", "sweep.max_concurrent_trials", int, "trials at once (default: as resources allow)"),
+    OverrideFlag("--storage-path", "sweep.storage_path", str, "where the sweep keeps its state and trial runs"),
+    OverrideFlag("--epochs", "train.epochs", int, "epochs of a full trial (ASHA's max_t)"),
+    OverrideFlag("--num-workers", "scaling.num_workers", int, "Ray Train workers per trial"),
+    OverrideFlag("--use-gpu", "scaling.use_gpu", bool, "one GPU per Train worker"),
+    OverrideFlag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
+    OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
+    OverrideFlag("--model-name", "tracking.model_name", str, "registered model name"),
+    OverrideFlag("--no-mlflow", "tracking.enabled", help="do not track in MLflow (no registration)", const=False),
+)
+
+
+def configure_tune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``tune`` flags to ``parser`` (config, overrides, resume, submission)."""
+    parser.allow_abbrev = False  # strict: "--num-sample" is an error
+    add_config_arguments(parser, OVERRIDE_FLAGS)
+    parser.add_argument("--config-json", metavar="JSON", help="the whole sweep as JSON (what --address submits)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
+    parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed trials again")
+    parser.add_argument("--address", metavar="URL",
+                        help="submit to this Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved sweep, then exit")
+    return parser
+
+
+def job_from_args(args: argparse.Namespace):  # -> TuneJob
+    """The ``TuneJob`` a parsed command line describes (validated)."""
+    from tune.job import tune_job_from_dict
+
+    if args.config_json and args.config:
+        raise ConfigError("--config and --config-json are mutually exclusive")
+    if args.retry_failed and not args.resume:
+        raise ConfigError("--retry-failed: only with --resume")
+    data = load_yaml(args.config) if args.config else {}
+    if args.config_json:
+        try:
+            data = json.loads(args.config_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
+    return tune_job_from_dict(apply_overrides(data, overrides_from_args(args, OVERRIDE_FLAGS)))
+
+
+def _store_hint(job) -> str:  # job: TuneJob
+    store = job.base.store
+    if "://" not in store and not Path(store).exists():
+        return (f"; create it first: `make quickstart` writes the quickstart store, "
+                f"`ossnet ingest --preset {job.base.model.preset}` ingests NIfTI archives")
+    return ""
+
+
+def _print_result(result, job, out: TextIO) -> None:  # result: SweepResult, job: TuneJob
+    counts = result.counts
+    out.write(f"sweep {result.name}: {len(result.trials)} trials ("
+              + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n) + ")\n")
+    out.write(result.summary_markdown)
+    out.write(f"summary: {result.summary_csv}\n")
+    if result.best is None:
+        out.write("no trial reported a validation Dice\n")
+    else:
+        b = result.best
+        settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.settings.items())
+        out.write(f"best trial {b.trial_id}: val_dice {b.best_val_dice:.4f} at epoch {b.best_epoch} ({settings})\n")
+    if result.parent_run_id:
+        out.write(f"MLflow parent run id: {result.parent_run_id}\n")
+    if result.model_version is not None:
+        state = "promoted to champion" if result.promoted else "not promoted (the champion is at least as good)"
+        out.write(f"model {job.base.tracking.model_name} version {result.model_version}: {state}\n")
+    if counts["unfinished"]:
+        out.write("the sweep stopped early: continue it with the same command and --resume\n")
+
+
+def run_tune_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Handler of ``ossnet tune``: 0 when a trial succeeded, 1 when none did, 2 for a bad config."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    job = None
+    try:
+        job = job_from_args(args)
+        if args.dry_run:
+            from tune.sweep import describe, prepare
+
+            resolved, uri = prepare(job)
+            out.write(describe(resolved))
+            out.write(f"# tracking: {uri or 'off'}\n")
+            return 0
+        if args.address:
+            from pipelines import jobs
+            from tune.job import tune_job_to_dict
+
+            resolved = job.resolved()
+            argv = ["tune", "--config-json", json.dumps(tune_job_to_dict(resolved))]
+            argv += ["--resume"] if args.resume else []
+            argv += ["--retry-failed"] if args.retry_failed else []
+            out.write(f"submitting sweep {resolved.name} to {args.address}\n")
+            out.flush()
+            return jobs.submit_cli_command(args.address, argv, out=out)
+        from tune.sweep import run_sweep
+
+        result = run_sweep(job, resume=args.resume, retry_failed=args.retry_failed, config_path=args.config)
+    except ConfigError as exc:
+        hint = _store_hint(job) if job is not None and str(exc).startswith("store") else ""
+        err.write(f"error: {exc}{hint}\n")
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure in one line
+        from pipelines.jobs import JobError
+
+        if isinstance(exc, JobError):
+            err.write(f"error: {exc}\n")
+            return 2
+        logger.exception("sweep failed")
+        err.write(f"error: sweep failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n")
+        return 1
+    _print_result(result, job, out)
+    scored = result.counts["completed"] + result.counts["early_stopped"]
+    return 0 if scored or result.counts["unfinished"] else 1
+
+
+__all__ = ["OVERRIDE_FLAGS", "configure_tune_parser", "job_from_args", "run_tune_cli"]

@@ -1,0 +1,185 @@
+"""MLflow for sweeps: the parent run, the trials' child runs, the best model's registration.
+
+The sweep driver owns one parent run (key = sweep name, resumed by ``--resume``). Each trial's
+training driver opens its own child run (key = the trial's run name, ``mlflow.parentRunId`` =
+the parent) and logs its params and per-epoch metrics there. Trials stopped by ASHA are killed
+mid-run, so their child runs never end themselves: :func:`finalize_child_runs` marks them
+KILLED (FAILED for failed trials) and tags every child with its trial id and sweep status.
+
+Trials do not register models. :func:`register_best` registers the best trial's model once
+(the parent run records which trial it registered, so a resumed or re-finalised sweep does not
+add another version) and moves ``champion`` only if it beats the current champion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.tracking import RUN_KEY_TAG, RunLogger, register_and_promote
+from pipelines.train.driver import MODEL_EPOCH_TAG, MODEL_VERSION_TAG
+from pipelines.train.state import MODEL_FILE, SCORE_METRIC
+from tune.summary import TrialSummary
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+PARENT_RUN_TAG = "mlflow.parentRunId"
+TRIAL_ID_TAG = "ossnet.tune.trial_id"
+TRIAL_STATUS_TAG = "ossnet.tune.status"
+SWEEP_TAG = "ossnet.tune.sweep"
+MODEL_URI_TAG = "ossnet.model_uri"  # set by the training driver next to MODEL_EPOCH_TAG
+REGISTERED_TRIAL_TAG = "ossnet.sweep.registered_trial"
+REGISTERED_VERSION_TAG = "ossnet.sweep.model_version"
+REGISTERED_URI_TAG = "ossnet.sweep.model_uri"
+_END_STATUS = {"early_stopped": "KILLED", "failed": "FAILED"}
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What :func:`register_best` did: the model logged for the best trial and its version."""
+
+    model_uri: str | None = None
+    model_version: int | None = None
+    promoted: bool = False
+
+
+def parent_run(name: str, experiment: str, tracking_uri: str) -> RunLogger:
+    """The sweep's parent run (a context manager; resumed when the sweep is resumed)."""
+    return RunLogger(name, experiment, tracking_uri, tags={SWEEP_TAG: name, "ossnet.kind": "sweep"})
+
+
+def child_runs(client: MlflowClient, parent: RunLogger) -> dict[str, Any]:
+    """The parent's child runs by run key (the trials' run names); newest first wins."""
+    assert parent.experiment_id is not None
+    runs = client.search_runs([parent.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=5000)
+    return {run.data.tags.get(RUN_KEY_TAG, run.info.run_name): run for run in runs}
+
+
+def finalize_child_runs(parent: RunLogger, trials: tuple[TrialSummary, ...]) -> tuple[TrialSummary, ...]:
+    """Attach child run ids to the trials, tag the children, end the ones a stop left running."""
+    from mlflow.entities import RunTag
+
+    client = parent.client
+    runs = child_runs(client, parent)
+    out = []
+    for trial in trials:
+        run = runs.get(trial.run_name)
+        if run is None and trial.status == "failed":
+            run = _failed_run(client, parent, trial)
+        if run is None:
+            out.append(trial)
+            continue
+        run_id = run.info.run_id
+        tags = {TRIAL_ID_TAG: trial.trial_id, TRIAL_STATUS_TAG: trial.status, SWEEP_TAG: parent.run_key}
+        tags["ossnet.tune.settings"] = json.dumps(trial.settings, sort_keys=True)
+        # Epochs the scheduler saw; a stopped trial's run may hold one more, trained between
+        # ASHA's decision and its workers' shutdown, which the sweep does not count.
+        tags["ossnet.tune.epochs"] = trial.epochs
+        if trial.best_val_dice is not None:
+            tags["ossnet.tune.best_val_dice"] = repr(trial.best_val_dice)
+        if trial.error:
+            tags["ossnet.tune.error"] = trial.error[:5000]
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        end = _END_STATUS.get(trial.status)
+        if end is not None and run.info.status == "RUNNING":
+            client.set_terminated(run_id, status=end)
+        out.append(replace(trial, mlflow_run_id=run_id))
+    return tuple(out)
+
+
+def _failed_run(client: MlflowClient, parent: RunLogger, trial: TrialSummary) -> Any:
+    """A child run for a trial that failed before its training opened one (bad settings)."""
+    from mlflow.entities import Param
+
+    tags = {RUN_KEY_TAG: trial.run_name, PARENT_RUN_TAG: parent.run_id, "ossnet.tune.error": (trial.error or "")[:5000]}
+    run = client.create_run(parent.experiment_id, run_name=trial.run_name, tags=tags)
+    params = [Param(f"tune.{k}", str(v)) for k, v in trial.settings.items()]
+    if params:
+        client.log_batch(run.info.run_id, params=params)
+    client.set_terminated(run.info.run_id, status="FAILED")
+    return client.get_run(run.info.run_id)
+
+
+def register_best(
+    parent: RunLogger,
+    best: TrialSummary,
+    *,
+    experiment: str,
+    model_name: str,
+    register: bool,
+) -> Registration:
+    """Log (if needed) and register the best trial's model; move ``champion`` if it is better.
+
+    A trial that ran to the end logged its best checkpoint as a model bundle in its child run
+    (tag ``ossnet.model_uri``); an early-stopped one did not, so its best checkpoint is logged
+    into its child run here.
+
+    Args:
+        parent: the sweep's started parent run.
+        best: the best trial (with its MLflow child run id).
+        experiment: the MLflow experiment.
+        model_name: registered model name.
+        register: register it (False: only make sure the model is logged).
+    """
+    client = parent.client
+    tags = client.get_run(parent.run_id).data.tags
+    if tags.get(REGISTERED_TRIAL_TAG) == best.trial_id and tags.get(REGISTERED_URI_TAG):
+        version = tags.get(REGISTERED_VERSION_TAG)
+        logger.info("sweep %s already registered trial %s (version %s)", parent.run_key, best.trial_id, version)
+        return Registration(tags[REGISTERED_URI_TAG], int(version) if version else None, False)
+    if best.mlflow_run_id is None:
+        logger.warning("best trial %s has no MLflow run; nothing to register", best.trial_id)
+        return Registration()
+    model_uri = _model_of_best_epoch(client, parent, best, experiment)
+    if model_uri is None:
+        return Registration()
+    version: int | None = None
+    promoted = False
+    if register:
+        version, promoted = register_and_promote(
+            model_uri, model_name, float(best.best_val_dice or 0.0), SCORE_METRIC, tracking_uri=parent.tracking_uri,
+            tags={"ossnet.run_name": best.run_name, "epoch": best.best_epoch, SWEEP_TAG: parent.run_key,
+                  TRIAL_ID_TAG: best.trial_id},
+        )
+        client.set_tag(best.mlflow_run_id, MODEL_VERSION_TAG, str(version))
+        client.set_tag(best.mlflow_run_id, "ossnet.promoted", str(promoted))
+    parent.set_tags({REGISTERED_TRIAL_TAG: best.trial_id, REGISTERED_URI_TAG: model_uri,
+                     REGISTERED_VERSION_TAG: "" if version is None else version, "ossnet.sweep.promoted": promoted})
+    return Registration(model_uri, version, promoted)
+
+
+def _model_of_best_epoch(client: MlflowClient, parent: RunLogger, best: TrialSummary, experiment: str) -> str | None:
+    """The ``models:/`` URI of the best epoch's checkpoint, logging it into the child if absent."""
+    assert best.mlflow_run_id is not None
+    tags = client.get_run(best.mlflow_run_id).data.tags
+    if tags.get(MODEL_URI_TAG) and tags.get(MODEL_EPOCH_TAG) == str(best.best_epoch):
+        return tags[MODEL_URI_TAG]
+    if not best.checkpoint_path or not (Path(best.checkpoint_path) / MODEL_FILE).is_file():
+        logger.warning("best trial %s: no checkpoint of epoch %s at %s; nothing to register", best.trial_id,
+                       best.best_epoch, best.checkpoint_path)
+        return None
+    # Resume the child run by its key to attach the bundle to it (it becomes the active run).
+    status = client.get_run(best.mlflow_run_id).info.status
+    child = RunLogger(best.run_name, experiment, parent.tracking_uri, parent_run_id=parent.run_id)
+    child.start()
+    try:
+        info = child.log_model_bundle(Path(best.checkpoint_path) / MODEL_FILE, name="model", step=best.best_epoch or 0,
+                                      metadata={SCORE_METRIC: best.best_val_dice, "epoch": best.best_epoch,
+                                                "run_name": best.run_name})
+        child.set_tags({MODEL_EPOCH_TAG: best.best_epoch, MODEL_URI_TAG: info.model_uri,
+                        "ossnet.best_val_dice": best.best_val_dice})
+    finally:
+        child.end(status if status in ("FINISHED", "FAILED", "KILLED") else "KILLED")
+    logger.info("logged the best checkpoint of trial %s (epoch %s) as %s", best.trial_id, best.best_epoch,
+                info.model_uri)
+    return info.model_uri
+
+
+__all__ = ["Registration", "child_runs", "finalize_child_runs", "parent_run", "register_best"]

@@ -1,0 +1,96 @@
+"""One trial of a sweep: a Ray Train driver (Train V2 pattern) run inside a Tune actor.
+
+The trial builds its ``TrainJob`` from the sweep's base job and the sampled settings, then
+calls :func:`pipelines.train.train` with Tune's ``TuneReportCallback`` in the Train
+``RunConfig``: every epoch a Train worker reports reaches Tune (and ASHA) through it. The
+Train run is named after the sweep and the trial id, so a trial that Tune restarts (after the
+sweep driver was killed, or a retry) resumes the same Train run from its last checkpoint and
+the same MLflow child run. Trials never register a model; the sweep registers the best one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+from pipelines.jobconfig import apply_overrides, parse_section, to_dict
+from pipelines.train.job import TrainJob
+from tune.space import trial_overrides
+
+logger = logging.getLogger(__name__)
+
+TRIAL_RUNS_DIR = "trials"
+#: Fault injection for tests: the sweep driver reads this variable, a JSON mapping of settings
+#: (e.g. ``{"lr": 0.0123}``), and every trial whose sampled settings include them raises before
+#: it trains (pair it with ``sweep.points_to_evaluate`` to fail one known trial).
+FAIL_TRIAL_ENV = "OSSNET_TUNE_FAIL_TRIAL"
+
+
+class InjectedTrialFailure(RuntimeError):
+    """The failure a test asked for with ``OSSNET_TUNE_FAIL_TRIAL``."""
+
+
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    """Ray Train run name = MLflow run key of a trial: ``<sweep>-<trial id>``."""
+    return f"{sweep_name}-{trial_id}"
+
+
+def trial_job(base: TrainJob, config: Mapping[str, Any], *, run_name: str, storage_path: str) -> TrainJob:
+    """The ``TrainJob`` of one trial, validated like any training job.
+
+    Args:
+        base: the sweep's resolved base job (absolute store, tracking URI fixed).
+        config: the sampled settings (see :func:`tune.space.trial_overrides`).
+        run_name: the trial's Train run name.
+        storage_path: where the trial's Train run keeps its checkpoints (absolute).
+
+    Raises:
+        ConfigError: the settings do not make a valid training job (named field).
+    """
+    overrides = trial_overrides(config, base.model.variant)
+    overrides += [("run.name", run_name), ("run.storage_path", storage_path), ("tracking.register", False)]
+    return parse_section(TrainJob, apply_overrides(to_dict(base), overrides))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def run_trial(
+    config: dict[str, Any],
+    *,
+    base: TrainJob,
+    sweep_name: str,
+    storage_path: str,
+    parent_run_id: str | None,
+    fail_trial: Mapping[str, Any] | None = None,
+) -> None:
+    """Tune's function trainable: train one sampled configuration, reporting every epoch.
+
+    Args:
+        config: the settings Optuna sampled for this trial.
+        base: the sweep's resolved base job.
+        sweep_name: the sweep's name (prefix of the trial's run name).
+        storage_path: the sweep's trial-runs folder (absolute).
+        parent_run_id: the sweep's MLflow run; the trial's run becomes its child.
+        fail_trial: fault injection: a trial whose settings include these raises
+            ``InjectedTrialFailure`` (see :data:`FAIL_TRIAL_ENV`).
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.train.driver import train
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    if fail_trial and all(_same(config.get(k), v) for k, v in fail_trial.items()):
+        raise InjectedTrialFailure(f"{FAIL_TRIAL_ENV}: injected failure of trial {trial_id}")
+    job = trial_job(base, config, run_name=trial_run_name(sweep_name, trial_id), storage_path=storage_path)
+    logger.info("trial %s: %s", trial_id, ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
+    result = train(job, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    logger.info("trial %s finished: best val_dice %s at epoch %s", trial_id, result.best_val_dice, result.best_epoch)
+
+
+__all__ = ["FAIL_TRIAL_ENV", "InjectedTrialFailure", "TRIAL_RUNS_DIR", "run_trial", "trial_job", "trial_run_name"]
