@@ -38,6 +38,9 @@ test-e2e: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.mise --quick
 	$(PY) -m bench.memory --quick
+	$(PY) -m bench.data --quick
+	$(PY) -m bench.train --quick
+	$(PY) -m bench.infer --quick
 
 lint: $(STAMP)
 	$(PY) -m compileall -q ossnet pipelines tune bench
