@@ -23,8 +23,12 @@ venv: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) -m pipelines.cli quickstart
 
+# One pytest process per tier: the ray tier's in-process Ray instance must be gone before the
+# e2e tier starts a multi-node cluster on the same host.
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/ray -q
+	$(PY) -m pytest tests/e2e -q
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q
