@@ -27,7 +27,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "quickstart",
-        help="generate synthetic cases, train OSS-Net C, run MISE inference, print Dice/IoU",
+        help="synthetic NIfTI -> Zarr store -> Ray Train -> MLflow registry -> batch MISE inference, on this machine",
         description=quickstart.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
