@@ -98,9 +98,18 @@ def ensure_ray(job: TrainJob) -> None:
     object_store = (job.data.object_store_mb + 256) << 20
     logger.info("starting a local Ray instance (%d logical CPUs, %d MiB object store)", num_cpus, object_store >> 20)
     # The dashboard serves the State API that Train V2's placement-group cleaner polls.
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=_free_port(), runtime_env={"env_vars": env},
-             configure_logging=False)
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store, include_dashboard=True,
+                     dashboard_host="127.0.0.1", dashboard_port=_free_port(), runtime_env={"env_vars": env},
+                     configure_logging=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            # On a saturated host the raylet can miss its agents' start-up deadline; retry.
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            logger.warning("Ray start-up timed out (attempt %d of 3); retrying", attempt + 1)
+            ray.shutdown()
 
 
 def _free_port() -> int:
