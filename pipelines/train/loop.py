@@ -24,6 +24,7 @@ goes on).
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -200,39 +201,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     shard = ray.train.get_dataset_shard("train")
     clock = config["clock"]
     history: list[dict[str, float]] = []
-    for epoch in range(start_epoch, job.train.epochs + 1):
-        clock.set(epoch, rank=rank)
-        lr = optimizer.param_groups[0]["lr"]
-        start = time.perf_counter()
-        batches = _TimedBatches(shard.iter_torch_batches(
-            batch_size=job.per_worker_batch, prefetch_batches=job.data.prefetch_batches, drop_last=False,
-        ))
-        stats = train_epoch(model, batches, optimizer, job.train.alpha, device, scaler)
-        stats.update(seconds=time.perf_counter() - start, wait_s=batches.wait_s)
-        scheduler.step()
-        metrics: dict[str, float] = {"epoch": float(epoch), "lr": lr}
-        metrics.update(_reduce_train(_gather(stats, world), job.sampling.n_points))
+    try:
+        for epoch in range(start_epoch, job.train.epochs + 1):
+            clock.set(epoch, rank=rank)
+            lr = optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            batches = _TimedBatches(shard.iter_torch_batches(
+                batch_size=job.per_worker_batch, prefetch_batches=job.data.prefetch_batches, drop_last=False,
+            ))
+            stats = train_epoch(model, batches, optimizer, job.train.alpha, device, scaler)
+            stats.update(seconds=time.perf_counter() - start, wait_s=batches.wait_s)
+            scheduler.step()
+            metrics: dict[str, float] = {"epoch": float(epoch), "lr": lr}
+            metrics.update(_reduce_train(_gather(stats, world), job.sampling.n_points))
 
-        pngs: list[Path] = []
-        if job.train.is_validation_epoch(epoch):
-            scores, pngs = validator(bare, epoch)
-            metrics.update(summarize([s for part in _gather(scores, world) for s in part]))
-        logger.info("epoch %d/%d: %s", epoch, job.train.epochs,
-                    "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        if run_logger is not None:
-            run_logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            from pipelines.tracking import log_figure_png
+            pngs: list[Path] = []
+            if job.train.is_validation_epoch(epoch):
+                scores, pngs = validator(bare, epoch)
+                metrics.update(summarize([s for part in _gather(scores, world) for s in part]))
+            logger.info("epoch %d/%d: %s", epoch, job.train.epochs,
+                        "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            if run_logger is not None:
+                run_logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                from pipelines.tracking import log_figure_png
 
-            for png in pngs:
-                log_figure_png(png, f"validation/{png.parent.name}/{png.name}", run_id=run_logger.run_id,
-                               tracking_uri=config["tracking_uri"])
-        _maybe_fail(config, epoch, rank)
+                for png in pngs:
+                    log_figure_png(png, f"validation/{png.parent.name}/{png.name}", run_id=run_logger.run_id,
+                                   tracking_uri=config["tracking_uri"])
+            _maybe_fail(config, epoch, rank)
 
-        if job.train.is_checkpoint_epoch(epoch):
-            _report_checkpoint(config, metrics, epoch, rank, bare, optimizer, scheduler, scaler, local)
-        else:
-            ray.train.report(metrics)
-        history.append(metrics)
+            if job.train.is_checkpoint_epoch(epoch):
+                _report_checkpoint(config, metrics, epoch, rank, bare, optimizer, scheduler, scaler, local)
+            else:
+                ray.train.report(metrics)
+            history.append(metrics)
+    finally:
+        if png_dir is not None:  # the PNGs are in MLflow by now
+            shutil.rmtree(png_dir, ignore_errors=True)
     return {"start_epoch": start_epoch, "executed_epochs": [int(m["epoch"]) for m in history], "history": history,
             "world_size": world}
 
