@@ -108,7 +108,8 @@ def _print_result(result, job, out: TextIO) -> None:  # result: SweepResult, job
 
 
 def run_tune_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Handler of ``ossnet tune``: 0 when a trial succeeded, 1 when none did, 2 for a bad config."""
+    """Handler of ``ossnet tune``: 0 when the sweep finished and a trial scored, 1 when none did
+    (or the sweep failed), 2 for a bad config, 130 when it was interrupted (``--resume`` continues)."""
     out = out or sys.stdout
     err = err or sys.stderr
     job = None
@@ -149,8 +150,9 @@ def run_tune_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextI
         err.write(f"error: sweep failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n")
         return 1
     _print_result(result, job, out)
-    scored = result.counts["completed"] + result.counts["early_stopped"]
-    return 0 if scored or result.counts["unfinished"] else 1
+    if result.counts["unfinished"]:
+        return 130
+    return 0 if result.counts["completed"] + result.counts["early_stopped"] else 1
 
 
 __all__ = ["OVERRIDE_FLAGS", "configure_tune_parser", "job_from_args", "run_tune_cli"]
