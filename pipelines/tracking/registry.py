@@ -217,14 +217,30 @@ def resolve_model_uri(
     return checkpoint_in_model_dir(_download(loc, cache_root, tracking_uri))
 
 
+def _artifact_location(loc: ModelLocation, client: "MlflowClient") -> str:
+    """The artifact-store URI behind a located model.
+
+    MLflow resolves ``models:/`` URIs with the process-wide registry URI whatever URI is
+    passed, so the lookup goes through our own client instead and only the storage URI is
+    handed to the download.
+    """
+    assert loc.uri is not None
+    if loc.kind == "registry" and loc.name is not None and loc.version is not None:
+        return client.get_model_version_download_uri(loc.name, str(loc.version))
+    if loc.model_id:
+        return client.get_logged_model(loc.model_id).artifact_location
+    return loc.uri
+
+
 def _download(loc: ModelLocation, cache_root: Path, tracking_uri: str | None) -> Path:
     import mlflow.artifacts
 
     uri = resolve_tracking_uri(tracking_uri)
+    source = _artifact_location(loc, _client(uri))
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_root))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=loc.uri, dst_path=str(staging),
-                                                         tracking_uri=uri, registry_uri=uri))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging),
+                                                         tracking_uri=uri))
         if loc.cache_key is None:
             return local
         final = cache_root / loc.cache_key

@@ -87,8 +87,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespa
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OSSNET_HOME", str(root / "home"))  # the model download cache
         uri = resolve_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-        # MLflow resolves a version's models:/<id> source through the global URI, not the client's.
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
         model = _contrasted_model()
         ckpt = save_checkpoint(root / "model.pt", model, PreprocessSpec(modalities=("t1",), volume_shape=GRID))
         with RunLogger("infer-test-model", experiment="ossnet-infer-test", tracking_uri=uri) as run:

@@ -171,7 +171,7 @@ def test_cli_dry_run_prints_the_resolved_job(store_url: str, tmp_path: Path) -> 
 
 
 def test_local_mode_trains_tracks_registers_and_reruns_idempotently(
-    ray_session: Any, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_session: Any, store_url: str, tmp_path: Path
 ) -> None:
     from pipelines.tracking import load_checkpoint_from_mlflow
     from pipelines.train import train
@@ -201,8 +201,6 @@ def test_local_mode_trains_tracks_registers_and_reruns_idempotently(
     assert int(registered.aliases["champion"]) == 1
     version = client.get_model_version("ossnet", "1")
     assert float(version.tags["val_dice"]) == pytest.approx(result.best_val_dice)
-    # MLflow's models:/ resolution reads the process-wide registry URI, whatever URI is passed.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", job.tracking.uri)
     model, info = load_checkpoint_from_mlflow("models:/ossnet@champion", job.tracking.uri,
                                               dst_dir=tmp_path / "cache")
     assert info.config == model_config("C", "tiny") and info.extra["epoch"] == result.best_epoch
