@@ -18,9 +18,10 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from pipelines.tracking.uri import resolve_tracking_uri, sqlite_path, state_dir
 
@@ -256,6 +257,23 @@ def _download(loc: ModelLocation, cache_root: Path, tracking_uri: str | None) ->
             shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the duration, then restore it.
+
+    A SQL store resolves a new version's ``models:/<model_id>`` source with a fresh default
+    client (the process-wide URI), not with the client that registers it.
+    """
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def register_and_promote(
     model_uri: str,
     name: str,
@@ -300,8 +318,9 @@ def register_and_promote(
             raise
     value = float(metric_value)
     version_tags = {metric_name: repr(value), **{str(k): str(v) for k, v in (tags or {}).items()}}
-    mv = client.create_model_version(name, source=f"models:/{loc.model_id}", run_id=loc.run_id,
-                                     tags=version_tags, model_id=loc.model_id)
+    with _process_tracking_uri(client.tracking_uri):
+        mv = client.create_model_version(name, source=f"models:/{loc.model_id}", run_id=loc.run_id,
+                                         tags=version_tags, model_id=loc.model_id)
     version = int(mv.version)
 
     current = client.get_registered_model(name).aliases.get(alias)

@@ -268,17 +268,18 @@ def test_champion_alias_moves_only_on_improvement(bundle: SimpleNamespace, tmp_p
 def test_resolution_ignores_the_process_wide_tracking_uri(
     bundle: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """models:/ specs resolve against the URI passed in, even when MLflow's globals point elsewhere."""
+    """Registration and models:/ resolution use the URI passed in, even when MLflow's globals point elsewhere."""
     import mlflow
 
     name = "ossnet-global-uri-test"
-    register_and_promote(bundle.info.model_uri, name, 0.5, tracking_uri=bundle.uri)
     elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", elsewhere)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(elsewhere)
     try:
+        assert register_and_promote(bundle.info.model_uri, name, 0.5, tracking_uri=bundle.uri) == (1, True)
+        assert mlflow.get_tracking_uri() == elsewhere
         for spec in (f"models:/{name}@champion", f"models:/{bundle.info.model_id}", bundle.run_id):
             path = resolve_model_uri(spec, bundle.uri, dst_dir=tmp_path / "cache")
             assert path.read_bytes() == bundle.ckpt.read_bytes(), spec
