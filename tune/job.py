@@ -90,9 +90,6 @@ class TuneJob:
 
     def validate(self) -> None:
         base = self.base
-        if base.scaling.num_workers < 1:
-            raise ConfigError("scaling.num_workers: a sweep needs >= 1 Ray Train worker: local mode (0) runs "
-                              "no Train callbacks, so Tune would see no epochs and ASHA could stop nothing")
         if base.train.validate_every != 1:
             raise ConfigError(f"train.validate_every: a sweep compares trials by val_dice at every epoch; "
                               f"set it to 1 (got {base.train.validate_every})")

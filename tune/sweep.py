@@ -81,9 +81,19 @@ class SweepResult:
         return status_counts(self.trials)
 
 
+def trial_actor_resources(base: TrainJob, trial_cpus: float) -> dict[str, float]:
+    """Resources of the Tune actor that runs a trial's Train driver.
+
+    With ``scaling.num_workers: 0`` (Ray Train local mode) the driver trains in the actor
+    itself, so the actor holds one worker's resources; otherwise only ``trial_cpus``.
+    """
+    return base.scaling.worker_resources() if base.scaling.num_workers == 0 else {"CPU": trial_cpus}
+
+
 def trial_resources(base: TrainJob, trial_cpus: float) -> dict[str, float]:
     """Logical resources one trial holds: its Train driver, the Train workers and one data task."""
-    need: dict[str, float] = {"CPU": trial_cpus + base.data.cpus_per_task}
+    need: dict[str, float] = dict(trial_actor_resources(base, trial_cpus))
+    need["CPU"] = need.get("CPU", 0.0) + base.data.cpus_per_task
     for key, value in base.scaling.worker_resources().items():
         need[key] = need.get(key, 0.0) + value * base.scaling.num_workers
     return need
@@ -166,7 +176,7 @@ def _trainable(job: TuneJob, parent_run_id: str | None) -> Any:
         run_trial, base=job.base, sweep_name=job.name, parent_run_id=parent_run_id,
         storage_path=os.path.join(job.experiment_path, TRIAL_RUNS_DIR), fail_trial=_injected_failure(),
     )
-    return ray.tune.with_resources(fn, {"cpu": job.sweep.trial_cpus})
+    return ray.tune.with_resources(fn, trial_actor_resources(job.base, job.sweep.trial_cpus))
 
 
 def _new_tuner(job: TuneJob, trainable: Any, max_concurrent: int, verbose: int) -> Any:
@@ -368,5 +378,6 @@ __all__ = [
     "describe",
     "prepare",
     "run_sweep",
+    "trial_actor_resources",
     "trial_resources",
 ]

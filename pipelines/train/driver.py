@@ -251,7 +251,8 @@ def train(
     Args:
         job: the job (validated; local paths may be relative to the current directory).
         config_path: the YAML the job came from, logged as an artifact next to the resolved one.
-        callbacks: extra ``ray.train.UserCallback`` objects (e.g. Tune's ``TuneReportCallback``).
+        callbacks: extra ``ray.train.UserCallback`` objects (e.g. Tune's ``TuneReportCallback``);
+            in local mode (no workers) the loop calls their ``after_report`` itself.
         parent_run_id: MLflow parent run (a sweep).
 
     Returns:
@@ -288,6 +289,8 @@ def train(
         "local_mode": local_mode, "run_dir": str(run_dir), "preprocess": preprocess,
         "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH_ENV) or 0),
         "fail_rank": int(os.environ.get(FAIL_RANK_ENV) or 0),
+        "local_callbacks": list(callbacks) if local_mode else [],
+        "local_dataset": dataset if local_mode else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -11,7 +11,8 @@ Per epoch ``e`` (1-based), every rank:
    calls ``ray.train.report(metrics, checkpoint=...)`` (rank 0 attaches it); other epochs report
    metrics only, so Ray Tune schedulers see every epoch.
 
-A restarted or re-run job resumes from ``ray.train.get_checkpoint()`` at the next epoch. The
+A restarted or re-run job resumes from ``ray.train.get_checkpoint()`` (local mode: from
+ossnet's own checkpoint folder) at the next epoch. The
 MLflow run is resumed by its key and skips (metric, epoch) pairs it already holds, so an epoch
 repeated after a crash appears once.
 
@@ -29,7 +30,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Union
 
 import torch
 
@@ -105,6 +106,60 @@ def _setup_logging() -> None:
     pipelines_logger.setLevel(logging.INFO)
 
 
+class _RaySession:
+    """Ray Train's worker API: rank, restored checkpoint, dataset shard, report."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+
+    def checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def shard(self) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard("train")
+
+    def report(self, metrics: dict[str, float], checkpoint: Any = None, checkpoint_dir_name: str | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name)
+
+
+class _LocalSession:
+    """Local mode (no workers): one rank, ossnet keeps the checkpoints, and reports go to the
+    driver's callbacks directly.
+
+    Ray Train's local mode runs no callbacks, and inside a Tune trial Ray refuses the
+    ``ray.train`` worker API, so the loop talks to neither: this is how a local-mode Tune
+    trial still reaches Tune and ASHA (through ``TuneReportCallback.after_report``).
+    """
+
+    rank, world = 0, 1
+
+    def __init__(self, dataset: Any, callbacks: Iterable[Any]) -> None:
+        self._dataset = dataset
+        self._callbacks = list(callbacks)
+
+    def checkpoint(self) -> Any:
+        return None  # resumed from the local checkpoints instead
+
+    def shard(self) -> Any:
+        return self._dataset
+
+    def report(self, metrics: dict[str, float], checkpoint: Any = None, checkpoint_dir_name: str | None = None) -> None:
+        for callback in self._callbacks:
+            callback.after_report(run_context=None, metrics=[dict(metrics)], checkpoint=checkpoint)
+
+
+Session = Union[_RaySession, _LocalSession]
+
+
 def _device(job: TrainJob, local_mode: bool) -> torch.device:
     if local_mode:
         return torch.device("cuda" if job.scaling.use_gpu and torch.cuda.is_available() else "cpu")
@@ -131,20 +186,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     Keys: ``job`` (a resolved TrainJob), ``facts`` (StoreFacts), ``clock`` (EpochClock),
     ``tracking_uri`` (None: no MLflow), ``parent_run_id``, ``local_mode``, ``run_dir``,
-    ``preprocess`` (PreprocessSpec), ``fail_at_epoch``, ``fail_rank``.
+    ``preprocess`` (PreprocessSpec), ``fail_at_epoch``, ``fail_rank``; in local mode also
+    ``local_dataset`` (the training dataset) and ``local_callbacks`` (``ray.train.UserCallback``
+    objects whose ``after_report`` the loop calls after each epoch).
 
     Returns:
         On every rank: ``{"start_epoch", "executed_epochs", "history", "world_size"}`` (Ray keeps
         rank 0's).
     """
-    import ray.train
-
     _setup_logging()
     job: TrainJob = config["job"]
     facts: StoreFacts = config["facts"]
     local_mode = bool(config["local_mode"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    session: Session = (_LocalSession(config["local_dataset"], config.get("local_callbacks") or ())
+                        if local_mode else _RaySession())
+    rank, world = session.rank, session.world
     if job.scaling.worker_resources()["CPU"] <= 1:
         torch.set_num_threads(1)  # one logical CPU: extra threads only contend with data tasks
 
@@ -163,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     local = LocalCheckpoints(Path(config["run_dir"]) / "local", job.train.keep_checkpoints) if local_mode else None
     start_epoch = 1
-    checkpoint = ray.train.get_checkpoint() if not local_mode else None
+    checkpoint = session.checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start_epoch = restore_checkpoint(directory, bare, optimizer, scheduler, scaler).epoch + 1
@@ -198,7 +254,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         png_cases=job.validation.png_cases if rank == 0 else 0,
         png_dir=png_dir,
     )
-    shard = ray.train.get_dataset_shard("train")
+    shard = session.shard()
     clock = config["clock"]
     history: list[dict[str, float]] = []
     try:
@@ -231,9 +287,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             _maybe_fail(config, epoch, rank)
 
             if job.train.is_checkpoint_epoch(epoch):
-                _report_checkpoint(config, metrics, epoch, rank, bare, optimizer, scheduler, scaler, local)
+                _report_checkpoint(session, config, metrics, epoch, bare, optimizer, scheduler, scaler, local)
             else:
-                ray.train.report(metrics)
+                session.report(metrics)
             history.append(metrics)
     finally:
         if png_dir is not None:  # the PNGs are in MLflow by now
@@ -243,26 +299,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _report_checkpoint(
-    config: Mapping[str, Any], metrics: dict[str, float], epoch: int, rank: int, model: torch.nn.Module,
+    session: Session, config: Mapping[str, Any], metrics: dict[str, float], epoch: int, model: torch.nn.Module,
     optimizer: Any, scheduler: Any, scaler: Any, local: LocalCheckpoints | None,
 ) -> None:
     """Rank 0 writes the checkpoint; every rank reports (Ray persists rank 0's directory)."""
-    import ray.train
+    from ray.train import Checkpoint
 
     job: TrainJob = config["job"]
     name = checkpoint_dir_name(epoch)
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+    if session.rank != 0:
+        session.report(metrics, None, name)
         return
     args = dict(epoch=epoch, seed=job.train.seed, metrics=metrics, preprocess=config["preprocess"], run_name=job.run_name)
     if local is not None:  # local mode: Ray keeps nothing, ossnet keeps the directories
         path = write_checkpoint(local.path_for(epoch), model, optimizer, scheduler, scaler, **args)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)), checkpoint_dir_name=name)
+        session.report(metrics, Checkpoint.from_directory(str(path)), name)
         local.prune()
         return
     with tempfile.TemporaryDirectory(prefix="ossnet-ckpt-") as tmp:
         write_checkpoint(tmp, model, optimizer, scheduler, scaler, **args)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        session.report(metrics, Checkpoint.from_directory(tmp), name)
 
 
 __all__ = ["FAILURE_MARKER", "InjectedFailure", "train_loop_per_worker"]

@@ -1,8 +1,10 @@
 """A hyperparameter sweep on the shared session cluster, interrupted and resumed through the CLI.
 
 One sweep of four trials on a tiny synthetic store (preset "tiny", 32x32x24; 37x41x29 sources,
-three train cases, one validation case; 256 points; 3 epochs; one Train worker with half a
-CPU) runs as ``ossnet tune`` in a subprocess that joins the session's Ray cluster. The test
+three train cases, one validation case; 256 points; 3 epochs; each trial a Ray Train run in
+local mode inside its Tune actor with half a CPU, its epochs reaching ASHA through
+``TuneReportCallback``) runs as ``ossnet tune`` in a subprocess that joins the session's Ray
+cluster. The test
 kills that driver once Tune has recorded a finished trial, then resumes the sweep with
 ``ossnet tune --resume`` and checks the outcome:
 
@@ -85,7 +87,7 @@ def _config(store: str, root: Path) -> dict[str, Any]:
                   "validate_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1},
         "validation": {"mode": "dense", "chunk_points": 32768, "png_cases": 0},
         "data": {"cpus_per_task": 0.25, "object_store_mb": 64},
-        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0},
+        "scaling": {"num_workers": 0, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0},
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "tune-tests", "model_name": MODEL_NAME},
         "space": {"alpha": {"low": 0.01, "high": 1.0, "zero": True}, "patch_size": [3, "3+6"],
                   "border_ratio": {"low": 0.0, "high": 0.9}, "band_width": {"low": 2, "high": 6},

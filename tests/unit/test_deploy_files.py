@@ -29,6 +29,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from pipelines.cli import dry_run, parse_entrypoint
+from tune.sweep import trial_actor_resources
 
 try:
     import tomllib
@@ -191,7 +192,8 @@ def _demand(args: argparse.Namespace, job: Any, groups: list[PodGroup]) -> tuple
         # Each trial: its Train driver (a Tune actor) and its Train workers; as many trials at
         # once as the sweep asks for (at least one must fit).
         base = job.base
-        trial = [{"CPU": job.sweep.trial_cpus}] + [base.scaling.worker_resources()] * base.scaling.world_size
+        trial = [trial_actor_resources(base, job.sweep.trial_cpus)]
+        trial += [base.scaling.worker_resources()] * base.scaling.num_workers
         return trial * (job.sweep.max_concurrent_trials or 1), base.data.cpus_per_task
     raise AssertionError(f"no resource model for `ossnet {args.command}`")
 

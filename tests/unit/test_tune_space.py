@@ -19,7 +19,7 @@ from tune.cli import configure_tune_parser, job_from_args, run_tune_cli
 from tune.job import TuneJob, load_tune_job, tune_job_from_dict, tune_job_to_dict
 from tune.space import OptunaSpace, SearchSpace, parse_patch_choice, trial_overrides, trial_settings
 from tune.summary import best_trial, rank_trials, status_counts, summarize_trial, to_csv, to_markdown
-from tune.sweep import derive_max_concurrent, trial_resources
+from tune.sweep import derive_max_concurrent, trial_actor_resources, trial_resources
 from tune.trial import trial_job, trial_run_name
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -115,7 +115,6 @@ def test_sweep_name_is_stable_ignores_run_settings_and_follows_the_space() -> No
         ({"space.patch_size": ["15+30"]}, "space.patch_size[0]: '15+30' reads a 30^3 window"),
         ({"model.variant": "onet"}, "space.patch_size: variant onet has no patches"),
         ({"model.variant": "A"}, "space.alpha: variant A has no low-resolution head"),
-        ({"scaling.num_workers": 0}, "scaling.num_workers: a sweep needs >= 1 Ray Train worker"),
         ({"train.validate_every": 2}, "train.validate_every: a sweep compares trials by val_dice at every epoch"),
         ({"scheduler.grace_period": 60}, "scheduler.grace_period: 60 epochs exceeds train.epochs (50)"),
         ({"scheduler.reduction_factor": 1.0}, "scheduler.reduction_factor: must be > 1.0"),
@@ -229,6 +228,16 @@ def test_trial_resources_count_driver_workers_and_one_data_task() -> None:
     assert trial_resources(job.base, job.sweep.trial_cpus) == {"CPU": 1.5}
     gpu = tune_job(**{"scaling.num_workers": 2, "scaling.use_gpu": True, "train.batch_size": 4})
     assert trial_resources(gpu.base, 0.5) == {"CPU": 3.5, "GPU": 2.0}
+    assert trial_actor_resources(gpu.base, 0.5) == {"CPU": 0.5}
+
+
+def test_a_local_mode_trial_trains_in_its_tune_actor_with_one_workers_resources() -> None:
+    job = tune_job(**{"scaling.num_workers": 0, "scaling.resources_per_worker": {"CPU": 0.5},
+                      "data.cpus_per_task": 0.25, "sweep.trial_cpus": 0.25})
+    assert trial_actor_resources(job.base, job.sweep.trial_cpus) == {"CPU": 0.5}
+    assert trial_resources(job.base, job.sweep.trial_cpus) == {"CPU": 0.75}
+    gpu = tune_job(**{"scaling.num_workers": 0, "scaling.use_gpu": True})
+    assert trial_actor_resources(gpu.base, 0.5) == {"CPU": 1.0, "GPU": 1.0}
 
 
 @pytest.mark.parametrize(
