@@ -42,4 +42,35 @@ def write_brats_archive(cases: Sequence[PhantomCase], folder: str | Path, dtype:
     return Path(folder)
 
 
-__all__ = ["write_brats_archive"]
+def write_phantom_store(
+    root: str | Path,
+    seeds: Sequence[int],
+    *,
+    source_shape: tuple[int, int, int] = (37, 41, 29),
+    preset: str = "tiny",
+    val_fraction: float = 0.25,
+) -> str:
+    """BraTS-like phantoms written as an archive under ``root`` and ingested into a store.
+
+    The small stores of the tests: one case per seed (id ``brats-<seed>``), ingested serially
+    onto ``preset``'s grid with a seeded train/val split.
+
+    Returns:
+        The store path, ``<root>/store.zarr``.
+
+    Raises:
+        RuntimeError: a case did not ingest (the ingestion table is in the message).
+    """
+    from ossnet.phantoms import brats_like
+    from pipelines.ingest import IngestJob, ingest
+
+    cases = [brats_like(source_shape, seed=int(s), case_id=f"brats-{int(s)}") for s in seeds]
+    url = str(Path(root) / "store.zarr")
+    report = ingest(IngestJob(source=str(write_brats_archive(cases, Path(root) / "archive")), store=url,
+                              preset=preset, val_fraction=val_fraction, executor="serial"))
+    if not report.ok:
+        raise RuntimeError(f"phantom store {url}: ingestion failed\n{report.table()}")
+    return url
+
+
+__all__ = ["write_brats_archive", "write_phantom_store"]

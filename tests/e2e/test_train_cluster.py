@@ -15,10 +15,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from bench.data import write_brats_archive
-from ossnet.phantoms import brats_like
-from pipelines.ingest import IngestJob, ingest
 from pipelines.store import open_store
+from pipelines.synthetic import write_phantom_store
 
 if TYPE_CHECKING:
     from conftest import LocalCluster, MlflowServer
@@ -41,12 +39,8 @@ def test_train_job_submitted_to_the_cluster_tracks_and_registers(
 ) -> None:
     from mlflow import MlflowClient
 
-    cases = [brats_like((37, 41, 29), seed=700 + i, case_id=f"brats-{i:03d}") for i in range(4)]
-    store = tmp_path / "store.zarr"
-    report = ingest(IngestJob(source=str(write_brats_archive(cases, tmp_path / "archive")), store=str(store),
-                              preset="tiny", val_fraction=0.25, executor="serial"))
-    assert report.ok, report.table()
-    (val_case,) = open_store(str(store)).case_ids("val")
+    store = write_phantom_store(tmp_path, range(700, 704))
+    (val_case,) = open_store(store).case_ids("val")
     config = tmp_path / "train.yaml"
     config.write_text(
         f"store: {store}\n"

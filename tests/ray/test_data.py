@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.synthetic import write_brats_archive
 from ossnet.config import AugmentConfig, SamplingConfig, model_config
-from ossnet.phantoms import brats_like
 from pipelines.data import ROW_KEYS, CaseSampleDataset, EpochClock, build_training_dataset, ingest_options
-from pipelines.ingest import IngestJob, ingest
 from pipelines.store import open_store
+from pipelines.synthetic import write_phantom_store
 
 pytestmark = pytest.mark.ray
 
@@ -28,11 +26,7 @@ PARTIAL = "brats-partial"
 def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Four phantoms (37x41x29 sources) ingested onto the tiny grid, plus a listed partial case."""
     root = tmp_path_factory.mktemp("ray-data")
-    cases = [brats_like((37, 41, 29), seed=200 + i, case_id=f"brats-{i:03d}") for i in range(4)]
-    url = str(root / "store.zarr")
-    report = ingest(IngestJob(source=str(write_brats_archive(cases, root / "archive")), store=url, preset="tiny",
-                              val_fraction=0.25, executor="serial"))
-    assert report.ok, report.table()
+    url = write_phantom_store(root, range(200, 204))
     store = open_store(url, mode="r+")
     store.case_writer(PARTIAL).write_array("label", np.full(MODEL.volume_shape, 7, dtype=np.uint8))
     store.write_manifest({**store.manifest, PARTIAL: "train"}, store.attrs["manifest"]["splits"])

@@ -14,14 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from bench.data import write_brats_archive
 from ossnet.checkpoint import PreprocessSpec
 from ossnet.config import ConfigError, model_config
 from ossnet.model import build_model
-from ossnet.phantoms import brats_like
 from ossnet.training import make_optimizer, make_scheduler
-from pipelines.ingest import IngestJob, ingest
 from pipelines.jobconfig import load_job
+from pipelines.synthetic import write_phantom_store
 from pipelines.train import TrainJob
 from pipelines.train.loop import FAILURE_MARKER
 from pipelines.train.state import LocalCheckpoints, ResumeError, restore_checkpoint, write_checkpoint
@@ -31,13 +29,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("train-store")
-    cases = [brats_like((37, 41, 29), seed=500 + i, case_id=f"brats-{i:03d}") for i in range(4)]
-    url = str(root / "store.zarr")
-    report = ingest(IngestJob(source=str(write_brats_archive(cases, root / "archive")), store=url, preset="tiny",
-                              val_fraction=0.25, executor="serial"))
-    assert report.ok, report.table()
-    return url
+    return write_phantom_store(tmp_path_factory.mktemp("train-store"), range(500, 504))
 
 
 def make_job(store_url: str, tmp: Path, name: str, **overrides: Any) -> TrainJob:

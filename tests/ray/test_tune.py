@@ -36,9 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bench.data import write_brats_archive
-from ossnet.phantoms import brats_like
-from pipelines.ingest import IngestJob, ingest
+from pipelines.synthetic import write_phantom_store
 from tune.trial import FAIL_TRIAL_ENV
 
 pytestmark = pytest.mark.ray
@@ -67,15 +65,6 @@ class SweepRun:
     checkpoints_before_kill: dict[str, dict[str, float]]  # trial id -> checkpoint dir -> mtime
     stdout: str
     wall_s: dict[str, float]
-
-
-def _store(root: Path) -> str:
-    cases = [brats_like((37, 41, 29), seed=s, case_id=f"brats-{s}") for s in SEEDS]
-    url = str(root / "store.zarr")
-    report = ingest(IngestJob(source=str(write_brats_archive(cases, root / "archive")), store=url, preset="tiny",
-                              val_fraction=0.25, executor="serial"))
-    assert report.ok, report.table()
-    return url
 
 
 def _config(store: str, root: Path) -> dict[str, Any]:
@@ -136,7 +125,7 @@ def _checkpoints(experiment_path: Path) -> dict[str, dict[str, float]]:
 @pytest.fixture(scope="module")
 def sweep_run(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
     root = tmp_path_factory.mktemp("tune")
-    config = _config(_store(root), root)
+    config = _config(write_phantom_store(root, SEEDS), root)
     config_path = root / "sweep.yaml"
     config_path.write_text(yaml.safe_dump(config))
     experiment_path = root / "tune" / SWEEP
