@@ -14,7 +14,9 @@ at the BraTS grid 256x256x160 (``--quick``: 128x128x80) and at 1.5x per side. Ba
 synthetic tensors of the right shapes, built before the measurement starts, so both figures
 are the memory the step itself needs (activations, gradients, optimizer state, temporaries).
 
-Every configuration runs in its own subprocess. On the CPU the figure is the peak RSS during
+Every configuration runs in its own subprocess (with ``--quick`` on the CPU, the two OSS-Net
+runs and the U-Net probe run side by side with one thread each; the U-Net runs at the
+reported sizes are always alone). On the CPU the figure is the peak RSS during
 the step minus the RSS just before it (the kernel's exact high-water mark, reset through
 /proc/self/clear_refs; a sampling thread where that is unsupported). On CUDA (when available)
 it is ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus the memory allocated
@@ -41,6 +43,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from bench._common import (
@@ -162,6 +165,8 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
 
     name, device = payload["model"], payload["device"]
     shape = tuple(int(s) for s in payload["shape"])
+    if payload.get("threads"):  # several workers share the cores: oversubscribed OpenMP thrashes
+        torch.set_num_threads(int(payload["threads"]))
     torch.manual_seed(int(payload.get("seed", 0)))
     if name == "ossnet":
         model, batch, step, how = _ossnet_setup(shape, int(payload["n_points"]), device)  # type: ignore[arg-type]
@@ -209,9 +214,10 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure(
-    model: str, shape: tuple[int, int, int], device: str, n_points: int, timeout: float
+    model: str, shape: tuple[int, int, int], device: str, n_points: int, timeout: float, threads: int | None = None
 ) -> dict[str, Any]:
-    payload = {"model": model, "shape": list(shape), "device": device, "n_points": n_points, "seed": 0}
+    payload = {"model": model, "shape": list(shape), "device": device, "n_points": n_points, "seed": 0,
+               "threads": threads}
     outcome = run_worker("bench.memory", payload, timeout=timeout)
     if not outcome.ok:
         log.warning("%s %s on %s failed: %s", model, "x".join(map(str, shape)), device, outcome.error)
@@ -264,9 +270,11 @@ class UNetScaling:
         return "nothing measured"
 
     def seconds(self, shape: Sequence[int]) -> float | None:
-        if not self.points:
+        """Step time, proportional to the largest size timed alone (None if there is none)."""
+        timed = [p for p in self.points if math.isfinite(p[2])]
+        if not timed:
             return None
-        v_ref, _, t_ref = self.points[-1]
+        v_ref, _, t_ref = timed[-1]
         return t_ref * _voxels(shape) / v_ref
 
 
@@ -279,8 +287,14 @@ def measure_device(
     timeout: float,
     deadline: float | None,
     probes: Sequence[float] = (0.5,),
+    concurrent: bool = False,
 ) -> dict[str, Any]:
     """All figures for one device (keys without a device suffix).
+
+    Order: OSS-Net at both sizes and the U-Net probes, side by side with one thread each when
+    ``concurrent`` (memory figures are per process and unaffected; step seconds are slower than
+    alone); then the U-Net at ``shape`` alone if its estimate fits the memory budget; then the
+    large U-Net alone if it fits the memory and time budgets.
 
     ``probes`` are per-side fractions of ``shape`` at which the U-Net is measured first, smallest
     first; the last one is reported as ``unet3d_train_peak_mb_probe``.
@@ -291,9 +305,17 @@ def measure_device(
     out: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     device_total_mb: float | None = None
-    for key, grid in (("ossnet_train_peak_mb", shape), ("ossnet_train_peak_mb_large", large)):
-        log.info("[%s] OSS-Net C at %s, %d points", device, "x".join(map(str, grid)), n_points)
-        res = _measure("ossnet", grid, device, n_points, timeout)
+
+    # 1. The OSS-Net runs and the U-Net probes (at a fraction of the size per side, they tell how
+    # much the big U-Net runs will need); with ``concurrent`` side by side, one thread each.
+    scaling = UNetScaling()
+    probe_grids = [scaled_shape(shape, f) for f in probes]
+    runs = [("ossnet", shape), ("ossnet", large)] + [("unet3d", g) for g in probe_grids]
+    threads = 1 if concurrent else None
+    with ThreadPoolExecutor(max_workers=len(runs) if concurrent else 1) as pool:
+        results = list(pool.map(lambda run: _measure(run[0], run[1], device, n_points, timeout, threads), runs))
+    out["small_runs_concurrent"] = bool(concurrent)
+    for key, res in zip(("ossnet_train_peak_mb", "ossnet_train_peak_mb_large"), results):
         out[key] = round_mb(res.get("peak_mb"))
         out[key.replace("peak_mb", "seconds")] = round_mb(res.get("seconds"), 2)
         if not res["ok"]:
@@ -303,22 +325,17 @@ def measure_device(
         if key == "ossnet_train_peak_mb":
             out["ossnet_params"], out["ossnet_step"] = res["params"], res["step"]
             out["optimizer"], out["method"] = res["optimizer"], res["method"]
-
-    # Probes at a fraction of the size per side tell how much the big U-Net runs will need.
-    scaling = UNetScaling()
-    for i, factor in enumerate(probes):
-        grid = scaled_shape(shape, factor)
+    for i, (grid, res) in enumerate(zip(probe_grids, results[2:])):
         suffix = "" if i == len(probes) - 1 else f"_{i}"
-        log.info("[%s] 3D U-Net probe at %s", device, "x".join(map(str, grid)))
-        res = _measure("unet3d", grid, device, n_points, timeout)
         out[f"shape_probe{suffix}"] = list(grid)
         out[f"unet3d_train_peak_mb_probe{suffix}"] = round_mb(res.get("peak_mb"))
         if res["ok"]:
             out["unet3d_params"] = res["params"]
-            scaling.add(grid, res["peak_mb"], res["seconds"])
+            # Probe step times only feed the time gate when they ran alone.
+            scaling.add(grid, res["peak_mb"], res["seconds"] if not concurrent else math.nan)
 
-    for key, grid in (("unet3d_train_peak_mb", shape), ("unet3d_train_peak_mb_large", large)):
-        name = "x".join(map(str, grid))
+    def gate(key: str, grid: tuple[int, int, int]) -> bool:
+        """Record the U-Net estimate for ``grid``; False (with the reason) if it must not run."""
         estimate = scaling.memory_mb(grid)
         out[key + "_estimate"] = round_mb(estimate)
         out[key + "_estimate_from"] = scaling.describe()
@@ -326,25 +343,33 @@ def measure_device(
         predicted_s = scaling.seconds(grid)
         reason = ""
         if estimate is not None and estimate * SAFETY > budget:
-            reason = (
-                f"estimated {estimate / 1024:.1f} GiB (x{SAFETY} safety) exceeds "
-                f"the {budget / 1024:.1f} GiB memory budget"
-            )
+            reason = (f"estimated {estimate / 1024:.1f} GiB (x{SAFETY} safety) exceeds "
+                      f"the {budget / 1024:.1f} GiB memory budget")
         elif key.endswith("_large") and deadline is not None and predicted_s is not None:
             if time.perf_counter() + predicted_s > deadline:
                 reason = f"predicted step time {predicted_s:.0f} s exceeds the remaining time budget"
         if reason:
-            log.warning("[%s] 3D U-Net at %s not measured: %s; using the estimate", device, name, reason)
+            log.warning("[%s] 3D U-Net at %s not measured: %s; using the estimate", device, "x".join(map(str, grid)), reason)
             out[key], skipped[key] = None, reason
-            continue
-        log.info("[%s] 3D U-Net at %s (estimated %s MiB)", device, name, round_mb(estimate, 0))
-        res = _measure("unet3d", grid, device, n_points, timeout)
+            return False
+        log.info("[%s] 3D U-Net at %s (estimated %s MiB)", device, "x".join(map(str, grid)), round_mb(estimate, 0))
+        return True
+
+    def record_unet(key: str, grid: tuple[int, int, int], res: dict[str, Any]) -> None:
         out[key] = round_mb(res.get("peak_mb"))
         out[key.replace("peak_mb", "seconds")] = round_mb(res.get("seconds"), 2)
         if res["ok"]:
             scaling.add(grid, res["peak_mb"], res["seconds"])
         else:
             skipped[key] = res["error"]
+
+    # 2. The U-Net at the base size, alone, if its estimate fits the memory budget.
+    if gate("unet3d_train_peak_mb", shape):
+        record_unet("unet3d_train_peak_mb", shape, _measure("unet3d", shape, device, n_points, timeout))
+
+    # 3. The large U-Net, alone, if the fitted memory and step time allow.
+    if gate("unet3d_train_peak_mb_large", large):
+        record_unet("unet3d_train_peak_mb_large", large, _measure("unet3d", large, device, n_points, timeout))
 
     for suffix in ("", "_large"):
         oss = out.get(f"ossnet_train_peak_mb{suffix}")
@@ -437,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout,
             deadline,
             probes=(0.5,) if args.quick else (0.25, 0.5),
+            # Quick CPU runs only: several processes on one card could crowd each other out.
+            concurrent=bool(args.quick) and device == "cpu",
         )
         # The first device's figures carry the plain keys; further devices get a suffix.
         suffix = "" if device == devices[0] else f"_{device}"
