@@ -63,7 +63,7 @@ def test_defaults_search_all_five_parameters_with_the_documented_ranges() -> Non
 
 def test_shipped_quickstart_sweep_parses_and_round_trips(tmp_path: Path) -> None:
     job = load_tune_job(CONFIGS / "quickstart-tune.yaml")
-    assert job.base.model.preset == "small" and job.sweep.num_samples == 8
+    assert job.base.model.preset == "small" and job.sweep.num_samples == 6 and job.base.scaling.num_workers == 0
     assert job.scheduler.reduction_factor == 2.0 and job.base.train.validate_every == 1
     again = tune_job_from_dict(tune_job_to_dict(job))
     assert again == job
