@@ -39,7 +39,7 @@ OVERRIDE_FLAGS: tuple[OverrideFlag, ...] = (
     OverrideFlag("--max-concurrent", "sweep.max_concurrent_trials", int, "trials at once (default: as resources allow)"),
     OverrideFlag("--storage-path", "sweep.storage_path", str, "where the sweep keeps its state and trial runs"),
     OverrideFlag("--epochs", "train.epochs", int, "epochs of a full trial (ASHA's max_t)"),
-    OverrideFlag("--num-workers", "scaling.num_workers", int, "Ray Train workers per trial"),
+    OverrideFlag("--num-workers", "scaling.num_workers", int, "Ray Train workers per trial (0: each trial trains inside its Tune actor)"),
     OverrideFlag("--use-gpu", "scaling.use_gpu", bool, "one GPU per Train worker"),
     OverrideFlag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
     OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
