@@ -22,88 +22,55 @@ Handler = Callable[[argparse.Namespace], int]
 Validator = Callable[[argparse.Namespace], Any]
 
 
-def _add_quickstart(sub: argparse._SubParsersAction) -> None:
-    from pipelines import quickstart
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    """One ``ossnet`` subcommand: the module that configures, validates and runs it.
 
-    p = sub.add_parser(
-        "quickstart",
-        help="synthetic NIfTI -> Zarr store -> Ray Train -> MLflow registry -> batch MISE inference, on this machine",
-        description=quickstart.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    quickstart.configure_parser(p)
-    p.set_defaults(handler=quickstart.run_cli)
+    The module is imported when the parser is built; it keeps its own heavy imports (Ray,
+    MLflow, torch) inside its handler so that ``ossnet --help`` stays fast.
+    """
 
+    name: str
+    module: str
+    help: str
+    configure: str
+    handler: str
+    validate: str | None = None
 
-def _add_ingest(sub: argparse._SubParsersAction) -> None:
-    from pipelines import ingest
+    def add_to(self, sub: argparse._SubParsersAction) -> None:
+        import importlib
 
-    p = sub.add_parser(
-        "ingest",
-        help="validate NIfTI archives (BraTS 2020, LiTS, generic) and write them into a Zarr store",
-        description=ingest.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ingest.configure_ingest_parser(p)
-    p.set_defaults(handler=ingest.run_ingest_cli, validate=ingest.job_from_args)
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from pipelines.train import cli as train_cli
-
-    p = sub.add_parser(
-        "train",
-        help="train OSS-Net with Ray Train (DDP), checkpoints and MLflow; --address submits to a cluster",
-        description=train_cli.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train_cli.configure_train_parser(p)
-    p.set_defaults(handler=train_cli.run_train_cli, validate=train_cli.job_from_args)
+        module = importlib.import_module(self.module)
+        p = sub.add_parser(self.name, help=self.help, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        getattr(module, self.configure)(p)
+        defaults: dict[str, Any] = {"handler": getattr(module, self.handler)}
+        if self.validate is not None:
+            defaults["validate"] = getattr(module, self.validate)
+        p.set_defaults(**defaults)
 
 
-def _add_tune(sub: argparse._SubParsersAction) -> None:
-    from tune import cli as tune_cli
-
-    p = sub.add_parser(
-        "tune",
-        help="hyperparameter sweep: Ray Tune + Optuna + ASHA over Ray Train runs, best model registered; "
-        "--resume continues, --address submits to a cluster",
-        description=tune_cli.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    tune_cli.configure_tune_parser(p)
-    p.set_defaults(handler=tune_cli.run_tune_cli, validate=tune_cli.job_from_args)
-
-
-def _add_infer(sub: argparse._SubParsersAction) -> None:
-    from pipelines.infer import cli as infer_cli
-
-    p = sub.add_parser(
-        "infer",
-        help="batch MISE inference over NIfTI archives or a Zarr store with a registered model; "
-        "--address submits to a cluster",
-        description=infer_cli.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    infer_cli.configure_infer_parser(p)
-    p.set_defaults(handler=infer_cli.run_infer_cli, validate=infer_cli.job_from_args)
-
-
-def _add_jobs(sub: argparse._SubParsersAction) -> None:
-    from pipelines import jobs
-
-    p = sub.add_parser(
-        "jobs",
-        help="list, follow or stop jobs submitted to a Ray cluster (--address or $RAY_API_SERVER_ADDRESS)",
-        description=jobs.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    jobs.configure_jobs_parser(p)
-    p.set_defaults(handler=jobs.run_jobs_cli)
-
-
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_quickstart, _add_ingest, _add_train, _add_tune, _add_infer, _add_jobs,
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand("quickstart", "pipelines.quickstart",
+               "synthetic NIfTI -> Zarr store -> Ray Train -> MLflow registry -> batch MISE inference, on this machine",
+               "configure_parser", "run_cli"),
+    Subcommand("ingest", "pipelines.ingest",
+               "validate NIfTI archives (BraTS 2020, LiTS, generic) and write them into a Zarr store",
+               "configure_ingest_parser", "run_ingest_cli", "job_from_args"),
+    Subcommand("train", "pipelines.train.cli",
+               "train OSS-Net with Ray Train (DDP), checkpoints and MLflow; --address submits to a cluster",
+               "configure_train_parser", "run_train_cli", "job_from_args"),
+    Subcommand("tune", "tune.cli",
+               "hyperparameter sweep: Ray Tune + Optuna + ASHA over Ray Train runs, best model registered; "
+               "--resume continues, --address submits to a cluster",
+               "configure_tune_parser", "run_tune_cli", "job_from_args"),
+    Subcommand("infer", "pipelines.infer.cli",
+               "batch MISE inference over NIfTI archives or a Zarr store with a registered model; "
+               "--address submits to a cluster",
+               "configure_infer_parser", "run_infer_cli", "job_from_args"),
+    Subcommand("jobs", "pipelines.jobs",
+               "list, follow or stop jobs submitted to a Ray cluster (--address or $RAY_API_SERVER_ADDRESS)",
+               "configure_jobs_parser", "run_jobs_cli"),
 )
 
 
@@ -122,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "without starting Ray, reading data or contacting MLflow (`ossnet --dry-run train ...`)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in _SUBCOMMANDS:
-        add(sub)
+    for command in SUBCOMMANDS:
+        command.add_to(sub)
     return parser
 
 
