@@ -417,7 +417,46 @@ def overrides_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] 
     return out
 
 
+#: The MLflow flags shared by ``ossnet train`` and ``ossnet tune`` (both take a training job).
+TRACKING_FLAGS: tuple[OverrideFlag, ...] = (
+    OverrideFlag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
+    OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
+    OverrideFlag("--model-name", "tracking.model_name", str, "registered model name"),
+)
+
+
+def add_submission_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--config-json`` (the whole ``what`` as JSON, how ``--address`` submits it), ``--address``
+    and ``--dry-run``."""
+    parser.add_argument("--config-json", metavar="JSON", help=f"the whole {what} as JSON (what --address submits)")
+    parser.add_argument("--address", metavar="URL",
+                        help="submit to this Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
+    parser.add_argument("--dry-run", action="store_true", help=f"validate and print the resolved {what}, then exit")
+
+
+def config_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] = ()) -> dict[str, Any]:
+    """The job mapping of a parsed command line: ``--config`` YAML or ``--config-json``, with the
+    ``--set`` items and the dedicated ``flags`` applied.
+
+    Raises:
+        ConfigError: both sources given, or JSON that does not parse.
+    """
+    config_json = getattr(args, "config_json", None)
+    if config_json and args.config:
+        raise ConfigError("--config and --config-json are mutually exclusive")
+    data = load_yaml(args.config) if args.config else {}
+    if config_json:
+        try:
+            data = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
+    return apply_overrides(data, overrides_from_args(args, flags))
+
+
 __all__ = [
+    "TRACKING_FLAGS",
+    "add_submission_arguments",
+    "config_from_args",
     "ConfigError",
     "OverrideFlag",
     "add_config_arguments",

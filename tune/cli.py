@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import TextIO
 
 from ossnet.config import ConfigError
-from pipelines.jobconfig import OverrideFlag, add_config_arguments, apply_overrides, load_yaml, overrides_from_args
+from pipelines.jobconfig import (
+    TRACKING_FLAGS,
+    OverrideFlag,
+    add_config_arguments,
+    add_submission_arguments,
+    config_from_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +47,7 @@ OVERRIDE_FLAGS: tuple[OverrideFlag, ...] = (
     OverrideFlag("--epochs", "train.epochs", int, "epochs of a full trial (ASHA's max_t)"),
     OverrideFlag("--num-workers", "scaling.num_workers", int, "Ray Train workers per trial (0: each trial trains inside its Tune actor)"),
     OverrideFlag("--use-gpu", "scaling.use_gpu", bool, "one GPU per Train worker"),
-    OverrideFlag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
-    OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
-    OverrideFlag("--model-name", "tracking.model_name", str, "registered model name"),
+    *TRACKING_FLAGS,
     OverrideFlag("--no-mlflow", "tracking.enabled", help="do not track in MLflow (no registration)", const=False),
 )
 
@@ -52,12 +56,9 @@ def configure_tune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """Add the ``tune`` flags to ``parser`` (config, overrides, resume, submission)."""
     parser.allow_abbrev = False  # strict: "--num-sample" is an error
     add_config_arguments(parser, OVERRIDE_FLAGS)
-    parser.add_argument("--config-json", metavar="JSON", help="the whole sweep as JSON (what --address submits)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed trials again")
-    parser.add_argument("--address", metavar="URL",
-                        help="submit to this Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved sweep, then exit")
+    add_submission_arguments(parser, "sweep")
     return parser
 
 
@@ -65,17 +66,9 @@ def job_from_args(args: argparse.Namespace):  # -> TuneJob
     """The ``TuneJob`` a parsed command line describes (validated)."""
     from tune.job import tune_job_from_dict
 
-    if args.config_json and args.config:
-        raise ConfigError("--config and --config-json are mutually exclusive")
     if args.retry_failed and not args.resume:
         raise ConfigError("--retry-failed: only with --resume")
-    data = load_yaml(args.config) if args.config else {}
-    if args.config_json:
-        try:
-            data = json.loads(args.config_json)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
-    return tune_job_from_dict(apply_overrides(data, overrides_from_args(args, OVERRIDE_FLAGS)))
+    return tune_job_from_dict(config_from_args(args, OVERRIDE_FLAGS))
 
 
 def _store_hint(job) -> str:  # job: TuneJob

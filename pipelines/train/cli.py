@@ -24,7 +24,16 @@ import sys
 from typing import TextIO
 
 from ossnet.config import ConfigError
-from pipelines.jobconfig import OverrideFlag, add_config_arguments, dump_yaml, overrides_from_args, parse_section, to_dict
+from pipelines.jobconfig import (
+    TRACKING_FLAGS,
+    OverrideFlag,
+    add_config_arguments,
+    add_submission_arguments,
+    config_from_args,
+    dump_yaml,
+    parse_section,
+    to_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +52,7 @@ OVERRIDE_FLAGS: tuple[OverrideFlag, ...] = (
     OverrideFlag("--max-failures", "scaling.max_failures", int, "worker-group restarts from the last checkpoint"),
     OverrideFlag("--name", "run.name", str, "run name (default derived from the config: re-runs resume)"),
     OverrideFlag("--storage-path", "run.storage_path", str, "Ray Train storage (checkpoints)"),
-    OverrideFlag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
-    OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
-    OverrideFlag("--model-name", "tracking.model_name", str, "registered model name"),
+    *TRACKING_FLAGS,
     OverrideFlag("--no-mlflow", "tracking.enabled", help="do not track in MLflow", const=False),
 )
 
@@ -54,27 +61,15 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> argparse.Argument
     """Add the ``train`` flags to ``parser`` (config, overrides, submission)."""
     parser.allow_abbrev = False  # strict: "--epoch" is an error, not "--epochs"
     add_config_arguments(parser, OVERRIDE_FLAGS)
-    parser.add_argument("--config-json", metavar="JSON", help="the whole job as JSON (what --address submits)")
-    parser.add_argument("--address", metavar="URL",
-                        help="submit to this Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved job, then exit")
+    add_submission_arguments(parser, "job")
     return parser
 
 
 def job_from_args(args: argparse.Namespace):  # -> TrainJob
     """The ``TrainJob`` a parsed command line describes (validated)."""
-    from pipelines.jobconfig import apply_overrides, load_yaml
     from pipelines.train.job import TrainJob
 
-    if args.config_json and args.config:
-        raise ConfigError("--config and --config-json are mutually exclusive")
-    data = load_yaml(args.config) if args.config else {}
-    if args.config_json:
-        try:
-            data = json.loads(args.config_json)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
-    return parse_section(TrainJob, apply_overrides(data, overrides_from_args(args, OVERRIDE_FLAGS)))
+    return parse_section(TrainJob, config_from_args(args, OVERRIDE_FLAGS))
 
 
 def mlflow_ui_command(uri: str | None) -> str:

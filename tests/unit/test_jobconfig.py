@@ -182,6 +182,18 @@ def test_config_json_round_trips_the_whole_job() -> None:
     assert again == original and again.run_name == original.run_name
 
 
+def test_config_sources_are_exclusive_and_bad_json_is_named() -> None:
+    parser = configure_train_parser(argparse.ArgumentParser())
+    both = parser.parse_args(["--config", str(CONFIGS / "quickstart.yaml"), "--config-json", "{}"])
+    with pytest.raises(ConfigError, match=r"^--config and --config-json are mutually exclusive$"):
+        job_from_args(both)
+    with pytest.raises(ConfigError, match=r"^--config-json: not valid JSON"):
+        job_from_args(parser.parse_args(["--config-json", "{store: x"]))
+    # Overrides apply on top of the JSON source too.
+    j = job_from_args(parser.parse_args(["--config-json", '{"store": "s.zarr", "train": {"epochs": 4}}', "--epochs", "6"]))
+    assert (j.store, j.train.epochs) == ("s.zarr", 6)
+
+
 # --------------------------------------------------------------------------- run names
 
 
