@@ -21,7 +21,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from pipelines.tracking.uri import resolve_tracking_uri, sqlite_path, state_dir
 
@@ -92,16 +92,21 @@ def _model_id_of_version(mv: Any) -> str | None:
     return match.group(1) if match else None
 
 
-def _run_model(client: "MlflowClient", run_id: str, name: str | None) -> Any:
-    """The logged model of a run named ``name`` (latest step), else its only/latest model."""
+def _lookup(fetch: Callable[[], Any], missing: str) -> Any:
+    """``fetch()``, with MLflow's not-found errors turned into ``ModelNotFoundError(missing)``."""
     from mlflow.exceptions import MlflowException
 
     try:
-        run = client.get_run(run_id)
+        return fetch()
     except MlflowException as exc:
         if _not_found(exc):
-            raise ModelNotFoundError(f"model: no MLflow run {run_id} in {client.tracking_uri}") from exc
+            raise ModelNotFoundError(missing) from exc
         raise
+
+
+def _run_model(client: "MlflowClient", run_id: str, name: str | None) -> Any:
+    """The logged model of a run named ``name`` (latest step), else its only/latest model."""
+    run = _lookup(lambda: client.get_run(run_id), f"model: no MLflow run {run_id} in {client.tracking_uri}")
     outputs = list(run.outputs.model_outputs) if run.outputs is not None else []
     steps = {o.model_id: o.step for o in outputs}
     models = [client.get_logged_model(mid) for mid in steps]
@@ -122,8 +127,6 @@ def locate_model(spec: str, tracking_uri: str | None = None) -> ModelLocation:
         ModelNotFoundError: with a one-line message naming the missing name/alias/version/run.
         ValueError: an unsupported spec (e.g. a registry stage instead of an alias).
     """
-    from mlflow.exceptions import MlflowException
-
     spec = str(spec).strip()
     if not spec:
         raise ValueError("model: empty model spec")
@@ -152,12 +155,7 @@ def locate_model(spec: str, tracking_uri: str | None = None) -> ModelLocation:
         raise ValueError(f"model: unsupported URI {spec!r}; use models:/NAME@ALIAS, models:/NAME/VERSION or a run id")
     body = spec[len("models:/"):].strip("/")
     if re.match(r"^m-[0-9a-f]+$", body):
-        try:
-            lm = client.get_logged_model(body)
-        except MlflowException as exc:
-            if _not_found(exc):
-                raise ModelNotFoundError(f"model: no logged model {body} in {where}") from exc
-            raise
+        lm = _lookup(lambda: client.get_logged_model(body), f"model: no logged model {body} in {where}")
         return ModelLocation(spec, "logged_model", uri=spec, model_id=body, run_id=lm.source_run_id)
     if "@" in body:
         name, alias = body.rsplit("@", 1)
@@ -169,23 +167,14 @@ def locate_model(spec: str, tracking_uri: str | None = None) -> ModelLocation:
             raise ValueError(f"model: {spec!r}: registry stages are not supported; use models:/{name}@ALIAS")
     else:
         raise ValueError(f"model: {spec!r} needs an alias or a version: models:/{body}@champion or models:/{body}/1")
-    try:
-        rm = client.get_registered_model(name)
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"model: no registered model {name!r} in {where}") from exc
-        raise
+    rm = _lookup(lambda: client.get_registered_model(name), f"model: no registered model {name!r} in {where}")
     if alias is not None:
         if alias not in rm.aliases:
             known = ", ".join(sorted(rm.aliases)) or "none"
             raise ModelNotFoundError(f"model: registered model {name!r} has no alias {alias!r} (aliases: {known})")
         version = str(rm.aliases[alias])
-    try:
-        mv = client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        if _not_found(exc):
-            raise ModelNotFoundError(f"model: registered model {name!r} has no version {version}") from exc
-        raise
+    mv = _lookup(lambda: client.get_model_version(name, str(version)),
+                 f"model: registered model {name!r} has no version {version}")
     model_id = _model_id_of_version(mv)
     return ModelLocation(spec, "registry", uri=f"models:/{name}/{mv.version}", name=name, version=int(mv.version),
                          model_id=model_id, run_id=mv.run_id or None)
