@@ -21,10 +21,10 @@ the consuming process extracts them (``patch_extract_in_worker_s_per_row``, torc
 grid, 111 MB at BraTS size), the image ``C * X * Y * Z * 2`` bytes (10 MB at the quick grid,
 84 MB at BraTS size).
 
-Which is faster: keeping the patches in the pipeline. Measured with ``--quick`` on 2 shared,
-heavily loaded cores: 0.91 rows/s with patches in the pipeline against 0.37 rows/s effective
-with patches in the worker (0.67 rows/s streamed, plus 1.2 s of extraction per row on the
-trainer). Shipping the image saves bytes only on small grids (7x less at 128x128x80, none at
+Which is faster: keeping the patches in the pipeline. Measured on an idle 2-core CPU: at the
+BraTS grid 0.69 rows/s with patches in the pipeline against 0.45 rows/s effective with patches
+in the worker (0.62 rows/s streamed, plus 0.62 s of extraction per row on the trainer); with
+``--quick`` 1.84 against 1.82 (3.03 streamed). Shipping the image saves bytes only on small grids (7x less at 128x128x80, none at
 the BraTS grid, where the float16 image weighs about what the patches do), while extraction
 lands on the training process, which is serial and must feed the accelerator; the sampling
 tasks scale with CPUs instead. On a GPU trainer extraction would cost milliseconds, so shipping
