@@ -22,9 +22,13 @@ grid, 111 MB at BraTS size), the image ``C * X * Y * Z * 2`` bytes (10 MB at the
 84 MB at BraTS size).
 
 Which is faster: keeping the patches in the pipeline. Measured on an idle 2-core CPU: at the
-BraTS grid 0.69 rows/s with patches in the pipeline against 0.45 rows/s effective with patches
-in the worker (0.62 rows/s streamed, plus 0.62 s of extraction per row on the trainer); with
-``--quick`` 1.84 against 1.82 (3.03 streamed). Shipping the image saves bytes only on small grids (7x less at 128x128x80, none at
+BraTS grid 1.03 rows/s with patches in the pipeline against 0.50 rows/s effective with patches
+in the worker (0.73 rows/s streamed, plus 0.6 s of extraction per row on the trainer); with
+``--quick`` 1.83 against 1.16 (1.95 streamed).
+
+At the quick grid the reference loader's NIfTI read and preprocessing are cheap (1.8 rows/s), so
+the pipeline only levels with it; at the BraTS grid, where they cost about 1.6 s per row, it
+was 3.1x and 4.2x faster in two runs (scaling 1.7x and 2.1x from 1 to 2 CPUs). Shipping the image saves bytes only on small grids (7x less at 128x128x80, none at
 the BraTS grid, where the float16 image weighs about what the patches do), while extraction
 lands on the training process, which is serial and must feed the accelerator; the sampling
 tasks scale with CPUs instead. On a GPU trainer extraction would cost milliseconds, so shipping
