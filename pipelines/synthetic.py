@@ -42,6 +42,21 @@ def write_brats_archive(cases: Sequence[PhantomCase], folder: str | Path, dtype:
     return Path(folder)
 
 
+def ellipsoid_scan(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A single-channel scan: noisy background, a brighter off-centre ellipsoid, and a zero
+    border two slices deep along the first axis (what the nonzero z-score mask leaves out).
+
+    Returns:
+        ``(X, Y, Z)`` float32 intensities.
+    """
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    inside = ((g[0] - 0.2) / 0.5) ** 2 + (g[1] / 0.4) ** 2 + (g[2] / 0.6) ** 2 < 1
+    x = rng.normal(300.0, 30.0, size=shape) + 250.0 * inside
+    x[:2] = 0.0
+    return x.astype(np.float32)
+
+
 def write_phantom_store(
     root: str | Path,
     seeds: Sequence[int],
@@ -73,4 +88,4 @@ def write_phantom_store(
     return url
 
 
-__all__ = ["write_brats_archive", "write_phantom_store"]
+__all__ = ["ellipsoid_scan", "write_brats_archive", "write_phantom_store"]

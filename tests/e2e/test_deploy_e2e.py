@@ -33,6 +33,7 @@ from ossnet.model import build_model
 from pipelines import jobs
 from pipelines.cli import parse_entrypoint
 from pipelines.tracking import RunLogger, register_and_promote
+from pipelines.synthetic import ellipsoid_scan
 
 if TYPE_CHECKING:
     from conftest import LocalCluster, MlflowServer
@@ -45,16 +46,6 @@ GRID = (24, 24, 16)
 # Odd sizes and a non-trivial affine: the masks must come back in each scan's own geometry.
 SCANS = {"case-a": ((37, 41, 29), np.diag([1.2, 1.0, 1.5, 1.0])), "case-b": ((26, 22, 19), np.eye(4))}
 JOB_TIMEOUT_S = 900
-
-
-def _scan(shape: tuple[int, int, int], seed: int) -> np.ndarray:
-    """Noisy background, a brighter off-centre ellipsoid, a zero border (the z-score mask)."""
-    rng = np.random.default_rng(seed)
-    g = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
-    inside = ((g[0] - 0.2) / 0.5) ** 2 + (g[1] / 0.4) ** 2 + (g[2] / 0.6) ** 2 < 1
-    x = rng.normal(300.0, 30.0, size=shape) + 250.0 * inside
-    x[:2] = 0.0
-    return x.astype(np.float32)
 
 
 def _with_overrides(argv: Sequence[str], command: str, positional: str, flags: dict[str, str]) -> list[str]:
@@ -101,7 +92,7 @@ def test_rayjob_infer_entrypoint_runs_as_a_ray_job(local_cluster: LocalCluster, 
     scans = tmp_path / "scans"
     scans.mkdir()
     for i, (case_id, (shape, affine)) in enumerate(SCANS.items()):
-        nib.save(nib.Nifti1Image(_scan(shape, i), affine), str(scans / f"{case_id}.nii.gz"))
+        nib.save(nib.Nifti1Image(ellipsoid_scan(shape, i), affine), str(scans / f"{case_id}.nii.gz"))
     out = tmp_path / "predictions"
     argv = _with_overrides(shlex.split(entrypoint), "infer", str(scans), {
         "--output": str(out), "--actors": "1", "--gpus-per-actor": "0", "--cpus-per-actor": "1",

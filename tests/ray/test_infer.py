@@ -25,6 +25,7 @@ from ossnet.model import build_model
 from ossnet.preprocess import preprocess_image
 from pipelines.infer import InferJob, run_inference
 from pipelines.infer.outputs import TMP_SUFFIX
+from pipelines.synthetic import ellipsoid_scan
 from pipelines.tracking import ModelNotFoundError, RunLogger, register_and_promote, resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,16 +36,6 @@ MODEL_NAME = "tiny-infer"
 LPS = np.array([[-1.2, 0.0, 0.0, 40.0], [0.0, -1.0, 0.0, 30.0], [0.0, 0.0, 1.5, -10.0], [0.0, 0.0, 0.0, 1.0]])
 PERMUTED = np.array([[0.0, 0.0, -1.1, 80.0], [-0.9, 0.0, 0.0, 60.0], [0.0, 1.3, 0.0, -40.0], [0.0, 0.0, 0.0, 1.0]])
 GOOD = {"lps": ((37, 41, 29), LPS), "perm": ((19, 23, 13), PERMUTED), "plain": ((26, 22, 18), np.eye(4))}
-
-
-def _scan(shape: tuple[int, int, int], seed: int) -> np.ndarray:
-    """Noisy background with a brighter off-centre ellipsoid; zero border (the nonzero z-score mask)."""
-    rng = np.random.default_rng(seed)
-    g = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
-    inside = ((g[0] - 0.2) / 0.5) ** 2 + (g[1] / 0.4) ** 2 + (g[2] / 0.6) ** 2 < 1
-    x = rng.normal(300.0, 30.0, size=shape) + 250.0 * inside
-    x[:2] = 0.0
-    return x.astype(np.float32)
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
@@ -71,7 +62,7 @@ def _contrasted_model() -> torch.nn.Module:
     """
     torch.manual_seed(0)
     model = build_model(model_config("C", "tiny", in_channels=1, volume_shape=GRID)).eval()
-    grid, _ = preprocess_image([_scan(GOOD["lps"][0], 0)], LPS, nib.io_orientation(LPS), GRID)
+    grid, _ = preprocess_image([ellipsoid_scan(GOOD["lps"][0], 0)], LPS, nib.io_orientation(LPS), GRID)
     median = float(np.median(Inferer(mode="dense", chunk_points=CHUNK)(model, grid).probability))
     with torch.no_grad():
         out = model.decoder.fc_out
@@ -103,13 +94,13 @@ def scans(tmp_path_factory: pytest.TempPathFactory, registry: SimpleNamespace) -
     root = tmp_path_factory.mktemp("infer-scans")
     files, expected = {}, {}
     for i, (cid, (shape, affine)) in enumerate(GOOD.items()):
-        files[cid] = _save(root / "scans" / f"{cid}.nii.gz", _scan(shape, i), affine)
+        files[cid] = _save(root / "scans" / f"{cid}.nii.gz", ellipsoid_scan(shape, i), affine)
         expected[cid] = _library_mask(registry.model, files[cid])
         assert 0 < expected[cid].sum() < expected[cid].size  # a non-trivial mask
     for cid in ("lps", "perm"):  # the reference is the expected mask itself: Dice 1 exactly
         _save(root / "labels" / f"{cid}.nii.gz", expected[cid], GOOD[cid][1])
     (root / "scans" / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
-    nan = _scan((20, 20, 12), 7)
+    nan = ellipsoid_scan((20, 20, 12), 7)
     nan[5, 5, 5] = np.nan
     _save(root / "scans" / "nan.nii.gz", nan, np.eye(4))
     _save(root / "scans" / "vol4d.nii.gz", np.ones((9, 8, 7, 2), np.float32), np.eye(4))
@@ -199,7 +190,7 @@ def test_a_killed_cli_run_is_completed_by_a_rerun_without_partial_files(
 ) -> None:
     n = 8
     for i in range(n):
-        _save(tmp_path / "scans" / f"s{i}.nii.gz", _scan((29, 31, 21), 20 + i), PERMUTED)
+        _save(tmp_path / "scans" / f"s{i}.nii.gz", ellipsoid_scan((29, 31, 21), 20 + i), PERMUTED)
     out = tmp_path / "out"
     pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
     # The CLI process joins the session's cluster (its token auth settings are inherited).
