@@ -306,6 +306,14 @@ def measure_device(
     skipped: dict[str, str] = {}
     device_total_mb: float | None = None
 
+    def record(key: str, res: dict[str, Any]) -> bool:
+        """Put a run's peak and seconds under ``key``; False (with its error) if it failed."""
+        out[key] = round_mb(res.get("peak_mb"))
+        out[key.replace("peak_mb", "seconds")] = round_mb(res.get("seconds"), 2)
+        if not res["ok"]:
+            skipped[key] = res["error"]
+        return bool(res["ok"])
+
     # 1. The OSS-Net runs and the U-Net probes (at a fraction of the size per side, they tell how
     # much the big U-Net runs will need); with ``concurrent`` side by side, one thread each.
     scaling = UNetScaling()
@@ -316,10 +324,7 @@ def measure_device(
         results = list(pool.map(lambda run: _measure(run[0], run[1], device, n_points, timeout, threads), runs))
     out["small_runs_concurrent"] = bool(concurrent)
     for key, res in zip(("ossnet_train_peak_mb", "ossnet_train_peak_mb_large"), results):
-        out[key] = round_mb(res.get("peak_mb"))
-        out[key.replace("peak_mb", "seconds")] = round_mb(res.get("seconds"), 2)
-        if not res["ok"]:
-            skipped[key] = res["error"]
+        if not record(key, res):
             continue
         device_total_mb = res.get("device_total_mb") or device_total_mb
         if key == "ossnet_train_peak_mb":
@@ -356,12 +361,8 @@ def measure_device(
         return True
 
     def record_unet(key: str, grid: tuple[int, int, int], res: dict[str, Any]) -> None:
-        out[key] = round_mb(res.get("peak_mb"))
-        out[key.replace("peak_mb", "seconds")] = round_mb(res.get("seconds"), 2)
-        if res["ok"]:
+        if record(key, res):
             scaling.add(grid, res["peak_mb"], res["seconds"])
-        else:
-            skipped[key] = res["error"]
 
     # 2. The U-Net at the base size, alone, if its estimate fits the memory budget.
     if gate("unet3d_train_peak_mb", shape):
