@@ -1,11 +1,25 @@
-"""Synthetic BraTS-like and LiTS-like phantoms."""
+"""Synthetic phantoms at both levels, and the intensity-window baseline that defines "hard"."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from ossnet.phantoms import BRATS_MODALITIES, brats_like, lits_like, phantom_dataset
+from ossnet.baselines.window import apply_window, best_window
+from ossnet.phantoms import (
+    BRATS_MODALITIES,
+    brats_hard,
+    brats_like,
+    head_hard,
+    lits_hard,
+    lits_like,
+    phantom_dataset,
+    thick_slices,
+)
+from ossnet.phantoms.hard import BRATS_HARD_REFERENCE
 
 SHAPE = (37, 41, 29)
 
@@ -96,3 +110,121 @@ def test_bad_arguments_are_rejected():
         brats_like((4, 64, 64))
     with pytest.raises(ValueError, match="spacing"):
         lits_like(SHAPE, spacing=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="level"):
+        phantom_dataset("head", 1, level="easy")
+    with pytest.raises(ValueError, match="level"):
+        phantom_dataset("brats", 1, level="medium")
+    with pytest.raises(ValueError, match="slice_factor"):
+        phantom_dataset("brats", 1, level="hard", slice_factor=0)
+
+
+# --------------------------------------------------------------------------- hard level
+
+
+def test_best_window_recovers_a_planted_window_on_the_right_channel():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 100, size=(3, 20, 22, 18)).astype(np.float32)
+    label = (image[1] >= 30) & (image[1] < 45)
+    fit = best_window(image, label)
+    assert fit.channel == 1 and fit.dice > 0.99
+    assert 29 <= fit.lo <= 31 and 44 <= fit.hi <= 46
+    assert np.mean(apply_window(image, fit) == label) > 0.995
+    # An open-ended window (everything above a level) has hi = inf, so the maximum is inside.
+    top = best_window(image, image[2] >= 70)
+    assert top.channel == 2 and top.hi == float("inf") and top.dice > 0.99
+    assert best_window(image, np.zeros(label.shape)).dice == 1.0
+
+
+@pytest.mark.parametrize("kind, shape", [("brats", (96, 96, 64)), ("head", (64, 72, 80)), ("lits", (64, 64, 64))])
+def test_no_intensity_window_solves_the_hard_sets(kind, shape):
+    cases = phantom_dataset(kind, 5, shape=shape, seed=0, level="hard")
+    scores = [best_window(c.image, c.label).dice for c in cases]
+    assert np.mean(scores) < 0.6, scores
+    assert all(c.label.any() for c in cases)
+
+
+def test_the_easy_brats_set_is_solved_by_a_window():
+    # The contrast that makes the hard level necessary (and proves the window search works).
+    scores = [best_window(c.image, c.label).dice for c in phantom_dataset("brats", 3, shape=(96, 96, 64))]
+    assert min(scores) > 0.9
+
+
+def test_hard_brats_lesions_match_normal_tissue_in_every_modality():
+    case = brats_hard((96, 96, 64), seed=4)
+    lesion = case.label > 0
+    brain = (case.image[0] > 0) & ~ndimage.binary_dilation(lesion, iterations=2)
+    for c in range(4):
+        lo, hi = np.percentile(case.image[c][lesion], [25, 75])
+        normal = case.image[c][brain]
+        inside = np.mean((normal >= lo) & (normal <= hi))
+        # At least as many normal voxels share the lesion's interquartile range as there are lesion voxels.
+        assert inside * normal.size > lesion.sum(), (case.modalities[c], inside)
+
+
+def test_a_third_of_hard_brats_cases_have_small_satellite_lesions():
+    with_satellites = 0
+    cases = phantom_dataset("brats", 16, shape=BRATS_HARD_REFERENCE, seed=3, level="hard")
+    for case in cases:
+        components, n = ndimage.label(case.label)
+        sizes = ndimage.sum_labels(np.ones(case.label.shape), components, index=np.arange(1, n + 1))
+        # A ball of radius 2-4 voxels holds 33-268 voxels; the oedema rim adds some.
+        with_satellites += bool(np.any((sizes >= 15) & (sizes <= 600)))
+    assert with_satellites >= 0.3 * len(cases)
+    radii = [np.cbrt(3 * c.label.sum() / (4 * np.pi)) for c in cases]
+    assert max(radii) > 2 * min(radii)  # a spread of lesion sizes
+
+
+def test_hard_head_is_a_skull_stripping_task():
+    case = head_hard((64, 72, 80), seed=2)
+    brain = case.label > 0
+    assert case.modalities == ("t1",) and case.image.shape == (1, 64, 72, 80)
+    assert 0.05 < brain.mean() < 0.3
+    t1 = case.image[0]
+    outside = ~ndimage.binary_dilation(brain, iterations=2) & (t1 > 0.4 * np.median(t1[brain]))
+    # More non-brain tissue than brain sits in the brain's intensity range.
+    lo, hi = np.percentile(t1[brain], [10, 90])
+    assert np.count_nonzero((t1 >= lo) & (t1 <= hi) & outside) > 0.8 * brain.sum()
+    assert ndimage.label(brain)[1] == 1  # one brain
+    assert not head_hard((64, 72, 80), seed=2, empty=True).label.any()
+
+
+def test_hard_lits_liver_overlaps_other_organs_in_hu():
+    case = lits_hard((64, 64, 64), seed=1)
+    liver = case.label > 0
+    ct = case.image[0]
+    lo, hi = np.percentile(ct[liver], [25, 75])
+    others = ~ndimage.binary_dilation(liver, iterations=2) & (ct >= lo) & (ct <= hi)
+    assert np.count_nonzero(others) > 0.5 * liver.sum()
+    np.testing.assert_allclose(np.diag(case.affine), [0.8, 0.8, 1.5, 1.0])
+
+
+@pytest.mark.parametrize("kind", ["brats", "head", "lits"])
+def test_hard_cases_are_reproducible(kind):
+    a = phantom_dataset(kind, 1, shape=(40, 44, 36), seed=9, level="hard")[0]
+    again = phantom_dataset(kind, 1, shape=(40, 44, 36), seed=9, level="hard")[0]
+    np.testing.assert_array_equal(a.image, again.image)
+    np.testing.assert_array_equal(a.label, again.label)
+    assert a.case_id == f"{kind}-hard-9-0000"
+    assert np.isfinite(a.image).all() and set(np.unique(a.label)) <= {0, 1}
+
+
+def test_thick_slices_average_thin_ones():
+    thin = brats_hard((40, 40, 36), seed=1, spacing=(1.0, 1.0, 1.0))
+    thick = thick_slices(brats_hard, (40, 40, 12), 3, seed=1, spacing=(1.0, 1.0, 3.0))
+    assert thick.image.shape == (4, 40, 40, 12) and thick.label.shape == (40, 40, 12)
+    np.testing.assert_allclose(thick.image[:, :, :, 2], thin.image[:, :, :, 6:9].mean(axis=-1), rtol=1e-5)
+    np.testing.assert_array_equal(thick.label[:, :, 2], thin.label[:, :, 6:9].sum(axis=-1) >= 2)
+    np.testing.assert_allclose(np.diag(thick.affine), [1.0, 1.0, 3.0, 1.0])
+    cases = phantom_dataset("lits", 1, shape=(40, 40, 10), level="hard", slice_factor=3)
+    np.testing.assert_allclose(np.diag(cases[0].affine), [0.8, 0.8, 4.5, 1.0])
+
+
+def test_report_prints_the_window_table_and_json(capsys):
+    from ossnet.phantoms.__main__ import main
+
+    assert main(["--report", "--cases", "1", "--sets", "brats-easy", "head-hard"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("| set |") and any(line.startswith("| head-hard |") for line in lines)
+    result = json.loads(lines[-1])
+    assert set(result) == {"brats-easy", "head-hard"}
+    assert result["brats-easy"]["mean"] > 0.9 > 0.6 > result["head-hard"]["mean"]
