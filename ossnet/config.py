@@ -14,6 +14,8 @@ from typing import Any, Mapping
 VARIANTS: tuple[str, ...] = ("onet", "A", "B", "C", "D")
 ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "relu", "silu", "elu", "gelu")
 PRESETS: tuple[str, ...] = ("brats", "lits", "small", "tiny")
+CBN_NORMS: tuple[str, ...] = ("layer", "feature", "pooled")
+ENCODER_NORMS: tuple[str, ...] = ("batch", "instance", "group")
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,9 @@ class EncoderConfig:
         skip: skip encoder (variants C, D) producing a ``[latent_channels, cells]`` global latent.
         lowres_head: add the low-resolution segmentation head (variants C, D).
         latent_channels: channels of the skip encoder's global latent (1 + decoder blocks).
+        norm: normalisation after every encoder convolution: "batch" (the paper), "instance"
+            (per volume and channel, as nnU-Net) or "group" (GroupNorm, up to 8 groups).
+            "instance" and "group" behave the same in training and inference whatever the batch.
     """
 
     in_channels: int = 4
@@ -41,6 +46,7 @@ class EncoderConfig:
     skip: bool = False
     lowres_head: bool = False
     latent_channels: int = 6
+    norm: str = "batch"
 
     def validate(self) -> None:
         if self.in_channels < 1:
@@ -49,6 +55,8 @@ class EncoderConfig:
             _fail("encoder.channels", f"need at least one block of >= 2 channels, got {self.channels}")
         if self.lowres_head and not self.skip:
             _fail("encoder.lowres_head", "the low-resolution head needs the skip encoder")
+        if self.norm not in ENCODER_NORMS:
+            _fail("encoder.norm", f"unknown normalisation {self.norm!r}; choose from {', '.join(ENCODER_NORMS)}")
 
 
 @dataclass(frozen=True)
@@ -96,21 +104,29 @@ class DecoderConfig:
     Attributes:
         hidden: width of the fully connected residual blocks.
         n_blocks: number of residual blocks.
-        cbn_norm: "feature" normalises per feature over all points (Occupancy Networks);
-            "pooled" normalises over points and features together (reference code).
+        cbn_norm: normalisation of the decoder. "layer" (the default) uses no batch statistics:
+            the input layer normalises its per-point part (coordinates, patch feature) and its
+            per-volume part (global latent) separately, and every conditional norm normalises
+            each point over its features, so training and inference compute the same function
+            whatever the batch. "feature" is Occupancy Networks' conditional batch norm (each
+            feature over all points of the batch), "pooled" the OSS-Net reference code's (points
+            and features together). The batch-norm modes learn per-batch statistics that
+            inference replaces by running averages; with batches of one or a few similar
+            volumes that substitution collapses predictions to all background (see
+            ``ossnet.model.decoder.OccupancyDecoder``).
     """
 
     hidden: int = 512
     n_blocks: int = 5
-    cbn_norm: str = "feature"
+    cbn_norm: str = "layer"
 
     def validate(self) -> None:
         if self.hidden < 1:
             _fail("decoder.hidden", f"must be >= 1, got {self.hidden}")
         if self.n_blocks < 1:
             _fail("decoder.n_blocks", f"must be >= 1, got {self.n_blocks}")
-        if self.cbn_norm not in ("feature", "pooled"):
-            _fail("decoder.cbn_norm", f"must be 'feature' or 'pooled', got {self.cbn_norm!r}")
+        if self.cbn_norm not in CBN_NORMS:
+            _fail("decoder.cbn_norm", f"must be one of {', '.join(CBN_NORMS)}, got {self.cbn_norm!r}")
 
 
 @dataclass(frozen=True)
@@ -205,7 +221,8 @@ def model_config(
     patch_size: int | None = None,
     in_channels: int | None = None,
     volume_shape: tuple[int, int, int] | None = None,
-    cbn_norm: str = "feature",
+    cbn_norm: str = "layer",
+    encoder_norm: str = "batch",
 ) -> ModelConfig:
     """Build and validate the ``ModelConfig`` for a variant at a dataset preset.
 
@@ -216,7 +233,8 @@ def model_config(
         patch_size: override the patch edge (odd); ignored for O-Net.
         in_channels: override the number of image channels.
         volume_shape: override the full-resolution grid.
-        cbn_norm: "feature" or "pooled" conditional batch norm.
+        cbn_norm: "layer", "feature" or "pooled" conditional normalisation (``DecoderConfig``).
+        encoder_norm: "batch", "instance" or "group" (``EncoderConfig``).
     """
     key = variant.strip()
     if key.lower() in ("onet", "o-net", "o_net"):
@@ -242,6 +260,7 @@ def model_config(
             channels=tuple(p["channels"]),
             skip=parts["skip"],
             lowres_head=parts["lowres_head"],
+            norm=encoder_norm,
         ),
         patch=PatchConfig(
             size=size,
@@ -336,8 +355,10 @@ def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
 __all__ = [
     "ACTIVATIONS",
     "AugmentConfig",
+    "CBN_NORMS",
     "ConfigError",
     "DecoderConfig",
+    "ENCODER_NORMS",
     "EncoderConfig",
     "ModelConfig",
     "PRESETS",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ossnet.model.decoder import CBNResidualBlock, OccupancyDecoder
 from ossnet.model.encoder import Backbone3d, LowResHead, PlainLatentHead, ResidualBlock3d, SkipLatentHead
-from ossnet.model.layers import ConditionalBatchNorm, make_activation
+from ossnet.model.layers import ConditionalNorm, make_activation, make_norm3d
 from ossnet.model.network import (
     Encoding,
     OSSNet,
@@ -18,7 +18,7 @@ from ossnet.model.patches import PatchEncoder
 __all__ = [
     "Backbone3d",
     "CBNResidualBlock",
-    "ConditionalBatchNorm",
+    "ConditionalNorm",
     "Encoding",
     "LowResHead",
     "OSSNet",
@@ -30,6 +30,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "make_activation",
+    "make_norm3d",
     "parameter_breakdown",
     "skip_latent_channels",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ossnet.model.layers import ConditionalBatchNorm, check_shape, make_activation
+from ossnet.model.layers import ConditionalNorm, check_shape, make_activation
 
 
 class CBNResidualBlock(nn.Module):
@@ -19,7 +19,7 @@ class CBNResidualBlock(nn.Module):
     Args:
         hidden: feature width.
         latent_dim: length of the conditioning latent.
-        norm: CBN normalisation, "feature" or "pooled".
+        norm: CBN normalisation, "layer", "feature" or "pooled".
         activation: activation name.
     """
 
@@ -27,10 +27,10 @@ class CBNResidualBlock(nn.Module):
         super().__init__()
         # Biases stay: with "pooled" normalisation a per-feature offset survives the norm.
         self.fc1 = nn.Linear(hidden, hidden)
-        self.cbn1 = ConditionalBatchNorm(latent_dim, hidden, norm)
+        self.cbn1 = ConditionalNorm(latent_dim, hidden, norm)
         self.act1 = make_activation(activation)
         self.fc2 = nn.Linear(hidden, hidden)
-        self.cbn2 = ConditionalBatchNorm(latent_dim, hidden, norm)
+        self.cbn2 = ConditionalNorm(latent_dim, hidden, norm)
         self.act2 = make_activation(activation)
 
     def forward(self, x: Tensor, latent: Tensor) -> Tensor:
@@ -48,12 +48,20 @@ class OccupancyDecoder(nn.Module):
     Block ``i`` is conditioned on latent channel ``i + 1`` when the encoder provides
     ``1 + n_blocks`` channels (skip encoder), otherwise every block uses channel 0.
 
+    With ``norm="layer"`` the input layer normalises the per-point part of ``fc_p`` (coordinates
+    and local feature) and the per-volume part (latent channel 0) separately (LayerNorm without
+    affine) before adding them. The latent part is the same for every point of a volume and,
+    from a latent of hundreds of cells, far larger than the point part: normalised together,
+    the points of a volume become nearly indistinguishable and training stalls at the
+    background rate (a batch norm over points hides this by subtracting the per-batch mean, which
+    is exactly what fails at inference). Separately normalised, both parts enter at unit scale.
+
     Args:
         latent_dim: length of one latent vector.
         local_dim: length of the local patch feature (0 without patches).
         hidden: block width.
         n_blocks: number of residual blocks.
-        norm: CBN normalisation, "feature" or "pooled".
+        norm: CBN normalisation, "layer", "feature" or "pooled" (``DecoderConfig.cbn_norm``).
         activation: activation name.
     """
 
@@ -64,6 +72,7 @@ class OccupancyDecoder(nn.Module):
         self.latent_dim = latent_dim
         self.local_dim = local_dim
         self.n_blocks = n_blocks
+        self.split_input_norm = norm == "layer"
         self.fc_p = nn.Linear(3 + local_dim + latent_dim, hidden)
         self.blocks = nn.ModuleList(
             CBNResidualBlock(hidden, latent_dim, norm, activation) for _ in range(n_blocks)
@@ -75,12 +84,17 @@ class OccupancyDecoder(nn.Module):
 
         The weight is split by input block; the latent part is computed once per volume and
         broadcast over its points, which saves a ``[B, N, latent_dim]`` tensor per pass.
+        Returns ``[B, N, hidden]``.
         """
         w = self.fc_p.weight
         h = F.linear(points, w[:, :3], self.fc_p.bias)
         if local is not None:
             h = h + F.linear(local, w[:, 3 : 3 + self.local_dim])
-        return h + F.linear(latent0, w[:, 3 + self.local_dim :]).unsqueeze(1)
+        z = F.linear(latent0, w[:, 3 + self.local_dim :]).unsqueeze(1)
+        if self.split_input_norm:
+            width = (h.shape[-1],)
+            return F.layer_norm(h, width) + F.layer_norm(z, width)
+        return h + z
 
     def forward(self, points: Tensor, local: Tensor | None, latent: Tensor) -> Tensor:
         """Decode.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ossnet.model.layers import ceil_avg_pool3d, make_activation
+from ossnet.model.layers import ceil_avg_pool3d, make_activation, make_norm3d
 
 
 def _conv5(in_channels: int, out_channels: int, bias: bool) -> nn.Conv3d:
@@ -24,16 +24,17 @@ class ResidualBlock3d(nn.Module):
         in_channels: input channels.
         out_channels: output channels.
         activation: activation name.
+        norm: "batch", "instance" or "group" (``make_norm3d``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, activation: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, activation: str, norm: str = "batch") -> None:
         super().__init__()
-        # Convolutions feeding a batch norm carry no bias: the norm's shift makes it redundant.
+        # Convolutions feeding a norm carry no bias: the norm's shift makes it redundant.
         self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm3d(out_channels)
+        self.bn1 = make_norm3d(norm, out_channels)
         self.act1 = make_activation(activation)
         self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm3d(out_channels)
+        self.bn2 = make_norm3d(norm, out_channels)
         self.shortcut: nn.Module = (
             nn.Conv3d(in_channels, out_channels, kernel_size=1, bias=False)
             if in_channels != out_channels
@@ -55,13 +56,14 @@ class Backbone3d(nn.Module):
         in_channels: image channels.
         channels: output channels per block.
         activation: activation name.
+        norm: encoder normalisation (``make_norm3d``).
     """
 
-    def __init__(self, in_channels: int, channels: tuple[int, ...], activation: str) -> None:
+    def __init__(self, in_channels: int, channels: tuple[int, ...], activation: str, norm: str = "batch") -> None:
         super().__init__()
         widths = (in_channels, *channels)
         self.blocks = nn.ModuleList(
-            ResidualBlock3d(c_in, c_out, activation) for c_in, c_out in zip(widths[:-1], widths[1:])
+            ResidualBlock3d(c_in, c_out, activation, norm) for c_in, c_out in zip(widths[:-1], widths[1:])
         )
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -79,12 +81,13 @@ class PlainLatentHead(nn.Module):
     Args:
         in_channels: channels of the last encoder block.
         activation: activation name.
+        norm: normalisation (``make_norm3d``).
     """
 
-    def __init__(self, in_channels: int, activation: str) -> None:
+    def __init__(self, in_channels: int, activation: str, norm: str = "batch") -> None:
         super().__init__()
         self.conv = _conv5(in_channels, 1, bias=False)
-        self.bn = nn.BatchNorm3d(1)
+        self.bn = make_norm3d(norm, 1)
         self.act = make_activation(activation)
 
     def forward(self, features: list[Tensor]) -> Tensor:
@@ -103,24 +106,30 @@ class SkipLatentHead(nn.Module):
         latent_shape: grid of the last block ``(x, y, z)``.
         latent_channels: latent vectors per volume (1 for the decoder input + one per decoder block).
         activation: activation name.
+        norm: normalisation (``make_norm3d``).
     """
 
     def __init__(
-        self, channels: tuple[int, ...], latent_shape: tuple[int, int, int], latent_channels: int, activation: str
+        self,
+        channels: tuple[int, ...],
+        latent_shape: tuple[int, int, int],
+        latent_channels: int,
+        activation: str,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         self.reducers = nn.ModuleList(
             nn.Sequential(
                 nn.AdaptiveMaxPool3d(latent_shape),
                 _conv5(c, c // 2, bias=False),
-                nn.BatchNorm3d(c // 2),
+                make_norm3d(norm, c // 2),
                 make_activation(activation),
             )
             for c in channels
         )
         self.fuse = nn.Sequential(
             _conv5(sum(c // 2 for c in channels), latent_channels, bias=False),
-            nn.BatchNorm3d(latent_channels),
+            make_norm3d(norm, latent_channels),
             make_activation(activation),
         )
 

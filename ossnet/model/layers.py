@@ -1,4 +1,4 @@
-"""Building blocks shared by the encoder and decoder: activation factory and conditional batch norm."""
+"""Building blocks shared by the encoder and decoder: activation and normalisation factories, conditional norm."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ossnet.config import ACTIVATIONS, ConfigError
+from ossnet.config import ACTIVATIONS, CBN_NORMS, ENCODER_NORMS, ConfigError
 
 # One factory per name in ``ossnet.config.ACTIVATIONS``. No in-place variants: several outputs
 # feed residual additions and in-place ops would corrupt tensors autograd still needs.
@@ -38,29 +38,43 @@ def make_activation(name: str) -> nn.Module:
         ) from None
 
 
-class ConditionalBatchNorm(nn.Module):
-    """Batch norm without affine parameters, then a per-volume affine predicted from a latent.
+class ConditionalNorm(nn.Module):
+    """Normalisation without affine parameters, then a per-volume affine predicted from a latent.
 
     ``out = gamma(latent) * normalise(x) + beta(latent)`` with ``gamma`` and ``beta`` linear maps
-    of the latent, initialised to the identity transform (gamma weight 0, bias 1; beta 0), so at
-    initialisation the layer is a plain batch norm.
+    of the latent, initialised to the identity transform (gamma weight 0, bias 1; beta 0).
+
+    Why "layer" exists: a batch norm over points computes its statistics from the points of the
+    batch in training, and from running averages at inference. When a batch holds one volume,
+    or a few copies of one case, the training statistics are that volume's own, so the
+    network learns features that only make sense after per-volume centring; inference then
+    centres with the average over training batches instead, every new volume (even an
+    augmented copy of a training one) is shifted, and predictions collapse (all background was
+    measured). "layer" normalises every point over its own features: the same function in
+    training and inference, whatever the batch (``OccupancyDecoder`` explains the input layer
+    that goes with it).
 
     Args:
         latent_dim: length of the conditioning vector.
         features: number of features of ``x``.
-        norm: "feature" normalises each feature over all points of the batch (Occupancy
-            Networks); "pooled" normalises over points and features together (OSS-Net
-            reference code), with a single running mean and variance.
-        momentum: running-statistics momentum.
+        norm: "layer" normalises each point over its features; "feature" normalises each
+            feature over all points of the batch (Occupancy Networks' conditional batch norm);
+            "pooled" normalises over points and features together (OSS-Net reference code),
+            with a single running mean and variance.
+        momentum: running-statistics momentum (batch-norm modes).
     """
 
     def __init__(self, latent_dim: int, features: int, norm: str = "feature", momentum: float = 0.1) -> None:
         super().__init__()
-        if norm not in ("feature", "pooled"):
-            raise ConfigError(f"decoder.cbn_norm: must be 'feature' or 'pooled', got {norm!r}")
+        if norm not in CBN_NORMS:
+            raise ConfigError(f"decoder.cbn_norm: must be one of {', '.join(CBN_NORMS)}, got {norm!r}")
         self.norm = norm
         self.features = features
-        self.bn = nn.BatchNorm1d(features if norm == "feature" else 1, affine=False, momentum=momentum)
+        self.bn = (
+            nn.BatchNorm1d(features if norm == "feature" else 1, affine=False, momentum=momentum)
+            if norm != "layer"
+            else None
+        )
         self.gamma = nn.Linear(latent_dim, features)
         self.beta = nn.Linear(latent_dim, features)
         self.reset_parameters()
@@ -83,12 +97,32 @@ class ConditionalBatchNorm(nn.Module):
             ``[B, N, features]``.
         """
         b, n, f = x.shape
-        # "feature": every feature is a channel, statistics over all B*N points;
-        # "pooled": a single channel, statistics over all B*N*F values.
-        flat = x.reshape(b * n, f) if self.norm == "feature" else x.reshape(b * n * f, 1)
-        normed = self.bn(flat).reshape(b, n, f)
+        if self.bn is None:
+            normed = F.layer_norm(x, (f,))
+        else:
+            # "feature": every feature is a channel, statistics over all B*N points;
+            # "pooled": a single channel, statistics over all B*N*F values.
+            flat = x.reshape(b * n, f) if self.norm == "feature" else x.reshape(b * n * f, 1)
+            normed = self.bn(flat).reshape(b, n, f)
         # Broadcasting one affine per volume over its N points avoids materialising [B, N, F] copies.
         return self.gamma(latent).unsqueeze(1) * normed + self.beta(latent).unsqueeze(1)
+
+
+def make_norm3d(kind: str, channels: int) -> nn.Module:
+    """The encoder's normalisation of ``channels`` feature maps (``EncoderConfig.norm``).
+
+    "batch": ``BatchNorm3d``; "instance": ``InstanceNorm3d`` with a learned affine and no
+    running statistics (per volume, in training and inference alike); "group": ``GroupNorm``
+    with the largest group count <= 8 that divides ``channels``.
+    """
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "group":
+        groups = max(g for g in range(1, min(8, channels) + 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    raise ConfigError(f"encoder.norm: unknown normalisation {kind!r}; choose from {', '.join(ENCODER_NORMS)}")
 
 
 def ceil_avg_pool3d(x: Tensor) -> Tensor:
@@ -116,4 +150,4 @@ def check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:
         raise ValueError(f"{name}: expected shape [{pretty}], got {list(shape)}")
 
 
-__all__ = ["ConditionalBatchNorm", "ceil_avg_pool3d", "check_shape", "make_activation"]
+__all__ = ["ConditionalNorm", "ceil_avg_pool3d", "check_shape", "make_activation", "make_norm3d"]

@@ -49,7 +49,7 @@ class OSSNet(nn.Module):
         self.config = config
         enc = config.encoder
         act = config.activation
-        self.backbone = Backbone3d(enc.in_channels, tuple(enc.channels), act)
+        self.backbone = Backbone3d(enc.in_channels, tuple(enc.channels), act, enc.norm)
         self.latent_head: nn.Module
         if enc.skip:
             n_latents = skip_latent_channels(config)
@@ -59,9 +59,9 @@ class OSSNet(nn.Module):
                     enc.latent_channels,
                     n_latents,
                 )
-            self.latent_head = SkipLatentHead(tuple(enc.channels), config.latent_shape, n_latents, act)
+            self.latent_head = SkipLatentHead(tuple(enc.channels), config.latent_shape, n_latents, act, enc.norm)
         else:
-            self.latent_head = PlainLatentHead(enc.channels[-1], act)
+            self.latent_head = PlainLatentHead(enc.channels[-1], act, enc.norm)
         self.lowres_head = LowResHead(enc.channels[-1]) if enc.lowres_head else None
         self.patch_encoder = (
             PatchEncoder(config.patch_channels, config.patch.size, act, config.patch.conv_kernel)

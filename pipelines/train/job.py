@@ -28,7 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ossnet.config import ACTIVATIONS, PRESETS, AugmentConfig, ConfigError, ModelConfig, SamplingConfig, model_config
+from ossnet.config import (
+    ACTIVATIONS,
+    CBN_NORMS,
+    ENCODER_NORMS,
+    PRESETS,
+    AugmentConfig,
+    ConfigError,
+    ModelConfig,
+    SamplingConfig,
+    model_config,
+)
 from ossnet.inference import MODES
 from ossnet.training import OPTIMIZERS
 from pipelines.jobconfig import config_hash, constrained, load_job
@@ -45,7 +55,10 @@ _NAME_EXCLUDES = (
 )
 
 
-_MODEL_FIELDS = {"patch.size": "model.patch_size", "patch.kernel": "model.patch_size", "decoder.cbn_norm": "model.cbn_norm"}
+_MODEL_FIELDS = {
+    "patch.size": "model.patch_size", "patch.kernel": "model.patch_size", "decoder.cbn_norm": "model.cbn_norm",
+    "encoder.norm": "model.encoder_norm",
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,9 @@ class ModelSection:
     preset: str = constrained("brats", choices=PRESETS, help="dataset preset (grid, widths)")
     activation: str = constrained("leaky_relu", choices=ACTIVATIONS)
     patch_size: int | None = constrained(None, ge=1, help="patch edge (odd); default the variant's 7")
-    cbn_norm: str = constrained("feature", choices=("feature", "pooled"))
+    cbn_norm: str = constrained("layer", choices=CBN_NORMS,
+                                help="decoder norm: layer (no batch statistics), feature/pooled (the paper's batch norm)")
+    encoder_norm: str = constrained("batch", choices=ENCODER_NORMS, help="encoder norm: batch (the paper), instance, group")
     volume_shape: tuple[int, int, int] | None = constrained(None, item_ge=2, help="grid override (X, Y, Z)")
 
     def build(self, in_channels: int | None = None) -> ModelConfig:
@@ -64,6 +79,7 @@ class ModelSection:
         return model_config(
             self.variant, self.preset, activation=self.activation, patch_size=self.patch_size,
             in_channels=in_channels, volume_shape=self.volume_shape, cbn_norm=self.cbn_norm,
+            encoder_norm=self.encoder_norm,
         )
 
     def validate(self) -> None:

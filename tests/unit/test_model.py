@@ -10,7 +10,7 @@ import torch
 from ossnet.config import ACTIVATIONS, ConfigError, ModelConfig, model_config
 from ossnet.loss import ossnet_loss
 from ossnet.model import (
-    ConditionalBatchNorm,
+    ConditionalNorm,
     OSSNet,
     ResidualBlock3d,
     build_model,
@@ -186,11 +186,11 @@ def test_cbn_is_plain_batch_norm_at_init_and_conditions_per_volume() -> None:
     torch.manual_seed(5)
     x = torch.randn(2, 50, 8) * torch.linspace(0.5, 4.0, 8) + torch.linspace(-3.0, 3.0, 8)
     latent = torch.randn(2, 6)
-    feature = ConditionalBatchNorm(6, 8, "feature")
+    feature = ConditionalNorm(6, 8, "feature")
     out = feature(x, latent).reshape(-1, 8)
     assert torch.allclose(out.mean(0), torch.zeros(8), atol=1e-5)
     assert torch.allclose(out.var(0, unbiased=False), torch.ones(8), atol=1e-3)
-    pooled = ConditionalBatchNorm(6, 8, "pooled")
+    pooled = ConditionalNorm(6, 8, "pooled")
     out_p = pooled(x, latent)
     assert out_p.mean().abs() < 1e-5 and (out_p.var(unbiased=False) - 1).abs() < 1e-3
     assert out_p.reshape(-1, 8).mean(0).abs().max() > 0.5  # per-feature offsets survive pooling
@@ -205,7 +205,49 @@ def test_cbn_is_plain_batch_norm_at_init_and_conditions_per_volume() -> None:
 
 def test_cbn_rejects_unknown_norm() -> None:
     with pytest.raises(ConfigError, match="cbn_norm"):
-        ConditionalBatchNorm(4, 4, "layer")
+        ConditionalNorm(4, 4, "instance")
+    with pytest.raises(ConfigError, match="encoder.norm"):
+        model_config("C", "tiny", encoder_norm="layer")
+
+
+def _decode_first_volume(model, x, together: bool) -> torch.Tensor:
+    """Logits of volume 0, decoded in a batch with volume 1 or alone."""
+    if together:
+        return model(x["image_lowres"], x["points"], x["patches"])[0][0]
+    return model(x["image_lowres"][:1], x["points"][:1], x["patches"][:1])[0][0]
+
+
+@pytest.mark.parametrize("encoder_norm", ["batch", "instance", "group"])
+def test_layer_norm_decoder_is_the_same_function_in_training_and_inference(encoder_norm: str) -> None:
+    # The collapse this mode prevents: with batch statistics a volume's logits depend on the
+    # other volumes of the batch in training and on running averages at inference.
+    torch.manual_seed(3)
+    cfg = model_config("C", "tiny", volume_shape=ODD_SHAPE, encoder_norm=encoder_norm)
+    assert cfg.decoder.cbn_norm == "layer"
+    model = build_model(cfg)
+    x = make_inputs(cfg, b=2, n=40)
+    x["image_lowres"][1] = x["image_lowres"][1] * 3 + 2  # a very different second volume
+    with torch.no_grad():
+        for block in model.decoder.blocks:  # non-trivial conditioning
+            torch.nn.init.normal_(block.cbn1.gamma.weight, std=0.1)
+            torch.nn.init.normal_(block.cbn2.beta.weight, std=0.1)
+        model.eval()
+        reference = _decode_first_volume(model, x, together=False)
+        assert torch.allclose(_decode_first_volume(model, x, together=True), reference, atol=1e-5)
+        model.decoder.train()  # the decoder has no batch statistics to switch
+        assert torch.allclose(_decode_first_volume(model, x, together=True), reference, atol=1e-5)
+
+
+def test_feature_norm_decoder_depends_on_the_batch() -> None:
+    torch.manual_seed(3)
+    cfg = model_config("C", "tiny", volume_shape=ODD_SHAPE, cbn_norm="feature")
+    model = build_model(cfg)
+    x = make_inputs(cfg, b=2, n=40)
+    x["image_lowres"][1] = x["image_lowres"][1] * 3 + 2
+    with torch.no_grad():
+        model.train()
+        alone = _decode_first_volume(model, x, together=False)
+        assert not torch.allclose(_decode_first_volume(model, x, together=True), alone, atol=1e-3)
 
 
 def test_pooled_cbn_model_trains_a_step() -> None:
