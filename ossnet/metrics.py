@@ -104,4 +104,33 @@ def volume_ml(mask: Mask, spacing: Sequence[float]) -> float:
     return _count(m != 0) * float(np.prod([float(s) for s in spacing])) / 1000.0
 
 
-__all__ = ["ConfusionCounts", "confusion_counts", "dice", "iou", "volume_ml"]
+def collapse_warning(pred_voxels: Sequence[int], ref_voxels: Sequence[int], min_ratio: float = 0.1) -> str | None:
+    """Say whether predictions have collapsed towards all background, or None when they have not.
+
+    Collapse: the reference has foreground but the predictions hold none, or the predicted
+    foreground over all cases is below ``min_ratio`` of the reference's.
+
+    Args:
+        pred_voxels: predicted foreground voxels per case.
+        ref_voxels: reference foreground voxels per case (same order).
+        min_ratio: smallest accepted predicted/reference volume ratio.
+
+    Returns:
+        A one-line description, or None.
+    """
+    if len(pred_voxels) != len(ref_voxels):
+        raise ValueError(f"collapse check: {len(pred_voxels)} predictions for {len(ref_voxels)} references")
+    pred, ref = int(sum(pred_voxels)), int(sum(ref_voxels))
+    if ref == 0:
+        return None
+    empty = sum(1 for p, r in zip(pred_voxels, ref_voxels) if r > 0 and p == 0)
+    with_ref = sum(1 for r in ref_voxels if r > 0)
+    if pred == 0:
+        return f"no foreground predicted on any of {len(ref_voxels)} cases while the reference has {ref} voxels"
+    if pred < min_ratio * ref:
+        return (f"predicted foreground is {pred / ref:.3f} of the reference's ({pred} vs {ref} voxels; "
+                f"{empty} of {with_ref} cases with a reference predicted empty)")
+    return None
+
+
+__all__ = ["ConfusionCounts", "collapse_warning", "confusion_counts", "dice", "iou", "volume_ml"]

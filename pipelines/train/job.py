@@ -128,7 +128,9 @@ class ValidationSection:
 
     mode: str = constrained("mise_lowres", choices=MODES)
     chunk_points: int = constrained(2**14, ge=1)
-    max_cases: int | None = constrained(None, ge=1, help="validate on the first N val cases only")
+    split: str = constrained("val", choices=("val", "train"),
+                             help="cases to validate on: the val split, or the training cases (an overfit check)")
+    max_cases: int | None = constrained(None, ge=1, help="validate on the first N cases of that split only")
     png_cases: int = constrained(1, ge=0, help="slice overlays logged per validation")
     n_points: int | None = constrained(None, ge=1, help="points of the auxiliary point metrics (default sampling.n_points)")
 
@@ -291,12 +293,13 @@ def check_against_store(job: TrainJob, store: Store | None = None) -> StoreFacts
             f"{job.store} holds {tuple(store.volume_shape)} (ingest with the same preset, or set model.volume_shape)"
         )
     splits = {}
-    for split in ("train", "val"):
+    for split in sorted({"train", job.validation.split}, reverse=True):
         try:
             splits[split] = tuple(_split_case_ids(store, split, None))
         except ValueError:
             raise ConfigError(f"store: {job.store} has no complete cases in the {split!r} split") from None
-    val = splits["val"][: job.validation.max_cases] if job.validation.max_cases else splits["val"]
+    val = splits[job.validation.split]
+    val = val[: job.validation.max_cases] if job.validation.max_cases else val
     rows = len(splits["train"]) * job.train.samples_per_case
     if rows < job.scaling.world_size:
         raise ConfigError(

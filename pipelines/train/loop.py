@@ -238,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from pipelines.data import SampleSpec
     from pipelines.store import open_store
-    from pipelines.train.validation import Validator, summarize
+    from pipelines.train.validation import COLLAPSE_TAG, Validator, collapse_message, summarize
 
     png_dir = Path(tempfile.mkdtemp(prefix="ossnet-val-")) if rank == 0 and job.validation.png_cases else None
     validator = Validator(
@@ -272,12 +272,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             metrics.update(_reduce_train(_gather(stats, world), job.sampling.n_points))
 
             pngs: list[Path] = []
+            collapse = None
             if job.train.is_validation_epoch(epoch):
                 scores, pngs = validator(bare, epoch)
-                metrics.update(summarize([s for part in _gather(scores, world) for s in part]))
+                all_scores = [s for part in _gather(scores, world) for s in part]
+                metrics.update(summarize(all_scores))
+                collapse = collapse_message(all_scores)
             logger.info("epoch %d/%d: %s", epoch, job.train.epochs,
                         "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            if collapse is not None and rank == 0:
+                logger.warning("epoch %d: validation collapsed towards background: %s. Training may have "
+                               "diverged; see the README's 'When training collapses'.", epoch, collapse)
             if run_logger is not None:
+                if collapse is not None:
+                    run_logger.set_tags({COLLAPSE_TAG: f"epoch {epoch}: {collapse}"})
                 run_logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
                 from pipelines.tracking import log_figure_png
 

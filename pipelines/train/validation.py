@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ossnet.inference import Inferer
-from ossnet.metrics import dice, iou
+from ossnet.metrics import collapse_warning, dice, iou
 from ossnet.training import batch_to_device, evaluate_batch
 from pipelines.data import SampleSpec, _cached_store, collate_rows, sample_case_rows
 
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Scalar keys of one case's scores (the loop averages each over all cases).
 CASE_KEYS = ("dice", "iou", "queries", "seconds", "loss", "point_loss", "aux_loss", "point_acc", "lowres_dice")
+COLLAPSE_TAG = "ossnet.collapse"
+"""MLflow run tag set when a validation predicts (almost) no foreground; its value says where."""
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Validator:
                 "iou": iou(mask, label),
                 "queries": float(result.n_queries),
                 "seconds": time.perf_counter() - start,
+                "pred_voxels": int(np.count_nonzero(mask)),
+                "ref_voxels": int(np.count_nonzero(label)),
             }
             rows = sample_case_rows(arrays, case_id, 0, self.spec)
             batch = batch_to_device(collate_rows(rows), self._device)
@@ -98,7 +102,8 @@ class Validator:
 
 
 def summarize(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Mean of each score over cases, as ``val_<key>`` metrics (``val_dice``, ``val_iou``...)."""
+    """Mean of each score over cases, as ``val_<key>`` metrics (``val_dice``, ``val_iou``...),
+    plus ``val_pred_ratio``: predicted over reference foreground volume, all cases together."""
     if not scores:
         raise ValueError("validation: no case was scored")
     out: dict[str, float] = {}
@@ -107,7 +112,15 @@ def summarize(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         if values:
             out[f"val_{key}"] = float(np.mean(values))
     out["val_cases"] = float(len(scores))
+    ref = sum(int(s["ref_voxels"]) for s in scores)
+    if ref:
+        out["val_pred_ratio"] = sum(int(s["pred_voxels"]) for s in scores) / ref
     return out
 
 
-__all__ = ["CASE_KEYS", "Validator", "summarize"]
+def collapse_message(scores: Sequence[Mapping[str, Any]]) -> str | None:
+    """``ossnet.metrics.collapse_warning`` over the scored cases (None: no collapse)."""
+    return collapse_warning([int(s["pred_voxels"]) for s in scores], [int(s["ref_voxels"]) for s in scores])
+
+
+__all__ = ["CASE_KEYS", "COLLAPSE_TAG", "Validator", "collapse_message", "summarize"]

@@ -65,3 +65,18 @@ def test_volume_ml() -> None:
     assert volume_ml(torch.from_numpy(pred), (2.0, 1.0, 0.5)) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="spacing"):
         volume_ml(pred, (1.0, 0.0, 1.0))
+
+
+def test_collapse_warning_flags_empty_and_tiny_predictions():
+    from ossnet.metrics import collapse_warning
+
+    assert collapse_warning([100, 50], [120, 40]) is None
+    assert collapse_warning([0, 0], [0, 0]) is None  # nothing to find, nothing found
+    assert collapse_warning([5, 0], [0, 0]) is None  # false positives are not a collapse
+    message = collapse_warning([0, 0], [120, 40])
+    assert message is not None and "no foreground" in message and "160" in message
+    message = collapse_warning([10, 0], [120, 40])
+    assert message is not None and "0.062" in message and "1 of 2 cases" in message
+    assert collapse_warning([16, 0], [120, 40]) is None  # exactly 1/10 is accepted
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        collapse_warning([1, 2], [3])

@@ -260,3 +260,19 @@ def test_train_step_through_ddp_wrapper(tmp_path: Path) -> None:
         assert evaluate_batch(ddp, batch, 0.1)["loss"] > 0
     finally:
         dist.destroy_process_group()
+
+
+def test_validation_summary_reports_the_predicted_volume_ratio_and_collapse():
+    from pipelines.train.validation import collapse_message, summarize
+
+    scores = [
+        {"dice": 0.5, "iou": 0.4, "pred_voxels": 0, "ref_voxels": 300},
+        {"dice": 1.0, "iou": 1.0, "pred_voxels": 0, "ref_voxels": 0},
+    ]
+    out = summarize(scores)
+    assert out["val_dice"] == 0.75 and out["val_cases"] == 2 and out["val_pred_ratio"] == 0.0
+    assert "no foreground predicted" in collapse_message(scores)
+    scores[0]["pred_voxels"] = 290
+    assert summarize(scores)["val_pred_ratio"] == pytest.approx(290 / 300)
+    assert collapse_message(scores) is None
+    assert "val_pred_ratio" not in summarize([scores[1]])  # no reference foreground: no ratio
