@@ -29,8 +29,13 @@ size not measured is reported as null and listed under ``skipped`` with the reas
 extrapolation (``*_estimate`` keys, affine in the voxel count, fitted to the measured sizes)
 is then used for the ratio, flagged by ``ratio_estimated`` / ``ratio_large_estimated``.
 
+The crop-trained U-Net (nnU-Net and MONAI practice) is measured too: the largest cubic crop (a
+multiple of 16) whose step the fitted U-Net memory puts at or under OSS-Net's, measured alone
+(``unet3d_patch_crop``, ``unet3d_patch_train_peak_mb``): its memory is fixed by the crop, not by
+the volume, so it is the baseline at equal training memory (``bench.paper`` compares its Dice).
+
 The last stdout line is one JSON object with ``ossnet_train_peak_mb``, ``unet3d_train_peak_mb``,
-``ratio`` (U-Net / OSS-Net), the same three with ``_large``, and ``_cuda``-suffixed copies when
+``ratio`` (U-Net / OSS-Net), the same three with ``_large``, the crop-trained U-Net's keys, and ``_cuda``-suffixed copies when
 CUDA was measured too (the first measured device, named by ``device``, carries the plain
 keys; CPU unless ``--device cuda``). Paper (GPU, BraTS size): OSS-Net C 2.59 GB vs 3D U-Net 14.41 GB.
 """
@@ -95,23 +100,25 @@ def _make_optimizer(model: Any) -> tuple[Any, str]:
 StepFn = Callable[[Any, Batch, Any], None]
 
 
-def _ossnet_setup(shape: tuple[int, int, int], n_points: int, device: str) -> tuple[Any, Batch, StepFn, str]:
-    """OSS-Net C, a synthetic batch of one volume, and a one-step training function."""
+def _ossnet_setup(
+    shape: tuple[int, int, int], n_points: int, device: str, preset: str = "brats", in_channels: int = 4, batch_size: int = 1
+) -> tuple[Any, Batch, StepFn, str]:
+    """OSS-Net C, a synthetic batch of ``batch_size`` volumes, and a one-step training function."""
     import torch
     import torch.nn.functional as F
 
     from ossnet.config import model_config
     from ossnet.model.network import build_model
 
-    cfg = model_config("C", "brats", volume_shape=shape)
+    cfg = model_config("C", preset, volume_shape=shape, in_channels=in_channels)
     model = build_model(cfg).to(device)
-    k, cp = cfg.patch.size, cfg.patch_channels
+    k, cp, b = cfg.patch.size, cfg.patch_channels, batch_size
     batch: Batch = {
-        "image_lowres": torch.randn(1, cfg.encoder.in_channels, *cfg.lowres_input_shape, device=device),
-        "points": torch.rand(1, n_points, 3, device=device) * 2 - 1,
-        "patches": torch.randn(1, n_points, cp, k, k, k, device=device),
-        "labels": (torch.rand(1, n_points, device=device) > 0.5).float(),
-        "label_lowres": (torch.rand(1, *cfg.latent_shape, device=device) > 0.5).float(),
+        "image_lowres": torch.randn(b, cfg.encoder.in_channels, *cfg.lowres_input_shape, device=device),
+        "points": torch.rand(b, n_points, 3, device=device) * 2 - 1,
+        "patches": torch.randn(b, n_points, cp, k, k, k, device=device),
+        "labels": (torch.rand(b, n_points, device=device) > 0.5).float(),
+        "label_lowres": (torch.rand(b, *cfg.latent_shape, device=device) > 0.5).float(),
     }
     try:
         from ossnet.training import train_step
@@ -137,17 +144,21 @@ def _ossnet_setup(shape: tuple[int, int, int], n_points: int, device: str) -> tu
     return model, batch, replicated, "replicated forward/BCE/backward/step"
 
 
-def _unet_setup(shape: tuple[int, int, int], device: str) -> tuple[Any, Batch, StepFn, str]:
-    """The fairly sized 3D residual U-Net, a synthetic 4-channel volume and a one-step function."""
+def _unet_setup(
+    shape: tuple[int, int, int], device: str, in_channels: int = 4, channels: Sequence[int] | None = None,
+    batch_size: int = 1,
+) -> tuple[Any, Batch, StepFn, str]:
+    """The 3D residual U-Net (fairly sized unless ``channels`` says otherwise), a synthetic batch
+    of ``batch_size`` volumes (or crops) of ``shape`` and a one-step function."""
     import torch
     import torch.nn.functional as F
 
-    from ossnet.baselines.unet3d import ResidualUNet3D
+    from ossnet.baselines.unet3d import DEFAULT_CHANNELS, ResidualUNet3D
 
-    model = ResidualUNet3D(in_channels=4).to(device)
+    model = ResidualUNet3D(in_channels=in_channels, channels=tuple(channels or DEFAULT_CHANNELS)).to(device)
     batch: Batch = {
-        "image": torch.randn(1, 4, *shape, device=device),
-        "label": (torch.rand(1, 1, *shape, device=device) > 0.5).float(),
+        "image": torch.randn(batch_size, in_channels, *shape, device=device),
+        "label": (torch.rand(batch_size, 1, *shape, device=device) > 0.5).float(),
     }
 
     def step(m: Any, b: Batch, opt: Any) -> None:
@@ -168,10 +179,13 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
     if payload.get("threads"):  # several workers share the cores: oversubscribed OpenMP thrashes
         torch.set_num_threads(int(payload["threads"]))
     torch.manual_seed(int(payload.get("seed", 0)))
+    in_channels, batch_size = int(payload.get("in_channels", 4)), int(payload.get("batch_size", 1))
     if name == "ossnet":
-        model, batch, step, how = _ossnet_setup(shape, int(payload["n_points"]), device)  # type: ignore[arg-type]
+        model, batch, step, how = _ossnet_setup(  # type: ignore[arg-type]
+            shape, int(payload["n_points"]), device, payload.get("preset", "brats"), in_channels, batch_size)
     elif name == "unet3d":
-        model, batch, step, how = _unet_setup(shape, device)  # type: ignore[arg-type]
+        model, batch, step, how = _unet_setup(  # type: ignore[arg-type]
+            shape, device, in_channels, payload.get("channels"), batch_size)
     else:
         raise ValueError(f"payload.model: unknown {name!r}")
     model.train()
@@ -214,10 +228,13 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure(
-    model: str, shape: tuple[int, int, int], device: str, n_points: int, timeout: float, threads: int | None = None
+    model: str, shape: tuple[int, int, int], device: str, n_points: int, timeout: float, threads: int | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
+    """One step of ``model`` measured in a fresh process; ``extra`` goes into the worker payload
+    (``preset``, ``in_channels``, ``channels``, ``batch_size``)."""
     payload = {"model": model, "shape": list(shape), "device": device, "n_points": n_points, "seed": 0,
-               "threads": threads}
+               "threads": threads, **extra}
     outcome = run_worker("bench.memory", payload, timeout=timeout)
     if not outcome.ok:
         log.warning("%s %s on %s failed: %s", model, "x".join(map(str, shape)), device, outcome.error)
@@ -276,6 +293,18 @@ class UNetScaling:
             return None
         v_ref, _, t_ref = timed[-1]
         return t_ref * _voxels(shape) / v_ref
+
+
+def matching_crop(target_mb: float, scaling: UNetScaling, max_side: int, multiple: int = 16) -> int:
+    """The largest cubic crop side (a multiple of ``multiple``, at least one multiple, at most
+    ``max_side``) whose U-Net training step needs at most ``target_mb`` by ``scaling``'s fit."""
+    side = multiple
+    while side + multiple <= max_side:
+        estimate = scaling.memory_mb((side + multiple,) * 3)
+        if estimate is None or estimate > target_mb:
+            break
+        side += multiple
+    return side
 
 
 def measure_device(
@@ -368,7 +397,17 @@ def measure_device(
     if gate("unet3d_train_peak_mb", shape):
         record_unet("unet3d_train_peak_mb", shape, _measure("unet3d", shape, device, n_points, timeout))
 
-    # 3. The large U-Net, alone, if the fitted memory and step time allow.
+    # 3. The crop-trained U-Net (nnU-Net / MONAI style): the largest cubic crop whose step needs no
+    # more memory than OSS-Net's at the base size, measured alone. Its memory does not grow with
+    # the volume, so it is the baseline at equal training memory.
+    oss_mb = out.get("ossnet_train_peak_mb")
+    if oss_mb:
+        side = matching_crop(oss_mb, scaling, min(shape))
+        res = _measure("unet3d", (side, side, side), device, n_points, timeout)
+        out["unet3d_patch_crop"] = side
+        record("unet3d_patch_train_peak_mb", res)
+
+    # 4. The large U-Net, alone, if the fitted memory and step time allow.
     if gate("unet3d_train_peak_mb_large", large):
         record_unet("unet3d_train_peak_mb_large", large, _measure("unet3d", large, device, n_points, timeout))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,33 @@ def test_predict_volume_slicewise_rejects_bad_axis_and_shape() -> None:
         predict_volume_slicewise(model, torch.zeros(1, 4, 4, 4), axis=3)
     with pytest.raises(ValueError, match="image"):
         predict_volume_slicewise(model, torch.zeros(4, 4, 4), axis=0)
+
+
+def test_random_crops_fit_the_volume_and_oversample_foreground():
+    from ossnet.baselines.patches import random_crop_starts
+
+    label = np.zeros((40, 30, 20), np.uint8)
+    label[35:38, 2:4, 15:17] = 1  # a small target in a corner
+    starts = random_crop_starts(label.shape, (16, 16, 8), label, 30, np.random.default_rng(0))
+    assert starts.shape == (30, 3)
+    assert (starts >= 0).all() and (starts + (16, 16, 8) <= label.shape).all()
+    hits = sum(label[a : a + 16, b : b + 16, c : c + 8].any() for a, b, c in starts)
+    assert hits >= 10  # a third of the crops hold the target
+    with pytest.raises(ValueError, match="fit"):
+        random_crop_starts(label.shape, (50, 16, 8), label, 1, np.random.default_rng(0))
+
+
+def test_sliding_window_equals_one_pass_for_a_pointwise_network():
+    from ossnet.baselines.patches import gaussian_importance, sliding_window_predict
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(2, 1, kernel_size=1)  # no context: every window agrees with the full pass
+    image = torch.randn(2, 37, 29, 21)
+    full = net(image[None])[0].detach()
+    for roi, overlap in (((16, 16, 16), 0.5), ((40, 8, 12), 0.25), ((37, 29, 21), 0.0)):
+        out = sliding_window_predict(net, image, roi, overlap=overlap, batch_size=3)
+        assert out.shape == (1, 37, 29, 21)
+        assert torch.allclose(out, full, atol=1e-5), roi
+    weights = gaussian_importance((9, 9, 9))
+    assert weights.max() == 1.0 and weights[4, 4, 4] == 1.0 and weights.min() > 0
+    assert weights[0, 4, 4] < weights[2, 4, 4] < weights[4, 4, 4]

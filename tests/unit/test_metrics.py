@@ -80,3 +80,23 @@ def test_collapse_warning_flags_empty_and_tiny_predictions():
     assert collapse_warning([16, 0], [120, 40]) is None  # exactly 1/10 is accepted
     with pytest.raises(ValueError, match="2 predictions for 1"):
         collapse_warning([1, 2], [3])
+
+
+def test_hd95_of_shifted_boxes_and_empty_conventions():
+    from ossnet.metrics import hd95
+
+    ref = np.zeros((30, 30, 30), bool)
+    ref[10:20, 10:20, 10:20] = True
+    assert hd95(ref, ref) == 0.0
+    shifted = np.roll(ref, 3, axis=0)
+    # Every surface voxel of one box is at most 3 voxels from the other's surface; most are closer.
+    assert 1.0 <= hd95(shifted, ref) <= 3.0
+    assert hd95(shifted, ref, spacing=(2.0, 1.0, 1.0)) == pytest.approx(2 * hd95(shifted, ref))
+    assert hd95(np.zeros_like(ref), np.zeros_like(ref)) == 0.0
+    assert np.isnan(hd95(np.zeros_like(ref), ref))
+    assert hd95(ref, np.zeros_like(ref), empty_value=373.13) == 373.13
+    far = np.zeros_like(ref)
+    far[0, 0, 0] = True  # one stray voxel far away barely moves the 95th percentile
+    assert hd95(ref | far, ref) < 1.0
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(ref, ref, spacing=(1.0, 0.0, 1.0))
