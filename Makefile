@@ -40,6 +40,8 @@ test-e2e: $(STAMP)
 	$(PY) -m pytest tests/e2e -q
 
 bench: $(STAMP)
+	$(PY) -m ossnet.phantoms --report
+	$(PY) -m bench.paper --quick
 	$(PY) -m bench.mise --quick
 	$(PY) -m bench.memory --quick
 	$(PY) -m bench.data --quick

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -86,15 +86,47 @@ def load_cases(plan: dict[str, Any]) -> tuple[list[tuple[str, np.ndarray, np.nda
     return normalised, cases[plan["n_train"]:], spacing
 
 
-def _optimizer(model: Any, plan: dict[str, Any]) -> tuple[Any, int]:
+def _fit(plan: dict[str, Any], model: Any, step: Callable[[Any], None]) -> dict[str, Any]:
+    """Train ``model``: ``step(optimizer)`` ``plan["steps"]`` times with the project's
+    Lookahead(RAdam), the LR dropped x0.1 at 80% of the steps.
+
+    Returns:
+        ``train_mb`` (peak above the level at entry), ``train_s`` and ``params``.
+    """
     from ossnet.training import make_optimizer
 
-    return make_optimizer(model, "radam_lookahead", float(plan["lr"])), int(0.8 * int(plan["steps"]))
+    optimizer = make_optimizer(model, "radam_lookahead", float(plan["lr"]))
+    drop_at = int(0.8 * int(plan["steps"]))
+    with TrainMemory(plan["device"]) as meter:
+        start = time.perf_counter()
+        for i in range(int(plan["steps"])):
+            if i == drop_at:
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.1
+            step(optimizer)
+        seconds = time.perf_counter() - start
+    return {"train_mb": meter.delta_mb, "train_s": seconds, "params": sum(p.numel() for p in model.parameters())}
 
 
-def _drop_lr(optimizer: Any) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] *= 0.1
+def _voxel_step(model: Any, optimizer: Any, images: list[np.ndarray], labels: list[np.ndarray], device: str) -> None:
+    """One BCE + soft Dice step of a voxel network on stacked ``images`` ``[B, C, ...]``."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(images), dtype=np.float32)).to(device)
+    y = torch.from_numpy(np.stack(labels).astype(np.float32))[:, None].to(device)
+    optimizer.zero_grad(set_to_none=True)
+    _dice_bce(model(x), y).backward()
+    optimizer.step()
+
+
+def _segment(test: list, predict: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+    """``predict`` (image -> bool mask) over the test cases, timed per case."""
+    masks, seconds = [], []
+    for _, image, _ in test:
+        start = time.perf_counter()
+        masks.append(predict(image))
+        seconds.append(time.perf_counter() - start)
+    return {"masks": masks, "infer_s": seconds}
 
 
 def _dice_bce(logits: Any, target: Any) -> Any:
@@ -124,8 +156,6 @@ def _augment(plan: dict[str, Any], image: np.ndarray, label: np.ndarray, rng: np
 
 
 def _ossnet(run: str, plan: dict[str, Any], train: list, test: list, rng: np.random.Generator) -> dict[str, Any]:
-    import torch
-
     from ossnet.config import AugmentConfig, SamplingConfig, model_config
     from ossnet.inference import Inferer
     from ossnet.model import build_model
@@ -138,29 +168,20 @@ def _ossnet(run: str, plan: dict[str, Any], train: list, test: list, rng: np.ran
     device = plan["device"]
     cfg = model_config(variant, plan["preset"], volume_shape=tuple(plan["shape"]), in_channels=channels)
     model = build_model(cfg).to(device)
-    optimizer, drop_at = _optimizer(model, plan)
     sampling = SamplingConfig(n_points=int(plan["n_points"]), border_ratio=border)
     augment = AugmentConfig() if plan["augment"] else AugmentConfig.off()
     alpha = 0.1 if cfg.has_lowres_head else 0.0
-    with TrainMemory(device) as meter:
-        start = time.perf_counter()
-        for step in range(int(plan["steps"])):
-            if step == drop_at:
-                _drop_lr(optimizer)
-            picks = rng.integers(0, len(train), int(plan["batch"]))
-            rows = [training_sample(train[i][1], train[i][2], cfg, sampling, augment, rng) for i in picks]
-            train_step(model, batch_to_device(collate_rows(rows), device), optimizer, alpha)
-        train_s = time.perf_counter() - start
+
+    def step(optimizer: Any) -> None:
+        picks = rng.integers(0, len(train), int(plan["batch"]))
+        rows = [training_sample(train[i][1], train[i][2], cfg, sampling, augment, rng) for i in picks]
+        train_step(model, batch_to_device(collate_rows(rows), device), optimizer, alpha)
+
+    out = _fit(plan, model, step)
     inferer = Inferer(mode="mise_lowres" if cfg.has_lowres_head else "mise", chunk_points=2**14, device=device)
-    masks, seconds, queries = [], [], []
-    for _, image, _ in test:
-        result = inferer(model, image)
-        masks.append(np.asarray(result.mask))
-        seconds.append(result.seconds)
-        queries.append(result.n_queries)
-    params = sum(p.numel() for p in model.parameters())
-    return {"masks": masks, "infer_s": seconds, "queries": queries, "train_mb": meter.delta_mb, "train_s": train_s,
-            "params": params}
+    results = [inferer(model, image) for _, image, _ in test]
+    return {**out, "masks": [np.asarray(r.mask) for r in results], "infer_s": [r.seconds for r in results],
+            "queries": [r.n_queries for r in results]}
 
 
 # --------------------------------------------------------------------------- U-Nets
@@ -175,45 +196,32 @@ def _unet3d(run: str, plan: dict[str, Any], train: list, test: list, rng: np.ran
     device = plan["device"]
     channels = train[0][1].shape[0]
     model = ResidualUNet3D(channels, 1, channels=tuple(plan["unet_channels"])).to(device)
-    optimizer, drop_at = _optimizer(model, plan)
-    crop = tuple([int(plan["crop"])] * 3) if run == "unet3d_patch" else None
     shape = tuple(plan["shape"])
-    if crop is not None:
-        crop = tuple(min(c, s) for c, s in zip(crop, shape))
-    with TrainMemory(device) as meter:
-        start = time.perf_counter()
-        for step in range(int(plan["steps"])):
-            if step == drop_at:
-                _drop_lr(optimizer)
-            images, labels = [], []
-            for i in rng.integers(0, len(train), int(plan["batch"])):
-                image, label = _augment(plan, train[i][1], train[i][2], rng)
-                if crop is not None:
-                    (a, b, c), = random_crop_starts(shape, crop, label, 1, rng, foreground_fraction=1 / 3)
-                    window = (slice(a, a + crop[0]), slice(b, b + crop[1]), slice(c, c + crop[2]))
-                    image, label = image[(slice(None),) + window], label[window]
-                images.append(np.ascontiguousarray(image, dtype=np.float32))
-                labels.append(np.ascontiguousarray(label > 0, dtype=np.float32))
-            x = torch.from_numpy(np.stack(images)).to(device)
-            y = torch.from_numpy(np.stack(labels))[:, None].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            _dice_bce(model(x), y).backward()
-            optimizer.step()
-        train_s = time.perf_counter() - start
-    masks, seconds = [], []
-    model.eval()
-    for _, image, _ in test:
-        t0 = time.perf_counter()
+    crop = tuple(min(int(plan["crop"]), s) for s in shape) if run == "unet3d_patch" else None
+
+    def step(optimizer: Any) -> None:
+        images, labels = [], []
+        for i in rng.integers(0, len(train), int(plan["batch"])):
+            image, label = _augment(plan, train[i][1], train[i][2], rng)
+            if crop is not None:
+                (a, b, c), = random_crop_starts(shape, crop, label, 1, rng, foreground_fraction=1 / 3)
+                window = (slice(a, a + crop[0]), slice(b, b + crop[1]), slice(c, c + crop[2]))
+                image, label = image[(slice(None),) + window], label[window]
+            images.append(image)
+            labels.append(label > 0)
+        _voxel_step(model, optimizer, images, labels, device)
+
+    def predict(image: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             if crop is None:
                 logits = model(torch.from_numpy(image)[None].to(device))[0].cpu()
             else:
                 logits = sliding_window_predict(model, image, crop, overlap=0.5, batch_size=int(plan["batch"]))
-        masks.append((logits[0] > 0).numpy())
-        seconds.append(time.perf_counter() - t0)
-    params = sum(p.numel() for p in model.parameters())
-    return {"masks": masks, "infer_s": seconds, "queries": [int(np.prod(shape))] * len(test),
-            "train_mb": meter.delta_mb, "train_s": train_s, "params": params,
+        return (logits[0] > 0).numpy()
+
+    out = _fit(plan, model, step)
+    model.eval()
+    return {**out, **_segment(test, predict), "queries": [int(np.prod(shape))] * len(test),
             "crop": list(crop) if crop is not None else None}
 
 
@@ -225,36 +233,24 @@ def _unet2d(run: str, plan: dict[str, Any], train: list, test: list, rng: np.ran
     axis, device = int(plan["axis"]), plan["device"]
     channels = train[0][1].shape[0]
     model = ResidualUNet2D(channels, 1, channels=tuple(plan["unet_channels"])).to(device)
-    optimizer, drop_at = _optimizer(model, plan)
-    with TrainMemory(device) as meter:
-        start = time.perf_counter()
-        for step in range(int(plan["steps"])):
-            if step == drop_at:
-                _drop_lr(optimizer)
-            images, labels = [], []
-            for k, i in enumerate(rng.integers(0, len(train), int(plan["slice_batch"]))):
-                image, label = _augment(plan, train[i][1], train[i][2], rng)
-                depth = label.shape[axis]
-                through = np.flatnonzero(np.moveaxis(label > 0, axis, 0).reshape(depth, -1).any(axis=1))
-                # A third of the slices pass through foreground (nnU-Net's oversampling).
-                index = int(rng.choice(through)) if (k % 3 == 0 and through.size) else int(rng.integers(depth))
-                images.append(np.take(image, index, axis=axis + 1))
-                labels.append(np.take(label, index, axis=axis) > 0)
-            x = torch.from_numpy(np.ascontiguousarray(np.stack(images), dtype=np.float32)).to(device)
-            y = torch.from_numpy(np.stack(labels).astype(np.float32))[:, None].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            _dice_bce(model(x), y).backward()
-            optimizer.step()
-        train_s = time.perf_counter() - start
-    masks, seconds = [], []
-    for _, image, _ in test:
-        t0 = time.perf_counter()
-        logits = predict_volume_slicewise(model, image, axis, batch_size=int(plan["slice_batch"]))
-        masks.append((logits[0] > 0).numpy())
-        seconds.append(time.perf_counter() - t0)
-    params = sum(p.numel() for p in model.parameters())
-    return {"masks": masks, "infer_s": seconds, "queries": [int(np.prod(plan["shape"]))] * len(test),
-            "train_mb": meter.delta_mb, "train_s": train_s, "params": params, "axis": axis}
+
+    def step(optimizer: Any) -> None:
+        images, labels = [], []
+        for k, i in enumerate(rng.integers(0, len(train), int(plan["slice_batch"]))):
+            image, label = _augment(plan, train[i][1], train[i][2], rng)
+            depth = label.shape[axis]
+            through = np.flatnonzero(np.moveaxis(label > 0, axis, 0).reshape(depth, -1).any(axis=1))
+            # A third of the slices pass through foreground (nnU-Net's oversampling).
+            index = int(rng.choice(through)) if (k % 3 == 0 and through.size) else int(rng.integers(depth))
+            images.append(np.take(image, index, axis=axis + 1))
+            labels.append(np.take(label, index, axis=axis) > 0)
+        _voxel_step(model, optimizer, images, labels, device)
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        return (predict_volume_slicewise(model, image, axis, batch_size=int(plan["slice_batch"]))[0] > 0).numpy()
+
+    out = _fit(plan, model, step)
+    return {**out, **_segment(test, predict), "queries": [int(np.prod(plan["shape"]))] * len(test), "axis": axis}
 
 
 def run_one(payload: dict[str, Any]) -> dict[str, Any]:

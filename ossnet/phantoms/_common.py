@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BRATS_MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
+BRATS_MODALITY_SCALE: tuple[float, ...] = (450.0, 650.0, 800.0, 1000.0)
+"""Typical raw intensity of each BraTS-like modality (relative tissue values are scaled by it)."""
 
 
 @dataclass
@@ -147,6 +149,7 @@ def unit_ball(rng: np.random.Generator) -> np.ndarray:
 
 __all__ = [
     "BRATS_MODALITIES",
+    "BRATS_MODALITY_SCALE",
     "PhantomCase",
     "blob",
     "sub_box",

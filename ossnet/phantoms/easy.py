@@ -22,6 +22,7 @@ import numpy as np
 
 from ossnet.phantoms._common import (
     BRATS_MODALITIES,
+    BRATS_MODALITY_SCALE,
     PhantomCase,
     blob,
     sub_box,
@@ -47,7 +48,6 @@ _TISSUE = {
     "core": (0.82, 0.40, 1.00, 0.65),
     "necrosis": (0.72, 0.25, 0.28, 0.97),
 }
-_MODALITY_SCALE = (450.0, 650.0, 800.0, 1000.0)
 
 
 def brats_like(
@@ -118,7 +118,7 @@ def brats_like(
             if necrosis is not None:
                 mix(sub, tissue["necrosis"], necrosis)
         channel *= modulation
-        amplitude = _MODALITY_SCALE[m] * float(rng.uniform(0.8, 1.25))
+        amplitude = BRATS_MODALITY_SCALE[m] * float(rng.uniform(0.8, 1.25))
         channel *= np.float32(amplitude)
         # Skull-stripped: noise only inside the brain, exact zeros outside.
         inside = rician(rng, channel[brain], 0.03 * amplitude)

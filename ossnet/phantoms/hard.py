@@ -31,6 +31,7 @@ import numpy as np
 
 from ossnet.phantoms._common import (
     BRATS_MODALITIES,
+    BRATS_MODALITY_SCALE,
     PhantomCase,
     blob,
     check_shape,
@@ -61,7 +62,6 @@ _BRAIN = {
     "core": (0.70, 0.53, 0.93, 0.66),
     "necrosis": (0.52, 0.30, 0.30, 0.98),
 }
-_BRAIN_SCALE = (450.0, 650.0, 800.0, 1000.0)
 
 # T1-weighted head (relative): muscle ~ grey matter, marrow and fat ~ white matter.
 _HEAD = {
@@ -190,7 +190,7 @@ def brats_hard(
         modulation *= fine
         channel = image[c]
         channel *= modulation
-        amplitude = _BRAIN_SCALE[c] * float(rng.uniform(0.8, 1.25))
+        amplitude = BRATS_MODALITY_SCALE[c] * float(rng.uniform(0.8, 1.25))
         channel *= np.float32(amplitude)
         inside = rician(rng, channel[brain], 0.04 * amplitude)
         channel[...] = 0.0
