@@ -281,8 +281,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             logger.info("epoch %d/%d: %s", epoch, job.train.epochs,
                         "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
             if collapse is not None and rank == 0:
-                logger.warning("epoch %d: validation collapsed towards background: %s. Training may have "
-                               "diverged; see the README's 'When training collapses'.", epoch, collapse)
+                logger.warning("epoch %d: validation predicts almost no foreground: %s. Early in training "
+                               "the model may still be learning; if this persists or follows better epochs, "
+                               "training has collapsed (README: 'When training collapses').", epoch, collapse)
             if run_logger is not None:
                 if collapse is not None:
                     run_logger.set_tags({COLLAPSE_TAG: f"epoch {epoch}: {collapse}"})

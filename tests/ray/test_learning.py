@@ -73,7 +73,7 @@ def test_collapse_guard_warns_and_tags_the_run(
     with caplog.at_level(logging.WARNING, logger="pipelines.train.loop"):
         result = train(job)
     assert result.metrics["val_dice"] == 0.0 and result.metrics["val_pred_ratio"] < 0.1
-    warnings = [r.getMessage() for r in caplog.records if "collapsed towards background" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "almost no foreground" in r.getMessage()]
     assert warnings and "epoch 2" in warnings[-1]
     tag = _tags(job, result.mlflow_run_id)[COLLAPSE_TAG]
     assert tag.startswith("epoch 2: ") and "reference" in tag
