@@ -1,35 +1,37 @@
-"""Reversible per-case preprocessing: validation, orientation, z-score, crop/pad, label mapping.
+"""Reversible per-case preprocessing: validation, z-score and label mapping, plus the in-memory
+path through the case geometry (``ossnet.geometry``: orientation, resampling, crop/pad).
 
 Pure numpy. Everything that changes a volume's geometry or intensities is recorded in a
 ``PreprocessRecord`` so inference can map predictions back onto the source file's voxel grid.
-
-Geometry pipeline (source file -> model grid), applied to every channel and to the label:
-
-1. ``apply_orientation(volume, ornt)``: flips/transposes to RAS (``ornt`` as nibabel's
-   ``io_orientation`` returns it; computed by the caller, which may import nibabel).
-2. ``crop_or_pad(volume, volume_shape)``: centred crop or zero pad to the model grid.
-
 Intensities are z-scored per channel *before* the geometry steps, over the whole source volume
 (``"all"``) or over its nonzero voxels (``"nonzero"``, which keeps the zero background at 0).
 Work is done in slabs along the first spatial axis so a 512^3 channel needs no full-size
-temporaries beyond its own float32 copy.
+temporaries beyond its own float32 copy. ``pipelines.volumes`` runs the same transform lazily
+and chunk by chunk for scans that do not fit in memory.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ossnet.geometry import (
+    ZSCORE_MASKS,
+    Box,
+    PreprocessRecord,
+    check_zscore_mask,
+    apply_orientation,
+    crop_or_pad,
+    crop_pad_box,
+    invert_orientation,
+    orientation_affine,
+    undo_crop_or_pad,
+)
+
 logger = logging.getLogger(__name__)
-
-Box = tuple[tuple[int, int, int, int], ...]
-"""Per spatial axis ``(src_start, src_stop, dst_start, dst_stop)`` of a crop/pad."""
-
-ZSCORE_MASKS: tuple[str, ...] = ("nonzero", "all")
 _SLAB_ELEMENTS = 1 << 24  # ~16M voxels per slab bounds every temporary to 64 MiB of float32
 
 
@@ -149,11 +151,6 @@ def binarize_label(label: np.ndarray, foreground: Iterable[int] | None = None) -
 # --------------------------------------------------------------------------------------------
 
 
-def _check_mask_mode(mask: str) -> None:
-    if mask not in ZSCORE_MASKS:
-        raise ValueError(f"zscore mask: must be one of {', '.join(ZSCORE_MASKS)}, got {mask!r}")
-
-
 def zscore_stats(x: np.ndarray, mask: str = "nonzero") -> tuple[float, float]:
     """Mean and standard deviation of one channel over its mask, in float64, slab-wise.
 
@@ -165,7 +162,7 @@ def zscore_stats(x: np.ndarray, mask: str = "nonzero") -> tuple[float, float]:
         ``(mean, std)``; ``(0.0, 1.0)`` for an empty mask and std 1.0 for a constant channel,
         so normalising never divides by zero.
     """
-    _check_mask_mode(mask)
+    check_zscore_mask(mask)
     plane = int(np.prod(x.shape[1:]))
     count, total = 0, 0.0
     for sl in _slabs(x.shape[0], plane):
@@ -260,274 +257,13 @@ def invert_zscore(
     With the ``"nonzero"`` mask, normalised zeros map back to 0 (the background; a foreground
     voxel exactly at the mean is indistinguishable from it).
     """
-    _check_mask_mode(mask)
+    check_zscore_mask(mask)
     out = np.empty(image.shape, dtype=np.float32)
     for c in range(image.shape[0]):
         x = image[c].astype(np.float32)
         restored = x * np.float32(stds[c]) + np.float32(means[c])
         out[c] = np.where(x != 0, restored, 0.0) if mask == "nonzero" else restored
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Orientation (numpy equivalents of nibabel.orientations, so ossnet stays nibabel-free)
-# --------------------------------------------------------------------------------------------
-
-
-def _as_ornt(ornt: Any) -> np.ndarray:
-    arr = np.asarray(ornt, dtype=np.float64)
-    if arr.shape != (3, 2) or np.isnan(arr).any():
-        raise ValueError(f"orientation: expected a (3, 2) axis/flip array, got {arr.tolist()}")
-    if sorted(int(a) for a in arr[:, 0]) != [0, 1, 2] or not set(arr[:, 1].tolist()) <= {1.0, -1.0}:
-        raise ValueError(f"orientation: not a permutation with flips: {arr.tolist()}")
-    return arr.astype(np.int64)
-
-
-def apply_orientation(volume: np.ndarray, ornt: Any) -> np.ndarray:
-    """Flip and transpose the last three axes as ``nibabel.orientations.apply_orientation``.
-
-    Args:
-        volume: ``(..., X, Y, Z)``.
-        ornt: ``(3, 2)``: row ``i`` sends source axis ``i`` to axis ``ornt[i, 0]``, flipped if
-            ``ornt[i, 1] == -1``.
-
-    Returns:
-        A view (no copy) with reoriented spatial axes.
-    """
-    o = _as_ornt(ornt)
-    lead = volume.ndim - 3
-    out = volume
-    for ax in range(3):
-        if o[ax, 1] == -1:
-            out = np.flip(out, axis=lead + ax)
-    perm = list(range(lead)) + [lead + int(a) for a in np.argsort(o[:, 0])]
-    return out.transpose(perm)
-
-
-def invert_orientation(ornt: Any) -> np.ndarray:
-    """The ``(3, 2)`` orientation undoing ``ornt``: ``apply(apply(v, o), invert(o)) == v``."""
-    o = _as_ornt(ornt)
-    inv = np.zeros((3, 2), dtype=np.int64)
-    for i in range(3):
-        inv[o[i, 0]] = (i, o[i, 1])
-    return inv
-
-
-def orientation_affine(ornt: Any, shape: Sequence[int]) -> np.ndarray:
-    """Voxel-to-voxel affine from the reoriented array back to the source array.
-
-    Equals ``nibabel.orientations.inv_ornt_aff(ornt, shape)``; ``shape`` is the source shape.
-    """
-    o = _as_ornt(ornt)
-    shp = np.asarray(shape[:3], dtype=np.float64)
-    undo_reorder = np.eye(4)[list(o[:, 0]) + [3], :]
-    undo_flip = np.diag(list(o[:, 1].astype(np.float64)) + [1.0])
-    center_trans = -(shp - 1) / 2.0
-    undo_flip[:3, 3] = o[:, 1] * center_trans - center_trans
-    return undo_flip @ undo_reorder
-
-
-# --------------------------------------------------------------------------------------------
-# Crop / pad
-# --------------------------------------------------------------------------------------------
-
-
-def crop_pad_box(in_shape: Sequence[int], out_shape: Sequence[int]) -> Box:
-    """Centred crop/pad box mapping a grid of ``in_shape`` onto ``out_shape``.
-
-    The offset per axis is ``ceil((out - in) / 2)``: padding puts the extra voxel before (as the
-    reference BraTS loader does), cropping removes ``floor((in - out) / 2)`` voxels before.
-    """
-    box = []
-    for n_in, n_out in zip(in_shape, out_shape):
-        offset = -((int(n_in) - int(n_out)) // 2)  # ceil((out - in) / 2)
-        src_start = max(0, -offset)
-        dst_start = max(0, offset)
-        length = min(int(n_in) - src_start, int(n_out) - dst_start)
-        box.append((src_start, src_start + length, dst_start, dst_start + length))
-    return tuple(box)
-
-
-def _box_slices(box: Box) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-    src = tuple(slice(b[0], b[1]) for b in box)
-    dst = tuple(slice(b[2], b[3]) for b in box)
-    return src, dst
-
-
-def crop_or_pad(
-    volume: np.ndarray, shape: Sequence[int], *, fill: float = 0, dtype: Any = None
-) -> tuple[np.ndarray, Box]:
-    """Centre ``volume``'s last three axes on a grid of ``shape`` (crop where larger, pad where smaller).
-
-    Args:
-        volume: ``(..., X, Y, Z)``.
-        shape: target ``(X', Y', Z')``.
-        fill: value of padded voxels.
-        dtype: output dtype (default: the input's), cast while copying to avoid a second copy.
-
-    Returns:
-        ``(out (..., X', Y', Z'), box)``; ``undo_crop_or_pad(out, volume.shape[-3:], box)`` restores
-        the input geometry (cropped-away voxels come back as ``fill``).
-    """
-    if len(shape) != 3:
-        raise ValueError(f"crop_or_pad: target shape must have 3 sizes, got {tuple(shape)}")
-    box = crop_pad_box(volume.shape[-3:], shape)
-    lead = volume.shape[:-3]
-    out = np.full(lead + tuple(int(s) for s in shape), fill, dtype=dtype or volume.dtype)
-    src, dst = _box_slices(box)
-    ell = (Ellipsis,)
-    out[ell + dst] = volume[ell + src]
-    return out, box
-
-
-def undo_crop_or_pad(volume: np.ndarray, original_shape: Sequence[int], box: Box, *, fill: float = 0) -> np.ndarray:
-    """Inverse of ``crop_or_pad``: ``(..., X', Y', Z')`` back to ``(..., *original_shape)``."""
-    box = tuple(tuple(int(v) for v in b) for b in box)  # type: ignore[assignment]
-    lead = volume.shape[:-3]
-    out = np.full(lead + tuple(int(s) for s in original_shape[-3:]), fill, dtype=volume.dtype)
-    src, dst = _box_slices(box)
-    ell = (Ellipsis,)
-    out[ell + src] = volume[ell + dst]
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The record
-# --------------------------------------------------------------------------------------------
-
-
-def _tuple2(a: Any) -> tuple[tuple[float, ...], ...]:
-    return tuple(tuple(float(v) for v in row) for row in np.asarray(a, dtype=np.float64))
-
-
-@dataclass(frozen=True)
-class PreprocessRecord:
-    """Everything needed to map a case between its source file and the model grid.
-
-    Attributes:
-        original_shape: spatial shape of the source file ``(X, Y, Z)``.
-        original_affine: source voxel -> world (mm) affine, 4x4.
-        orientation: ``(3, 2)`` axis/flip transform from source axes to RAS.
-        volume_shape: the model grid ``(X', Y', Z')``.
-        box: centred crop/pad box from the RAS grid to the model grid.
-        zscore_mask: ``"nonzero"`` or ``"all"``.
-        means, stds: per-channel z-score statistics (empty for a label-only record).
-        label_map: how labels became binary (``"nonzero"``: label > 0).
-    """
-
-    original_shape: tuple[int, int, int]
-    original_affine: tuple[tuple[float, ...], ...]
-    orientation: tuple[tuple[int, int], ...]
-    volume_shape: tuple[int, int, int]
-    box: Box
-    zscore_mask: str = "nonzero"
-    means: tuple[float, ...] = ()
-    stds: tuple[float, ...] = ()
-    label_map: str = "nonzero"
-
-    @classmethod
-    def create(
-        cls,
-        original_shape: Sequence[int],
-        original_affine: Any,
-        orientation: Any,
-        volume_shape: Sequence[int],
-        zscore_mask: str = "nonzero",
-    ) -> "PreprocessRecord":
-        """Build the geometry part of a record (statistics are added with ``with_stats``)."""
-        _check_mask_mode(zscore_mask)
-        o = _as_ornt(orientation)
-        shape = tuple(int(s) for s in original_shape[:3])
-        ras_shape = tuple(shape[int(np.flatnonzero(o[:, 0] == j)[0])] for j in range(3))
-        return cls(
-            original_shape=shape,  # type: ignore[arg-type]
-            original_affine=_tuple2(original_affine),
-            orientation=tuple((int(a), int(f)) for a, f in o),
-            volume_shape=tuple(int(s) for s in volume_shape),  # type: ignore[arg-type]
-            box=crop_pad_box(ras_shape, volume_shape),
-            zscore_mask=zscore_mask,
-        )
-
-    def with_stats(self, means: Sequence[float], stds: Sequence[float]) -> "PreprocessRecord":
-        return replace(self, means=tuple(float(m) for m in means), stds=tuple(float(s) for s in stds))
-
-    @property
-    def ras_shape(self) -> tuple[int, int, int]:
-        """Spatial shape after reorientation, before crop/pad."""
-        o = np.asarray(self.orientation)
-        return tuple(self.original_shape[int(np.flatnonzero(o[:, 0] == j)[0])] for j in range(3))  # type: ignore[return-value]
-
-    @property
-    def ras_affine(self) -> np.ndarray:
-        """RAS voxel -> world affine (4x4), as ``nibabel.as_closest_canonical`` gives."""
-        return np.asarray(self.original_affine) @ orientation_affine(self.orientation, self.original_shape)
-
-    @property
-    def grid_affine(self) -> np.ndarray:
-        """Model-grid voxel -> world affine (4x4): the RAS affine shifted by the crop/pad offset."""
-        shift = np.eye(4)
-        shift[:3, 3] = [b[0] - b[2] for b in self.box]
-        return self.ras_affine @ shift
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along the model-grid (RAS) axes."""
-        zooms = np.sqrt((self.ras_affine[:3, :3] ** 2).sum(axis=0))
-        return tuple(float(z) for z in zooms)  # type: ignore[return-value]
-
-    @property
-    def cropped(self) -> bool:
-        """Whether crop/pad removed source voxels (they cannot be restored)."""
-        return any(b[1] - b[0] < n for b, n in zip(self.box, self.ras_shape))
-
-    def to_grid(self, volume: np.ndarray, *, fill: float = 0, dtype: Any = None) -> np.ndarray:
-        """Source geometry ``(..., *original_shape)`` -> model grid ``(..., *volume_shape)``."""
-        if tuple(volume.shape[-3:]) != self.original_shape:
-            raise ValueError(f"to_grid: volume shape {volume.shape[-3:]} != original shape {self.original_shape}")
-        out, _ = crop_or_pad(apply_orientation(volume, self.orientation), self.volume_shape, fill=fill, dtype=dtype)
-        return out
-
-    def to_original(self, volume: np.ndarray, *, fill: float = 0) -> np.ndarray:
-        """Model grid ``(..., *volume_shape)`` -> source geometry ``(..., *original_shape)``.
-
-        Use it to write predictions in the source file's voxel grid (with ``original_affine``).
-        """
-        if tuple(volume.shape[-3:]) != self.volume_shape:
-            raise ValueError(f"to_original: volume shape {volume.shape[-3:]} != model grid {self.volume_shape}")
-        ras = undo_crop_or_pad(volume, self.ras_shape, self.box, fill=fill)
-        return np.ascontiguousarray(apply_orientation(ras, invert_orientation(self.orientation)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible form (lists, floats, ints)."""
-        return {
-            "original_shape": list(self.original_shape),
-            "original_affine": [list(r) for r in self.original_affine],
-            "orientation": [list(r) for r in self.orientation],
-            "volume_shape": list(self.volume_shape),
-            "box": [list(b) for b in self.box],
-            "zscore_mask": self.zscore_mask,
-            "means": list(self.means),
-            "stds": list(self.stds),
-            "label_map": self.label_map,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessRecord":
-        """Inverse of ``to_dict``; raises ``ValueError`` naming a missing or malformed field."""
-        try:
-            return cls(
-                original_shape=tuple(int(v) for v in data["original_shape"]),  # type: ignore[arg-type]
-                original_affine=_tuple2(data["original_affine"]),
-                orientation=tuple((int(a), int(f)) for a, f in data["orientation"]),
-                volume_shape=tuple(int(v) for v in data["volume_shape"]),  # type: ignore[arg-type]
-                box=tuple(tuple(int(v) for v in b) for b in data["box"]),  # type: ignore[arg-type]
-                zscore_mask=str(data.get("zscore_mask", "nonzero")),
-                means=tuple(float(v) for v in data.get("means", ())),
-                stds=tuple(float(v) for v in data.get("stds", ())),
-                label_map=str(data.get("label_map", "nonzero")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"preprocess record: malformed ({type(exc).__name__}: {exc})") from exc
 
 
 def preprocess_channel(x: np.ndarray, record: PreprocessRecord, *, name: str = "volume") -> tuple[np.ndarray, float, float]:
@@ -545,7 +281,7 @@ def preprocess_channel(x: np.ndarray, record: PreprocessRecord, *, name: str = "
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     normed, mean, std = zscore_channel(x, record.zscore_mask, inplace=True)
-    return record.to_grid(normed, dtype=np.float32), mean, std
+    return np.ascontiguousarray(record.to_grid(normed, dtype=np.float32)), mean, std
 
 
 def preprocess_image(
@@ -597,7 +333,7 @@ def preprocess_label(
     validate_label_values(label, allowed, name)
     binary = binarize_label(label)
     total = int(binary.sum(dtype=np.int64))
-    grid = record.to_grid(binary, dtype=np.uint8)
+    grid = np.ascontiguousarray(record.to_grid(binary, order=0, dtype=np.uint8))
     lost = total - int(grid.sum(dtype=np.int64))
     return grid, lost
 

@@ -288,7 +288,7 @@ def _reference(case_id: str, label: str, record: Any, ctx: StageContext) -> np.n
         from pipelines.store import open_store
 
         grid = open_store(str(ctx.store_url), "r", ctx.source_options).read_case(case_id, ("label",))["label"]
-        return record.to_original(grid) > 0
+        return record.to_original(grid, order=0) > 0
     with _local_files([label], ctx.source_options) as local:
         img = _load(local[label], label)
         data = _read(img, label)
@@ -319,13 +319,13 @@ def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
         meta = json.loads(_text(row["meta"]))
         record = PreprocessRecord.from_dict(meta["record"])
         affine = np.asarray(record.original_affine, dtype=np.float64)
-        mask = record.to_original(np.asarray(row["mask"], dtype=np.uint8))
+        mask = record.to_original(np.asarray(row["mask"], dtype=np.uint8), order=0)
         codes = {"sform_code": int(meta.get("sform_code", 1)), "qform_code": int(meta.get("qform_code", 1))}
         atomic_write_bytes(ctx.outputs.mask(case_id), lambda: nifti_bytes(mask, affine, **codes),
                            ctx.outputs.storage_options)
         probability = None
         if ctx.save_probabilities:
-            probability = record.to_original(np.asarray(row["probability"], dtype=np.float32))
+            probability = record.to_original(np.asarray(row["probability"], dtype=np.float32), order=1)
             atomic_write_bytes(ctx.outputs.probability(case_id), lambda: nifti_bytes(probability, affine, **codes),
                                ctx.outputs.storage_options)
         if ctx.save_zarr:

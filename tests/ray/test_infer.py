@@ -50,7 +50,7 @@ def _library_mask(model: torch.nn.Module, path: Path, mode: str = "dense") -> np
     grid, record = preprocess_image([np.asarray(img.dataobj, dtype=np.float32)], img.affine,
                                     nib.io_orientation(img.affine), GRID)
     result = Inferer(mode=mode, chunk_points=CHUNK)(model, grid)
-    return record.to_original(result.mask.astype(np.uint8))
+    return record.to_original(result.mask.astype(np.uint8), order=0)
 
 
 def _contrasted_model() -> torch.nn.Module:

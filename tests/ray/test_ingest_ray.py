@@ -40,9 +40,9 @@ def test_ray_tasks_ingest_cases_in_parallel(ray_session: Any, tmp_path: Path) ->
     for cid, (vol, seg) in cases.items():
         rec = store.record(cid)
         arrays = store.read_case(cid, ("image", "label"))
-        restored = rec.to_original(invert_zscore(arrays["image"], rec.means, rec.stds, rec.zscore_mask))[0]
+        restored = rec.to_original(invert_zscore(arrays["image"], rec.means, rec.stds, rec.zscore_mask), order=1)[0]
         np.testing.assert_allclose(restored, vol, rtol=2e-3, atol=1.0)  # 23x19x17 is padded: all kept
-        np.testing.assert_array_equal(rec.to_original(arrays["label"]), seg > 0)
+        np.testing.assert_array_equal(rec.to_original(arrays["label"], order=0), seg > 0)
 
     again = ingest(job)  # a re-run skips what is complete
     assert again.count("skipped") == 3

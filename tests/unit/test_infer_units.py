@@ -145,7 +145,7 @@ def test_stage_chain_writes_the_library_prediction_in_the_scan_geometry(tmp_path
     path = _save(tmp_path / "in" / "s.nii.gz", scan)
     grid, record = preprocess_image([scan], AFFINE, nib.io_orientation(AFFINE), GRID)
     expected = Inferer(mode="dense", chunk_points=1024)(model, grid)
-    mask_ref = record.to_original(expected.mask.astype(np.uint8))
+    mask_ref = record.to_original(expected.mask.astype(np.uint8), order=0)
     assert 0 < mask_ref.sum() < mask_ref.size
     _save(tmp_path / "ref.nii.gz", mask_ref)
 
@@ -161,7 +161,7 @@ def test_stage_chain_writes_the_library_prediction_in_the_scan_geometry(tmp_path
     assert result.foreground_ml == pytest.approx(mask_ref.sum() * 1.2 * 0.9 * 1.5 / 1000.0)
     prob = nib.load(ctx.outputs.probability("s"))
     assert prob.get_data_dtype() == np.float32
-    np.testing.assert_allclose(np.asarray(prob.dataobj), record.to_original(expected.probability), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(prob.dataobj), record.to_original(expected.probability, order=1), atol=1e-6)
     assert ctx.outputs.done_outputs(True, True) == {"s"}
     assert not list((tmp_path / "out").rglob(f"*{TMP_SUFFIX}"))
 

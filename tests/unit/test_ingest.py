@@ -73,12 +73,12 @@ def _check_round_trip(store_url: str, case_id: str, sources: list[np.ndarray], l
     attrs = store.case_attrs(case_id)
     rec = store.record(case_id)
     assert arrays["image"].shape == (len(sources), *GRID) and arrays["image"].dtype == np.float16
-    restored = rec.to_original(invert_zscore(arrays["image"], rec.means, rec.stds, rec.zscore_mask))
-    kept = rec.to_original(np.ones(GRID, dtype=bool))
+    restored = rec.to_original(invert_zscore(arrays["image"], rec.means, rec.stds, rec.zscore_mask), order=1)
+    kept = rec.to_original(np.ones(GRID, dtype=bool), order=0)
     assert 0.5 < kept.mean() < 1.0  # some voxels were cropped, most kept
     src = np.stack(sources).astype(np.float32)
     np.testing.assert_allclose(restored[:, kept], src[:, kept], rtol=2e-3, atol=1.0)
-    np.testing.assert_array_equal(rec.to_original(arrays["label"])[kept], (label > 0)[kept])
+    np.testing.assert_array_equal(rec.to_original(arrays["label"], order=0)[kept], (label > 0)[kept])
     # Geometry: affine and spacing are those of the RAS-canonical source, shifted onto the grid.
     canonical = nib.as_closest_canonical(nib.Nifti1Image(sources[0], AFFINE))
     np.testing.assert_allclose(rec.ras_affine, canonical.affine, atol=1e-5)

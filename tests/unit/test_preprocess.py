@@ -220,7 +220,7 @@ def test_record_round_trip_to_original_and_json() -> None:
     data = rng.integers(1, 100, size=shape).astype(np.float32)
     rec = _record(shape, grid=(48, 48, 48))  # pad only: fully reversible
     assert not rec.cropped
-    np.testing.assert_array_equal(rec.to_original(rec.to_grid(data)), data)
+    np.testing.assert_array_equal(rec.to_original(rec.to_grid(data), order=1), data)
     restored = PreprocessRecord.from_dict(json.loads(json.dumps(rec.to_dict())))
     assert restored == rec
     with pytest.raises(ValueError, match="preprocess record: malformed"):
@@ -233,9 +233,9 @@ def test_preprocess_image_and_label_round_trip() -> None:
     channels = [rng.integers(0, 300, size=shape).astype(np.int16) for _ in range(2)]
     image, rec = pp.preprocess_image(channels, AFFINE, nib.io_orientation(AFFINE), (32, 36, 40))
     assert image.shape == (2, 32, 36, 40) and image.dtype == np.float32
-    back = rec.to_original(pp.invert_zscore(image, rec.means, rec.stds, rec.zscore_mask))
+    back = rec.to_original(pp.invert_zscore(image, rec.means, rec.stds, rec.zscore_mask), order=1)
     src = np.stack(channels).astype(np.float32)
-    kept = rec.to_original(np.ones((32, 36, 40), dtype=bool))  # voxels that survived the crop
+    kept = rec.to_original(np.ones((32, 36, 40), dtype=bool), order=0)  # voxels that survived the crop
     np.testing.assert_allclose(back[:, kept], src[:, kept], rtol=1e-5, atol=1e-3)
 
     label = np.zeros(shape, dtype=np.uint8)
