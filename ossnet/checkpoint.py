@@ -30,6 +30,7 @@ from torch import nn
 
 import ossnet
 from ossnet.config import ConfigError, ModelConfig, config_to_dict, model_config_from_dict
+from ossnet.geometry import RESAMPLE_MODES, ZSCORE_MASKS
 from ossnet.model import OSSNet, build_model
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 FORMAT_TAG = "ossnet-checkpoint"
 FORMAT_VERSION = 1
 NORMALIZATIONS: tuple[str, ...] = ("zscore",)
-ZSCORE_MASKS: tuple[str, ...] = ("nonzero", "all")
 ORIENTATIONS: tuple[str, ...] = ("RAS",)
 
 PathLike = Union[str, os.PathLike]
@@ -62,6 +62,9 @@ class PreprocessSpec:
         orientation: axis orientation of the model grid ("RAS").
         label_map: how source labels became the binary target, e.g. "nonzero" (label > 0).
         threshold: foreground decision threshold on the output probability.
+        resample: how scans reach the grid: "none", "resize" or "spacing" (``ossnet.geometry``);
+            inference applies the same as the training store did.
+        target_spacing: the spacing in mm for ``resample="spacing"``.
     """
 
     modalities: tuple[str, ...]
@@ -71,6 +74,8 @@ class PreprocessSpec:
     orientation: str = "RAS"
     label_map: str = "nonzero"
     threshold: float = 0.5
+    resample: str = "none"
+    target_spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modalities", tuple(str(m) for m in self.modalities))
@@ -87,6 +92,12 @@ class PreprocessSpec:
             raise ValueError(f"preprocess.orientation: {self.orientation!r} not in {ORIENTATIONS}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"preprocess.threshold: must be in (0, 1), got {self.threshold}")
+        if self.resample not in RESAMPLE_MODES:
+            raise ValueError(f"preprocess.resample: {self.resample!r} not in {RESAMPLE_MODES}")
+        if self.target_spacing is not None:
+            object.__setattr__(self, "target_spacing", tuple(float(v) for v in self.target_spacing))
+        if self.resample == "spacing" and (self.target_spacing is None or len(self.target_spacing) != 3):
+            raise ValueError(f"preprocess.target_spacing: resample 'spacing' needs three spacings, got {self.target_spacing}")
 
     @classmethod
     def for_model(cls, config: ModelConfig, modalities: tuple[str, ...], **kwargs: Any) -> "PreprocessSpec":
@@ -112,12 +123,15 @@ class PreprocessSpec:
             "orientation": self.orientation,
             "label_map": self.label_map,
             "threshold": float(self.threshold),
+            "resample": self.resample,
+            "target_spacing": None if self.target_spacing is None else list(self.target_spacing),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessSpec":
         """Inverse of ``to_dict``; raises ``ValueError`` naming the bad field."""
-        known = {"modalities", "volume_shape", "normalization", "zscore_mask", "orientation", "label_map", "threshold"}
+        known = {"modalities", "volume_shape", "normalization", "zscore_mask", "orientation", "label_map", "threshold",
+                 "resample", "target_spacing"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"preprocess: unknown field(s) {sorted(unknown)}")

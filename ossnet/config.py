@@ -205,12 +205,22 @@ _VARIANT_PARTS: dict[str, dict[str, Any]] = {
 # size / patch-encoder kernel where they differ from the paper).
 _PRESETS: dict[str, dict[str, Any]] = {
     "brats": dict(volume_shape=(256, 256, 160), in_channels=4, channels=(16, 32, 64, 128), hidden=512),
-    "lits": dict(volume_shape=(512, 512, 512), in_channels=1, channels=(8, 16, 32, 64, 128), hidden=512),
+    # LiTS scans have 75 to 990 slices: the paper resizes every volume to 512^3 (see preset_resample).
+    "lits": dict(volume_shape=(512, 512, 512), in_channels=1, channels=(8, 16, 32, 64, 128), hidden=512,
+                 resample="resize"),
     # Small grids for the quickstart and the tests: same structure, a fraction of the size.
     # small: 5^3 patches with a whole-patch kernel, applied as one matmul: cheap on a CPU.
     "small": dict(volume_shape=(64, 64, 48), in_channels=4, channels=(8, 16, 32), hidden=64, patch_size=5),
     "tiny": dict(volume_shape=(32, 32, 24), in_channels=4, channels=(4, 8), hidden=32, patch_kernel=3),
 }
+
+
+def preset_resample(preset: str) -> str:
+    """How a preset's scans reach its grid by default: "resize" for LiTS (as the paper), else
+    "none" (reorient and crop/pad only); see ``ossnet.geometry``."""
+    if preset not in _PRESETS:
+        _fail("model.preset", f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return str(_PRESETS[preset].get("resample", "none"))
 
 
 def model_config(
@@ -368,5 +378,6 @@ __all__ = [
     "config_to_dict",
     "model_config",
     "model_config_from_dict",
+    "preset_resample",
     "replace",
 ]

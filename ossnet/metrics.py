@@ -61,6 +61,19 @@ def confusion_counts(pred: Mask, ref: Mask) -> ConfusionCounts:
     return ConfusionCounts(tp=tp, fp=fp, fn=fn, tn=total - tp - fp - fn)
 
 
+def dice_of(c: ConfusionCounts) -> float:
+    """Dice from confusion counts (both masks empty -> 1.0); for counts computed elsewhere,
+    e.g. chunk by chunk over a scan that does not fit in memory."""
+    denom = 2 * c.tp + c.fp + c.fn
+    return 1.0 if denom == 0 else 2.0 * c.tp / denom
+
+
+def iou_of(c: ConfusionCounts) -> float:
+    """IoU from confusion counts (both masks empty -> 1.0)."""
+    union = c.tp + c.fp + c.fn
+    return 1.0 if union == 0 else c.tp / union
+
+
 def dice(pred: Mask, ref: Mask) -> float:
     """Dice coefficient 2|P∩R| / (|P| + |R|).
 
@@ -70,9 +83,7 @@ def dice(pred: Mask, ref: Mask) -> float:
         pred: predicted mask, any shape (e.g. ``(X, Y, Z)``).
         ref: reference mask, same shape as ``pred``.
     """
-    c = confusion_counts(pred, ref)
-    denom = 2 * c.tp + c.fp + c.fn
-    return 1.0 if denom == 0 else 2.0 * c.tp / denom
+    return dice_of(confusion_counts(pred, ref))
 
 
 def iou(pred: Mask, ref: Mask) -> float:
@@ -84,9 +95,7 @@ def iou(pred: Mask, ref: Mask) -> float:
         pred: predicted mask, any shape.
         ref: reference mask, same shape as ``pred``.
     """
-    c = confusion_counts(pred, ref)
-    union = c.tp + c.fp + c.fn
-    return 1.0 if union == 0 else c.tp / union
+    return iou_of(confusion_counts(pred, ref))
 
 
 def volume_ml(mask: Mask, spacing: Sequence[float]) -> float:
@@ -175,4 +184,6 @@ def collapse_warning(pred_voxels: Sequence[int], ref_voxels: Sequence[int], min_
     return None
 
 
-__all__ = ["ConfusionCounts", "collapse_warning", "confusion_counts", "dice", "hd95", "iou", "volume_ml"]
+__all__ = [
+    "ConfusionCounts", "collapse_warning", "confusion_counts", "dice", "dice_of", "hd95", "iou", "iou_of", "volume_ml",
+]

@@ -31,15 +31,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
 from ossnet import __version__
-from ossnet.config import PRESETS, ConfigError, model_config
-from pipelines.ingest_case import CaseContext, CaseError, CaseReport, one_line, ingest_case
+from ossnet.config import PRESETS, ConfigError, model_config, preset_resample
+from ossnet.geometry import RESAMPLE_MODES
+from pipelines.ingest_case import CaseContext, CaseError, CaseReport, ingest_case, one_line
 from pipelines.ingest_sources import LAYOUTS, CaseSpec, IngestError, discover, parse_split_file, source_fs
-from pipelines.store import StoreError, create_store
+from pipelines.store import ARRAYS, StoreError, create_store
+from pipelines.volumes import SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
 EXECUTORS: tuple[str, ...] = ("auto", "serial", "process", "ray")
 ZSCORE_CHOICES: tuple[str, ...] = ("auto", "nonzero", "all")
+RESAMPLE_CHOICES: tuple[str, ...] = ("auto",) + RESAMPLE_MODES
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,13 @@ class IngestJob:
         volume_shape: override the preset's full-resolution grid ``(X, Y, Z)``.
         band_width: border band half-width in voxels (6 = the paper's 13^3 band).
         zscore_mask: "auto" (BraTS: nonzero, others: all), "nonzero" or "all".
+        resample: "auto" (the preset's: ``resize`` for lits, else ``none``), "none" (keep the voxel
+            grid, crop/pad), "resize" (stretch onto the grid) or "spacing" (resample to
+            ``target_spacing``, then crop/pad); see ``ossnet.geometry``.
+        target_spacing: voxel spacing in mm along the RAS axes, for ``resample="spacing"``.
+        threads: dask threads per case (chunks of one scan read and transformed in parallel).
+        scheduler: "threads" (dask's threaded scheduler in each case task) or "ray" (one scan's
+            chunks spread over the Ray cluster; the source must be on storage every node sees).
         label_values: allowed source label values (default per layout; generic: 0, 1).
         val_fraction: fraction of cases in the validation split (when no split file).
         split_seed: seed of the deterministic split.
@@ -75,6 +85,10 @@ class IngestJob:
     volume_shape: tuple[int, int, int] | None = None
     band_width: int = 6
     zscore_mask: str = "auto"
+    resample: str = "auto"
+    target_spacing: tuple[float, float, float] | None = None
+    threads: int = 1
+    scheduler: str = "threads"
     label_values: tuple[int, ...] | None = None
     val_fraction: float = 0.15
     split_seed: int = 0
@@ -95,6 +109,15 @@ class IngestJob:
             (self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}"),
             (self.band_width >= 0, "band_width", f"must be >= 0, got {self.band_width}"),
             (self.zscore_mask in ZSCORE_CHOICES, "zscore_mask", f"must be one of {', '.join(ZSCORE_CHOICES)}"),
+            (self.resample in RESAMPLE_CHOICES, "resample",
+             f"must be one of {', '.join(RESAMPLE_CHOICES)}, got {self.resample!r}"),
+            (self.resample != "spacing" or self.target_spacing is not None, "target_spacing",
+             "required with resample 'spacing' (three spacings in mm)"),
+            (self.target_spacing is None or (len(self.target_spacing) == 3 and all(
+                math.isfinite(float(v)) and float(v) > 0 for v in self.target_spacing)), "target_spacing",
+             f"needs three positive spacings in mm, got {self.target_spacing}"),
+            (self.threads >= 1, "threads", f"must be >= 1, got {self.threads}"),
+            (self.scheduler in SCHEDULERS, "scheduler", f"must be one of {', '.join(SCHEDULERS)}"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}"),
             (self.workers >= 1, "workers", f"must be >= 1, got {self.workers}"),
             (self.executor in EXECUTORS, "executor", f"must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"),
@@ -301,13 +324,16 @@ def ingest(job: IngestJob, progress: Callable[[CaseReport], None] | None = None)
                     "in_channels=%d)", len(layout.modalities), job.preset, cfg.encoder.in_channels,
                     len(layout.modalities))
     zscore_mask = layout.zscore_mask if job.zscore_mask == "auto" else job.zscore_mask
+    resample = preset_resample(job.preset) if job.resample == "auto" else job.resample
+    target_spacing = tuple(float(v) for v in job.target_spacing) if resample == "spacing" else None
     info = {
         "layout": layout.name, "modalities": list(layout.modalities), "label_meaning": layout.label_meaning,
         "allowed_labels": list(layout.allowed_labels), "preset": job.preset,
         "volume_shape": list(cfg.volume_shape), "lowres_shape": list(cfg.lowres_input_shape),
         "latent_shape": list(cfg.latent_shape), "lowres_factor": cfg.lowres_factor, "band_width": job.band_width,
         "zscore_mask": zscore_mask, "orientation": "RAS", "image_dtype": "float16",
-        "arrays": ["image", "image_lowres", "label", "label_lowres", "border"],
+        "resample": resample, "target_spacing": None if target_spacing is None else list(target_spacing),
+        "arrays": list(ARRAYS),
     }
     if job.split_file is not None:
         parse_split_file(job.split_file)  # fail before any work if it is unreadable
@@ -337,9 +363,10 @@ def ingest(job: IngestJob, progress: Callable[[CaseReport], None] | None = None)
 
     ctx = CaseContext(
         store_url=str(job.store), storage_options=job.storage_options, source_options=None, layout=layout,
-        volume_shape=cfg.volume_shape, lowres_shape=cfg.lowres_input_shape, latent_shape=cfg.latent_shape,
-        lowres_factor=cfg.lowres_factor, band_width=job.band_width, zscore_mask=zscore_mask,
-        affine_atol=job.affine_atol, extra_attrs={"layout": layout.name, "ossnet_version": __version__},
+        volume_shape=cfg.volume_shape, band_width=job.band_width, zscore_mask=zscore_mask,
+        affine_atol=job.affine_atol, resample=resample, target_spacing=target_spacing,  # type: ignore[arg-type]
+        scheduler=job.scheduler, threads=job.threads,
+        extra_attrs={"layout": layout.name, "ossnet_version": __version__},
     )
     executor = _choose_executor(job, len(todo))
     logger.info("ingest: %d cases in %s (%s layout): %d to ingest, %d skipped, %d invalid; executor %s x%d",
@@ -388,9 +415,10 @@ def _int_list(text: str) -> tuple[int, ...]:
 def configure_ingest_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``ossnet ingest`` arguments to ``parser`` (the lead's CLI calls this)."""
     parser.description = ("Convert a NIfTI archive (BraTS 2020, LiTS or generic image/label pairs) into an "
-                          "ossnet Zarr store: reoriented to RAS, z-scored, cropped/padded to the preset grid, "
-                          "with low-res inputs, labels and border bands. Re-running completes an interrupted "
-                          "ingest. Exits 1 if any case failed.")
+                          "ossnet Zarr store: reoriented to RAS, z-scored, resampled (--resample) and "
+                          "cropped/padded to the preset grid, with labels and border bands. Scans are read and "
+                          "transformed in slabs, so a scan larger than memory ingests too. Re-running "
+                          "completes an interrupted ingest. Exits 1 if any case failed.")
     parser.add_argument("source", help="archive folder or CSV (columns image|image_<modality>, label, [case_id])")
     parser.add_argument("--store", required=True, help="output store path or URL (file://, s3://, memory://...)")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="archive layout (default: detect)")
@@ -401,6 +429,16 @@ def configure_ingest_parser(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--band-width", type=int, default=6, help="border band half-width in voxels (default: 6)")
     parser.add_argument("--zscore-mask", choices=ZSCORE_CHOICES, default="auto",
                         help="z-score over nonzero voxels or all voxels (auto: BraTS nonzero, others all)")
+    parser.add_argument("--resample", choices=RESAMPLE_CHOICES, default="auto",
+                        help="how scans reach the grid: none (reorient, crop/pad), resize (stretch onto the grid, as "
+                             "the paper does for LiTS), spacing (resample to --target-spacing, then crop/pad); "
+                             "auto: the preset's (lits: resize, others: none)")
+    parser.add_argument("--target-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                        help="voxel spacing in mm (RAS axes) for --resample spacing, e.g. 1 1 1")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="dask threads per case: slabs of one scan read and transformed in parallel (default: 1)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="threads",
+                        help="threads: dask threads inside each case task; ray: one scan's slabs over the Ray cluster")
     parser.add_argument("--label-values", type=_int_list, default=None,
                         help="allowed source label values, e.g. 0,1,2 (default per layout; generic 0,1)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation fraction (default: 0.15)")
@@ -420,7 +458,9 @@ def job_from_args(args: argparse.Namespace) -> IngestJob:
     return IngestJob(
         source=args.source, store=args.store, layout=args.layout, labels=args.labels, preset=args.preset,
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None, band_width=args.band_width,
-        zscore_mask=args.zscore_mask, label_values=args.label_values, val_fraction=args.val_fraction,
+        zscore_mask=args.zscore_mask, resample=args.resample,
+        target_spacing=tuple(args.target_spacing) if args.target_spacing else None, threads=args.threads,
+        scheduler=args.scheduler, label_values=args.label_values, val_fraction=args.val_fraction,
         split_seed=args.split_seed, split_file=args.split_file, workers=args.workers, executor=args.executor,
         overwrite=args.overwrite, require_labels=not args.allow_unlabeled,
     ).validate()

@@ -3,42 +3,42 @@
 ``ingest_case(spec, ctx)`` is the unit of parallel work (a Ray task or a pool process). It opens
 the store by URL itself and returns a small ``CaseReport``; it never raises for bad input.
 
-Steps:
+Steps (the transform is ``ossnet.geometry.PreprocessRecord``, run by ``pipelines.volumes``):
 
-1. read the NIfTI headers; check dimensionality, that shapes and affines agree;
-2. read and validate the label, binarise it, move it onto the model grid (RAS, centred crop/pad);
-3. per channel: read through ``img.dataobj`` (scaled straight to float32), check finite, z-score,
-   reorient, crop/pad, write ``image[c]`` and its trilinear ``image_lowres[c]``, free it;
-4. write ``label``, ``label_lowres`` (max-pooled) and ``border`` (band around the boundary);
+1. read the NIfTI headers (``pipelines.nifti``); check dimensionality, that shapes and affines
+   agree and that the affine is usable (no zero, non-finite or sheared spacing);
+2. build the case geometry: RAS orientation, the resample mode (``none``, ``resize`` or
+   ``spacing``), centred crop/pad onto the model grid;
+3. check the label's values and bring it onto the grid (nearest neighbour), with its border band;
+4. per channel, lazily over file slabs: z-score statistics and the finite check in one pass,
+   then normalise, reorient, resample (linear), crop/pad and write ``image[c]`` shard by shard;
 5. commit the case attrs (preprocess record, sources + sha256, spacing) with ``complete: true``.
 
-Memory: one source channel as float32 plus its model-grid copy at a time (the label is uint8),
-written in shard-aligned slabs. A 512^3 int16 case peaks at ~1.2 GiB (~4.6x its own size).
+Memory: a few slabs (``pipelines.nifti.SLAB_BYTES``) per dask thread plus grid-sized label
+arrays, whatever the scan's size; ``bench.ingest`` measures it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Mapping
 
-import fsspec
-import nibabel as nib
 import numpy as np
 
-from ossnet.preprocess import PreprocessRecord, preprocess_channel, preprocess_label, validate_spatial_shape
+from pipelines import nifti, volumes
+from pipelines.files import local_files
 from pipelines.ingest_sources import CaseSpec, LayoutInfo
+from pipelines.nifti import one_line
 from pipelines.store import open_store
 
 logger = logging.getLogger(__name__)
 
 
-class CaseError(ValueError):
+class CaseError(nifti.NiftiError):
     """A case cannot be ingested; the one-line message names the file and the problem."""
 
 
@@ -62,74 +62,19 @@ class CaseContext:
     source_options: Mapping[str, Any] | None
     layout: LayoutInfo
     volume_shape: tuple[int, int, int]
-    lowres_shape: tuple[int, int, int]
-    latent_shape: tuple[int, int, int]
-    lowres_factor: int
     band_width: int
     zscore_mask: str
     affine_atol: float
+    resample: str = "none"
+    target_spacing: tuple[float, float, float] | None = None
+    scheduler: str = "threads"
+    threads: int = 1
     extra_attrs: Mapping[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
 # One case
 # --------------------------------------------------------------------------------------------
-
-
-def one_line(text: str) -> str:
-    """Collapse whitespace (newlines from nibabel or zarr messages) into one line."""
-    return " ".join(str(text).split())
-
-
-@contextlib.contextmanager
-def _local_files(paths: Iterable[str], options: Mapping[str, Any] | None) -> Iterator[dict[str, str]]:
-    """Map each path to a local file: itself when local, else a temporary download."""
-    with contextlib.ExitStack() as stack:
-        out: dict[str, str] = {}
-        tmpdir: str | None = None
-        for path in paths:
-            fs, p = fsspec.core.url_to_fs(path, **dict(options or {}))
-            if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-                out[path] = p
-                continue
-            if tmpdir is None:
-                tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ossnet-ingest-"))
-            local = os.path.join(tmpdir, f"{len(out)}-{os.path.basename(p)}")  # keep .nii.gz suffix
-            fs.get_file(p, local)
-            out[path] = local
-        yield out
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _load(path: str, shown: str) -> Any:
-    try:
-        return nib.load(path)
-    except Exception as exc:  # nibabel raises many types for corrupt headers
-        raise CaseError(f"{shown}: cannot read NIfTI header ({type(exc).__name__}: {one_line(exc)})") from exc
-
-
-def _read(img: Any, shown: str, dtype: Any = None) -> np.ndarray:
-    """Voxel data, scaled as the header says, squeezed to 3D.
-
-    With ``dtype`` (float32 for images) nibabel scales directly in that dtype, so an int16
-    volume never passes through float64; the result is always a private, writable array.
-    Without it the on-disk dtype is kept (labels).
-    """
-    try:
-        data = np.asarray(img.dataobj, dtype=dtype) if dtype is not None else np.asanyarray(img.dataobj)
-    except Exception as exc:  # EOFError / zlib.error / OSError for truncated .nii.gz
-        raise CaseError(f"{shown}: cannot read voxel data, truncated or corrupt file "
-                        f"({type(exc).__name__}: {one_line(exc)})") from exc
-    if dtype is not None and (isinstance(data, np.memmap) or not data.flags.writeable):
-        data = np.array(data)  # a float32 .nii maps the file: copy before normalising in place
-    return np.asarray(data).reshape(validate_spatial_shape(data.shape, shown))
 
 
 def ingest_case(spec: CaseSpec, ctx: CaseContext) -> CaseReport:
@@ -152,80 +97,60 @@ def ingest_case(spec: CaseSpec, ctx: CaseContext) -> CaseReport:
 
 def _ingest_case(spec: CaseSpec, ctx: CaseContext) -> dict[str, Any]:
     # torch comes with ossnet.sampling: imported here so that `ossnet ingest --help` stays fast.
-    from ossnet.sampling import border_band, downsample_image, lowres_label
+    from ossnet.sampling import border_band
 
     files = spec.files
-    with _local_files(files.values(), ctx.source_options) as local:
-        imgs = {key: _load(local[path], path) for key, path in files.items()}
+    with local_files(files.values(), ctx.source_options) as local, contextlib.ExitStack() as stack:
+        readable = {key: stack.enter_context(nifti.seekable(local[path], path)) for key, path in files.items()}
+        imgs = {key: nifti.load(readable[key], path) for key, path in files.items()}
         modalities = [m for m, _ in spec.images]
         if modalities != list(ctx.layout.modalities):
             raise CaseError(f"{spec.case_id}: modalities {modalities} != store modalities {list(ctx.layout.modalities)}")
         first_mod, first_path = spec.images[0]
-        ref = imgs[first_mod]
-        shape = validate_spatial_shape(ref.shape, first_path)
-        affine = np.asarray(ref.affine, dtype=np.float64)
-        for key, path in files.items():
-            kind = "label" if key == "label" else "image"
-            other = validate_spatial_shape(imgs[key].shape, path)
-            if other != shape:
-                raise CaseError(f"{path}: {kind} shape {other} != {first_path} shape {shape}")
-            diff = float(np.abs(np.asarray(imgs[key].affine) - affine).max())
-            if not np.isfinite(diff) or diff > ctx.affine_atol:
-                raise CaseError(f"{path}: affine differs from {first_path} (max difference {diff:.4g})")
-        record = PreprocessRecord.create(shape, affine, nib.io_orientation(affine), ctx.volume_shape, ctx.zscore_mask)
+        order = [first_mod] + [k for k in files if k != first_mod]
+        shape, affine = nifti.check_case({k: imgs[k] for k in order}, files, ctx.affine_atol)
+        record = volumes.case_record(shape, affine, ctx.volume_shape, ctx.zscore_mask, ctx.resample,
+                                     ctx.target_spacing, name=first_path)
         store = open_store(ctx.store_url, "r+", ctx.storage_options)
-
-        label_grid = None
-        lost = 0
-        if spec.label is not None:
-            raw = _read(imgs["label"], spec.label)
-            label_grid, lost = preprocess_label(raw, record, ctx.layout.allowed_labels, name=spec.label)
-            del raw
-            if lost:
-                logger.warning("ingest: %s: cropping to %s removed %d foreground voxels", spec.case_id,
-                               ctx.volume_shape, lost)
-
-        sources: dict[str, dict[str, Any]] = {}
-        means, stds = [], []
-        with store.case_writer(spec.case_id) as writer:
-            n = len(spec.images)
-            writer.create_array("image", (n, *ctx.volume_shape), np.float16)
-            writer.create_array("image_lowres", (n, *ctx.lowres_shape), np.float16)
-            for c, (mod, path) in enumerate(spec.images):
-                x = _read(imgs[mod], path, np.float32)  # private copy, normalised in place
-                grid, mean, std = preprocess_channel(x, record, name=path)
-                del x
-                writer.write("image", grid, (c,))
-                writer.write("image_lowres", downsample_image(grid[None], ctx.lowres_shape)[0], (c,))
-                del grid
-                means.append(mean)
-                stds.append(std)
-            label_voxels = border_voxels = 0
-            if label_grid is not None:
-                band = border_band(label_grid, ctx.band_width)
-                writer.write_array("label", label_grid)
-                writer.write_array("label_lowres", lowres_label(label_grid, ctx.lowres_factor).astype(np.uint8))
-                writer.write_array("border", band.astype(np.uint8))
-                label_voxels, border_voxels = int(label_grid.sum(dtype=np.int64)), int(band.sum(dtype=np.int64))
-            for key, path in files.items():
-                sources[key] = {"path": path, "size": int(os.path.getsize(local[path])), "sha256": _sha256(local[path])}
-            record = record.with_stats(means, stds)
-            attrs = {
-                **dict(ctx.extra_attrs),
-                "modalities": modalities,
-                "sources": sources,
-                "preprocess": record.to_dict(),
-                "spacing": list(record.spacing),
-                "affine": record.grid_affine.tolist(),
-                "original_shape": list(record.original_shape),
-                "volume_shape": list(record.volume_shape),
-                "has_label": label_grid is not None,
-                "label_voxels": label_voxels,
-                "label_voxels_cropped": int(lost),
-                "border_voxels": border_voxels,
-                "band_width": ctx.band_width,
-            }
-            writer.commit(attrs)
+        with volumes.compute_options(ctx.scheduler, ctx.threads):
+            label_grid = None
+            lost = 0
+            if spec.label is not None:
+                label = nifti.lazy_volume(imgs["label"], spec.label, dtype=None)
+                label_grid, lost = volumes.label_grid(label, record, ctx.layout.allowed_labels, spec.label)
+                if lost:
+                    logger.warning("ingest: %s: cropping to %s removed %d foreground voxels", spec.case_id,
+                                   ctx.volume_shape, lost)
+            channels = [(nifti.lazy_volume(imgs[mod], path), path) for mod, path in spec.images]
+            grid, record = volumes.image_grid(channels, record)
+            with store.case_writer(spec.case_id) as writer:
+                array = writer.create_array("image", (len(channels), *ctx.volume_shape), np.float16)
+                for c in range(len(channels)):
+                    volumes.store_grid(grid[c], array, lead=(c,))
+                label_voxels = border_voxels = 0
+                if label_grid is not None:
+                    band = border_band(label_grid, ctx.band_width)
+                    writer.write_array("label", label_grid)
+                    writer.write_array("border", band.astype(np.uint8))
+                    label_voxels, border_voxels = int(label_grid.sum(dtype=np.int64)), int(band.sum(dtype=np.int64))
+                sources = {key: {"path": path, "size": int(os.path.getsize(local[path])),
+                                 "sha256": nifti.sha256_file(local[path])} for key, path in files.items()}
+                attrs = {
+                    **dict(ctx.extra_attrs),
+                    "modalities": modalities,
+                    "sources": sources,
+                    "preprocess": record.to_dict(),
+                    "spacing": list(record.spacing),
+                    "affine": record.grid_affine.tolist(),
+                    "original_shape": list(record.original_shape),
+                    "volume_shape": list(record.volume_shape),
+                    "has_label": label_grid is not None,
+                    "label_voxels": label_voxels,
+                    "label_voxels_cropped": int(lost),
+                    "border_voxels": border_voxels,
+                    "band_width": ctx.band_width,
+                }
+                writer.commit(attrs)
         return attrs
 
 

@@ -5,12 +5,13 @@ Layout (one group per case; every array chunked and sharded by spatial blocks, B
     <store>/                      attrs: "ossnet_store" (format, grid, modalities, label meaning),
                                          "manifest" (case id -> split), "last_ingest"
       cases/<case_id>/image         (C, X, Y, Z) float16, z-scored per channel
-      cases/<case_id>/image_lowres  (C, *lowres_shape) float16, the encoder input
       cases/<case_id>/label         (X, Y, Z) uint8 {0, 1}
-      cases/<case_id>/label_lowres  (*latent_shape) uint8, max-pooled label
       cases/<case_id>/border        (X, Y, Z) uint8 {0, 1}, border band for border sampling
-      case attrs: preprocess record (affines, orientation, crop/pad box, z-score stats), spacing,
-                  sources (path, size, sha256), status, complete
+      case attrs: preprocess record (affines, orientation, resampling, crop/pad box, z-score
+                  stats), spacing, sources (path, size, sha256), status, complete
+
+The encoder input and the low-resolution label are not stored: training derives them from the
+augmented volume and inference from the image (format 1 stored both, and nothing read them).
 
 Atomicity: a case is written in place and becomes visible only when its group attrs carry
 ``complete: true``. That flag is written last, in the same single-object write as the rest of
@@ -43,13 +44,14 @@ from ossnet.preprocess import PreprocessRecord
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STORE_KEY = "ossnet_store"
-ARRAYS: tuple[str, ...] = ("image", "image_lowres", "label", "label_lowres", "border")
+ARRAYS: tuple[str, ...] = ("image", "label", "border")
 SPLITS: tuple[str, ...] = ("train", "val", "test", "unassigned")
 # Store attributes that must agree between an existing store and a new ingest into it.
 COMPAT_FIELDS: tuple[str, ...] = (
     "format_version", "modalities", "volume_shape", "lowres_shape", "latent_shape", "band_width", "zscore_mask",
+    "resample", "target_spacing",
 )
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 64

@@ -1,4 +1,4 @@
-"""Outputs of an inference job: atomic file writes, NIfTI encoding, the Zarr copy, the report, resume.
+"""Outputs of an inference job: where files go, the Zarr copy, the report, resume.
 
 Layout of the output folder (local path or fsspec URL)::
 
@@ -7,12 +7,11 @@ Layout of the output folder (local path or fsspec URL)::
     predictions.zarr/<case_id>/     mask (+ probability) arrays and the affine (``save_zarr``)
     report.parquet, report.csv      one row per case (``pipelines.infer.job.REPORT_COLUMNS``)
 
-Atomicity: every file is encoded in memory, written under a hidden temporary name in its final
-folder (``.<name>.<random>.ossnet-tmp``) and renamed over the final name (``os.replace`` locally;
-on object stores, where a rename is a copy, the final object still appears whole or not at all
-because an object is written by one PUT). A killed job leaves at most temporary files, which
-the next run removes (``remove_stale_temps``) before it starts: one job per output folder.
-A Zarr case group is published by a ``complete: true`` attribute written last.
+Atomicity: every file is streamed into a hidden temporary file and moved into place when
+complete (``pipelines.files.atomic_write``; NIfTI files by ``pipelines.nifti.write_volume``). A
+killed job leaves at most temporary files, which the next run removes (``remove_stale_temps``)
+before it starts: one job per output folder. A Zarr case group is published by a
+``complete: true`` attribute written last.
 
 Resume (``plan_cases``): a case is done when the previous report says ok (or skipped) for the same
 model checkpoint and every requested output of it exists; everything else is redone.
@@ -20,116 +19,21 @@ model checkpoint and every requested output of it exists; everything else is red
 
 from __future__ import annotations
 
-import functools
-import gzip
 import io
 import logging
-import os
 import posixpath
-import tempfile
-import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import fsspec
 import numpy as np
 
+from pipelines.files import TMP_SUFFIX, atomic_write_bytes, is_local, remove_stale_temps
 from pipelines.infer.job import REPORT_COLUMNS, CaseResult
 
 logger = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".ossnet-tmp"
 DONE_STATUSES = ("ok", "skipped")
-
-
-def _is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(url: str, data: bytes | Callable[[], bytes],
-                       storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write ``data`` to ``url`` so that readers see the old file, or the whole new one, never a part.
-
-    Args:
-        url: destination file (local path or fsspec URL); its folder is created.
-        data: the bytes, or a function producing them (called after the temporary file exists,
-            so a failure while encoding also leaves no partial file).
-        storage_options: fsspec options.
-    """
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    folder, name = posixpath.split(path)
-    if _is_local(fs):
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TMP_SUFFIX)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data() if callable(data) else data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return
-    fs.makedirs(folder, exist_ok=True)
-    tmp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
-    try:
-        fs.pipe_file(tmp, data() if callable(data) else data)
-        fs.mv(tmp, path)
-    except BaseException:
-        try:
-            fs.rm(tmp)
-        except Exception:  # already gone, or the store is unreachable: the next run cleans up
-            pass
-        raise
-
-
-def remove_stale_temps(folders: Iterable[str], storage_options: Mapping[str, Any] | None = None) -> int:
-    """Delete temporary files left by a killed job in ``folders``; returns how many."""
-    removed = 0
-    for url in folders:
-        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-        if not fs.isdir(path):
-            continue
-        for entry in fs.ls(path, detail=False):
-            if posixpath.basename(entry).endswith(TMP_SUFFIX):
-                fs.rm(entry)
-                removed += 1
-    if removed:
-        logger.info("infer: removed %d temporary file(s) left by an interrupted run", removed)
-    return removed
-
-
-def nifti_bytes(data: np.ndarray, affine: np.ndarray, *, sform_code: int = 1, qform_code: int = 1,
-                compress: bool = True) -> bytes:
-    """A NIfTI-1 file (gzipped unless ``compress`` is False) holding ``data`` with ``affine``.
-
-    Args:
-        data: ``(X, Y, Z)`` uint8 mask or float32 probabilities, in the scan's voxel order.
-        affine: the scan's voxel -> world affine (4x4).
-        sform_code, qform_code: the scan's codes, so viewers place the mask exactly over it.
-    """
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.ascontiguousarray(data), np.asarray(affine, dtype=np.float64))
-    img.set_sform(affine, code=int(sform_code))
-    img.set_qform(affine, code=int(qform_code))
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_data_dtype(data.dtype)
-    raw = img.to_bytes()
-    return gzip.compress(raw, compresslevel=1, mtime=0) if compress else raw
 
 
 @dataclass(frozen=True)
@@ -219,26 +123,30 @@ def _zarr_store(url: str, storage_options: Mapping[str, Any] | None) -> Any:
     return LocalStore(url[len("file://"):] if url.startswith("file://") else url)
 
 
-def write_zarr_case(layout: OutputLayout, case_id: str, mask: np.ndarray, probability: np.ndarray | None,
+def write_zarr_case(layout: OutputLayout, case_id: str, mask: Any, probability: Any | None,
                     attrs: Mapping[str, Any]) -> None:
     """Write one case's group into ``predictions.zarr``; published by ``complete: true`` last.
 
     Args:
-        mask: ``(X, Y, Z)`` uint8 in the scan's geometry.
-        probability: ``(X, Y, Z)`` float32 or None.
+        mask: ``(X, Y, Z)`` uint8 in the scan's geometry (NumPy, or dask: stored chunk by chunk).
+        probability: ``(X, Y, Z)`` float32 or None (likewise).
         attrs: JSON-compatible metadata (affine, source, model).
     """
+    import dask.array as da
     import zarr
     from zarr.codecs import BloscCodec
 
     root = zarr.open_group(_zarr_store(layout.zarr, layout.storage_options), mode="a")
     group = root.create_group(case_id, overwrite=True, attributes={"complete": False})
     chunks = tuple(min(64, int(s)) for s in mask.shape)
-    group.create_array("mask", data=np.ascontiguousarray(mask), chunks=chunks,
-                       compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
-    if probability is not None:
-        group.create_array("probability", data=np.ascontiguousarray(probability), chunks=chunks,
-                           compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+    for name, data, dtype, shuffle in (("mask", mask, np.uint8, "bitshuffle"),
+                                       ("probability", probability, np.float32, "shuffle")):
+        if data is None:
+            continue
+        array = group.create_array(name, shape=tuple(data.shape), dtype=dtype, chunks=chunks,
+                                   compressors=BloscCodec(cname="zstd", clevel=3, shuffle=shuffle))
+        # One task per Zarr chunk: no two tasks write the same chunk.
+        da.store(da.asarray(data).astype(dtype).rechunk(chunks), array, lock=False)
     group.attrs.put({**dict(attrs), "case_id": case_id, "complete": True})
 
 
@@ -349,7 +257,6 @@ __all__ = [
     "Plan",
     "TMP_SUFFIX",
     "atomic_write_bytes",
-    "nifti_bytes",
     "plan_cases",
     "read_report",
     "remove_stale_temps",

@@ -95,7 +95,7 @@ def _pipeline(cases: list[InferCase], job: InferJob, ctx: Any, checkpoint: bytes
     ds = ds.map_batches(
         CasePredictor,
         fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "mode": job.mode, "chunk_points": job.chunk_points,
-                               "threads": max(1, int(job.cpus_per_actor)), "keep_probability": job.save_probabilities},
+                               "threads": max(1, int(job.cpus_per_actor))},
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
         batch_size=1,
         batch_format="numpy",
@@ -178,7 +178,8 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
         modalities=tuple(spec.modalities), volume_shape=tuple(spec.volume_shape), zscore_mask=spec.zscore_mask,
         outputs=layout, save_probabilities=job.save_probabilities, save_zarr=job.save_zarr, model=model_name,
         model_sha256=sha, source_options=job.storage_options, affine_atol=job.affine_atol,
-        store_url=listing.store_url, store_channels=listing.store_channels,
+        store_url=listing.store_url, store_channels=listing.store_channels, resample=spec.resample,
+        target_spacing=spec.target_spacing, threshold=float(spec.threshold),
     )
     pipeline_seconds = 0.0
     actors, gpus = 0, 0.0

@@ -1,15 +1,18 @@
 """The three per-case stages of the inference pipeline; each never raises for a bad case.
 
 ``read_case`` (CPU task): read the scan (NIfTI files, local or fsspec, or a Zarr store case),
-validate it and preprocess it with the model's own spec -> the ``(C, X', Y', Z')`` grid volume
+validate it and bring it onto the model grid with the model's own spec (``pipelines.volumes``:
+reorient, resample, crop/pad, z-score, slab by slab) -> the ``(C, X', Y', Z')`` grid volume
 plus its ``PreprocessRecord``.
 
 ``CasePredictor`` (actor, GPU when there is one): the model is loaded once per actor; each
-case is segmented by ``ossnet.inference.Inferer`` -> the grid mask (and probabilities if asked).
+case is segmented by ``ossnet.inference.Inferer`` -> the grid probability map.
 
-``write_case`` (CPU task): undo the preprocessing (``PreprocessRecord.to_original``: the scan's
-orientation, shape and affine), write the outputs atomically, compute the foreground volume and,
-when a reference label exists, Dice/IoU in the scan's geometry -> one report row.
+``write_case`` (CPU task): map the probability back through the exact inverse
+(``PreprocessRecord.to_original``, linear resampling, then the threshold: the scan's orientation,
+shape and affine), stream the outputs slab by slab into atomically written files, compute the
+foreground volume and, when a reference label exists, Dice/IoU in the scan's geometry, chunk by
+chunk -> one report row. Memory is bounded by the model grid and a few slabs, not the scan.
 
 Why three stages and not one actor doing everything: decompressing NIfTI files, z-scoring,
 gzip-compressing outputs and reading reference labels are CPU work that would leave the GPU idle
@@ -42,14 +45,15 @@ import numpy as np
 
 from pipelines.infer.cases import InferCase
 from pipelines.infer.job import CaseResult
-from pipelines.infer.outputs import OutputLayout, atomic_write_bytes, nifti_bytes, write_zarr_case
-from pipelines.ingest_case import one_line
+from pipelines import nifti, volumes
+from pipelines.files import local_files
+from pipelines.infer.outputs import OutputLayout, write_zarr_case
+from pipelines.nifti import one_line
 
 logger = logging.getLogger(__name__)
 
 READY, FAILED = "ready", "failed"
 _EMPTY_F32 = np.zeros((0, 0, 0), dtype=np.float32)
-_EMPTY_U8 = np.zeros((0, 0, 0), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class StageContext:
         affine_atol: tolerance (mm) between the affines of a case's files.
         store_url: Zarr input store, if any.
         store_channels: store channel index per model channel (Zarr input).
+        resample, target_spacing: the model's resampling (its ``PreprocessSpec``).
+        threshold: the model's decision threshold on the probability.
+        threads: dask threads per case for reading and writing scans.
     """
 
     modalities: tuple[str, ...]
@@ -81,6 +88,10 @@ class StageContext:
     affine_atol: float = 1e-3
     store_url: str | None = None
     store_channels: tuple[int, ...] = ()
+    resample: str = "none"
+    target_spacing: tuple[float, float, float] | None = None
+    threshold: float = 0.5
+    threads: int = 1
 
 
 def case_item(case: InferCase) -> dict[str, Any]:
@@ -113,45 +124,21 @@ def _failure_message(exc: BaseException, where: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_affine(affine: np.ndarray, name: str) -> None:
-    from pipelines.ingest_case import CaseError
-
-    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
-        raise CaseError(f"{name}: the affine is degenerate or not finite: {np.round(affine, 4).tolist()}")
-
-
 def _read_nifti(images: Sequence[tuple[str, str]], ctx: StageContext) -> tuple[np.ndarray, Any, tuple[int, int]]:
-    import nibabel as nib
-
-    from ossnet.preprocess import PreprocessRecord, preprocess_channel, validate_spatial_shape
-    from pipelines.ingest_case import CaseError, _load, _local_files, _read
+    import contextlib
 
     paths = [p for _, p in images]
-    with _local_files(paths, ctx.source_options) as local:
-        imgs = [_load(local[p], p) for p in paths]
-        first = paths[0]
-        shape = validate_spatial_shape(imgs[0].shape, first)
-        affine = np.asarray(imgs[0].affine, dtype=np.float64)
-        _check_affine(affine, first)
-        for img, path in zip(imgs[1:], paths[1:]):
-            other = validate_spatial_shape(img.shape, path)
-            if other != shape:
-                raise CaseError(f"{path}: image shape {other} != {first} shape {shape}")
-            diff = float(np.abs(np.asarray(img.affine) - affine).max())
-            if not np.isfinite(diff) or diff > ctx.affine_atol:
-                raise CaseError(f"{path}: affine differs from {first} (max difference {diff:.4g})")
-        record = PreprocessRecord.create(shape, affine, nib.io_orientation(affine), ctx.volume_shape, ctx.zscore_mask)
-        grid = np.empty((len(paths), *record.volume_shape), dtype=np.float32)
-        means, stds = [], []
-        for c, (img, path) in enumerate(zip(imgs, paths)):
-            x = _read(img, path, np.float32)  # private float32 copy, normalised in place
-            grid[c], mean, std = preprocess_channel(x, record, name=path)
-            del x
-            means.append(mean)
-            stds.append(std)
-        header = imgs[0].header
-        codes = (int(header["sform_code"]), int(header["qform_code"]))
-    return grid, record.with_stats(means, stds), codes
+    with local_files(paths, ctx.source_options) as local, contextlib.ExitStack() as stack:
+        readable = {p: stack.enter_context(nifti.seekable(local[p], p)) for p in paths}
+        imgs = {p: nifti.load(readable[p], p) for p in paths}
+        shape, affine = nifti.check_case(imgs, {p: p for p in paths}, ctx.affine_atol)
+        record = volumes.case_record(shape, affine, ctx.volume_shape, ctx.zscore_mask, ctx.resample,
+                                     ctx.target_spacing, name=paths[0])
+        with volumes.compute_options("threads", ctx.threads):
+            lazy, record = volumes.image_grid([(nifti.lazy_volume(imgs[p], p), p) for p in paths], record)
+            grid = np.ascontiguousarray(lazy.compute(), dtype=np.float32)
+        codes = nifti.header_codes(imgs[paths[0]])
+    return grid, record, codes
 
 
 def _read_store(case_id: str, ctx: StageContext) -> tuple[np.ndarray, Any, tuple[int, int]]:
@@ -216,11 +203,10 @@ class CasePredictor:
             dense-start MISE), "dense", "mise" or "mise_lowres".
         chunk_points: points per decoder pass (bounds memory).
         threads: torch CPU threads when there is no GPU.
-        keep_probability: return the probability map too.
     """
 
     def __init__(self, checkpoint: bytes | list[Any], mode: str = "auto", chunk_points: int = 2**14,
-                 threads: int = 1, keep_probability: bool = False) -> None:
+                 threads: int = 1) -> None:
         import torch
 
         from ossnet.checkpoint import load_checkpoint
@@ -236,7 +222,6 @@ class CasePredictor:
         self.model, info = load_checkpoint(io.BytesIO(bytes(checkpoint)), map_location=self.device)
         self.inferer = make_inferer(self.model, mode=None if mode == "auto" else mode, device=self.device,
                                     chunk_points=int(chunk_points), threshold=float(info.preprocess.threshold))
-        self.keep_probability = keep_probability
         logger.info("infer: predictor ready on %s (variant %s, mode %s, %d points per pass)", self.device,
                     self.model.config.variant, self.inferer.mode, self.inferer.chunk_points)
 
@@ -250,9 +235,10 @@ class CasePredictor:
             torch.cuda.empty_cache()
 
     def predict_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """Segment the row's grid volume; the image is dropped, the grid mask added."""
+        """Segment the row's grid volume; the image is dropped, the grid probability added (the
+        write stage thresholds it after mapping it back, so masks and probabilities agree)."""
         base = {k: row[k] for k in ("case_id", "label", "status", "error", "seconds", "meta")}
-        empty = {"mask": _EMPTY_U8, "probability": _EMPTY_F32, "n_queries": 0, "mode": "", "predict_seconds": 0.0}
+        empty = {"probability": _EMPTY_F32, "n_queries": 0, "mode": "", "predict_seconds": 0.0}
         if _text(row["status"]) != READY:
             return {**base, **empty}
         t0 = time.perf_counter()
@@ -263,9 +249,8 @@ class CasePredictor:
                                              f"(chunk_points={self.inferer.chunk_points})")
             self._release()
             return {**_failed(row, message, float(row["seconds"]) + time.perf_counter() - t0), **empty}
-        probability = np.asarray(result.probability, dtype=np.float32) if self.keep_probability else _EMPTY_F32
         return {**base, "seconds": float(row["seconds"]) + time.perf_counter() - t0,
-                "mask": np.asarray(result.mask, dtype=np.uint8), "probability": probability,
+                "probability": np.asarray(result.probability, dtype=np.float32),
                 "n_queries": int(result.n_queries), "mode": str(result.mode), "predict_seconds": float(result.seconds)}
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -279,32 +264,34 @@ class CasePredictor:
 # --------------------------------------------------------------------------------------------
 
 
-def _reference(case_id: str, label: str, record: Any, ctx: StageContext) -> np.ndarray:
-    """The reference label as a bool mask in the scan's geometry."""
-    from ossnet.preprocess import validate_finite, validate_spatial_shape
-    from pipelines.ingest_case import CaseError, _load, _local_files, _read
+def _reference_counts(case_id: str, label: str, record: Any, mask: Any, ctx: StageContext) -> Any:
+    """Confusion counts of the scan-geometry mask against the reference label, chunk by chunk."""
+    import contextlib
+
+    from ossnet.preprocess import validate_spatial_shape
 
     if label == "store":
         from pipelines.store import open_store
 
         grid = open_store(str(ctx.store_url), "r", ctx.source_options).read_case(case_id, ("label",))["label"]
-        return record.to_original(grid, order=0) > 0
-    with _local_files([label], ctx.source_options) as local:
-        img = _load(local[label], label)
-        data = _read(img, label)
-        shape = validate_spatial_shape(data.shape, label)
+        return volumes.mask_counts(mask, volumes.scan_view(np.asarray(grid), record, order=0))
+    with local_files([label], ctx.source_options) as local, contextlib.ExitStack() as stack:
+        img = nifti.load(stack.enter_context(nifti.seekable(local[label], label)), label)
+        shape = validate_spatial_shape(img.shape, label)
         if shape != tuple(record.original_shape):
-            raise CaseError(f"{label}: label shape {shape} != image shape {tuple(record.original_shape)}")
+            raise nifti.NiftiError(f"{label}: label shape {shape} != image shape {tuple(record.original_shape)}")
         diff = float(np.abs(np.asarray(img.affine) - np.asarray(record.original_affine)).max())
         if not np.isfinite(diff) or diff > ctx.affine_atol:
-            raise CaseError(f"{label}: label affine differs from the image's (max difference {diff:.4g})")
-        validate_finite(data, label)
-        return data > 0
+            raise nifti.NiftiError(f"{label}: label affine differs from the image's (max difference {diff:.4g})")
+        ref = nifti.lazy_volume(img, label, dtype=None)
+        if np.issubdtype(ref.dtype, np.floating) and not bool(np.isfinite(ref).all().compute()):
+            raise nifti.NiftiError(f"{label}: non-finite voxels (NaN or Inf)")
+        return volumes.mask_counts(mask, ref > 0)
 
 
 def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Stage 3: map the grid prediction back to the scan and write it; returns the report row."""
-    from ossnet.metrics import dice, iou, volume_ml
+    from ossnet.metrics import dice_of, iou_of
     from ossnet.preprocess import PreprocessRecord
 
     t0 = time.perf_counter()
@@ -315,38 +302,40 @@ def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
               "predict_seconds": float(row.get("predict_seconds", 0.0))}
     if _text(row["status"]) != READY:
         return CaseResult(status="failed", error=_text(row["error"]), seconds=seconds, **common).to_row()
-    try:
-        meta = json.loads(_text(row["meta"]))
-        record = PreprocessRecord.from_dict(meta["record"])
-        affine = np.asarray(record.original_affine, dtype=np.float64)
-        mask = record.to_original(np.asarray(row["mask"], dtype=np.uint8), order=0)
-        codes = {"sform_code": int(meta.get("sform_code", 1)), "qform_code": int(meta.get("qform_code", 1))}
-        atomic_write_bytes(ctx.outputs.mask(case_id), lambda: nifti_bytes(mask, affine, **codes),
-                           ctx.outputs.storage_options)
-        probability = None
-        if ctx.save_probabilities:
-            probability = record.to_original(np.asarray(row["probability"], dtype=np.float32), order=1)
-            atomic_write_bytes(ctx.outputs.probability(case_id), lambda: nifti_bytes(probability, affine, **codes),
-                               ctx.outputs.storage_options)
-        if ctx.save_zarr:
-            write_zarr_case(ctx.outputs, case_id, mask, probability,
-                            {"affine": affine.tolist(), "model": ctx.model, "model_sha256": ctx.model_sha256})
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        foreground = volume_ml(mask, spacing)
-    except Exception as exc:  # a failed write fails this case only
-        if not isinstance(exc, (ValueError, OSError, MemoryError)):
-            logger.warning("infer: writing %s failed unexpectedly", case_id, exc_info=True)
-        return CaseResult(status="failed", error=one_line(_failure_message(exc, f"{case_id}: write")),
-                          seconds=seconds + time.perf_counter() - t0, **common).to_row()
-    d = j = float("nan")
-    note = ""
-    label = _text(row.get("label", ""))
-    if label:
+    with volumes.compute_options("threads", ctx.threads):
         try:
-            ref = _reference(case_id, label, record, ctx)
-            d, j = dice(mask > 0, ref), iou(mask > 0, ref)
-        except Exception as exc:  # the prediction stands; only the metric is missing
-            note = one_line(f"reference label: {_failure_message(exc, label)}")
+            meta = json.loads(_text(row["meta"]))
+            record = PreprocessRecord.from_dict(meta["record"])
+            affine = np.asarray(record.original_affine, dtype=np.float64)
+            grid_probability = np.asarray(row["probability"], dtype=np.float32)
+            mask = volumes.scan_mask(grid_probability, record, ctx.threshold)
+            codes = {"sform_code": int(meta.get("sform_code", 1)), "qform_code": int(meta.get("qform_code", 1))}
+            nifti.write_volume(ctx.outputs.mask(case_id), mask, affine, dtype=np.uint8, **codes,
+                               storage_options=ctx.outputs.storage_options)
+            probability = None
+            if ctx.save_probabilities:
+                probability = volumes.scan_view(grid_probability, record, order=1)
+                nifti.write_volume(ctx.outputs.probability(case_id), probability, affine, dtype=np.float32, **codes,
+                                   storage_options=ctx.outputs.storage_options)
+            if ctx.save_zarr:
+                write_zarr_case(ctx.outputs, case_id, mask, probability,
+                                {"affine": affine.tolist(), "model": ctx.model, "model_sha256": ctx.model_sha256})
+            voxel_ml = float(np.prod(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))) / 1000.0
+            foreground = int(mask.sum().compute()) * voxel_ml
+        except Exception as exc:  # a failed write fails this case only
+            if not isinstance(exc, (ValueError, OSError, MemoryError)):
+                logger.warning("infer: writing %s failed unexpectedly", case_id, exc_info=True)
+            return CaseResult(status="failed", error=one_line(_failure_message(exc, f"{case_id}: write")),
+                              seconds=seconds + time.perf_counter() - t0, **common).to_row()
+        d = j = float("nan")
+        note = ""
+        label = _text(row.get("label", ""))
+        if label:
+            try:
+                counts = _reference_counts(case_id, label, record, mask, ctx)
+                d, j = dice_of(counts), iou_of(counts)
+            except Exception as exc:  # the prediction stands; only the metric is missing
+                note = one_line(f"reference label: {_failure_message(exc, label)}")
     return CaseResult(status="ok", error=note, seconds=seconds + time.perf_counter() - t0,
                       foreground_ml=float(foreground), dice=float(d), iou=float(j), mask=ctx.outputs.mask(case_id),
                       **common).to_row()

@@ -1,10 +1,12 @@
 """Predict a volume of any size with a model that works on a fixed grid (no MLflow here).
 
-The model sees ``model.config.volume_shape``: the input is z-scored (per the checkpoint's
-preprocessing spec, unless already normalised), centred on that grid by ``crop_or_pad``, run
-through the ``Inferer``, and the probability map is mapped back to the input's grid by
-``undo_crop_or_pad`` (voxels cropped away get probability 0). The pyfunc bundle and the
-library loader both call ``predict_volume`` so that their outputs are identical.
+The model sees ``model.config.volume_shape``. The input goes through the case geometry that
+batch inference uses (``pipelines.volumes``, ``ossnet.geometry``): z-scored per the checkpoint's
+spec (unless already normalised), reoriented to RAS from its affine, resampled as the model's
+training store was (``resample``) and centred on the grid; the ``Inferer`` runs there, and the
+probability map goes back through the exact inverse (linear resampling; voxels cropped away
+get probability 0), then the threshold gives the mask. The pyfunc bundle and ``ossnet infer``
+therefore give identical masks for the same scan and affine.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def predict_volume(
     *,
     preprocess: Any = None,
     normalized: bool = False,
+    affine: Any = None,
 ) -> VolumePrediction:
     """Segment a ``(C, X, Y, Z)`` volume of any spatial size with a fixed-grid model.
 
@@ -85,16 +88,20 @@ def predict_volume(
         image: (C, X, Y, Z) intensities (raw unless ``normalized``); (X, Y, Z) is accepted for
             single-channel models.
         inferer: an ``Inferer``; default ``make_inferer(model)`` at the spec's threshold.
-        preprocess: the checkpoint's preprocessing spec (decides the z-score).
+        preprocess: the checkpoint's preprocessing spec (z-score, resampling).
         normalized: the image is already normalised; skip the z-score.
+        affine: the scan's voxel -> world affine (4x4); default identity (a RAS scan with 1 mm
+            voxels). Without it, a non-RAS scan is not reoriented as batch inference would.
 
     Returns:
         A ``VolumePrediction`` on the input's (X, Y, Z) grid.
 
     Raises:
-        ValueError: wrong channel count or dimensionality, non-finite voxels.
+        ValueError: wrong channel count or dimensionality, non-finite voxels, a bad affine.
     """
-    from ossnet.preprocess import crop_or_pad, undo_crop_or_pad, validate_finite, zscore_channels
+    import dask.array as da
+
+    from pipelines import volumes
 
     cfg = model.config
     arr = np.asarray(image)
@@ -109,19 +116,28 @@ def predict_volume(
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise ValueError(f"image: expected real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float32, copy=False)
-    validate_finite(arr, "image")
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     mask_mode = None if normalized else zscore_mask_of(preprocess)
-    if mask_mode is not None:
-        arr, _, _ = zscore_channels(arr, mask_mode)
-    original = arr.shape[1:]
-    grid, box = crop_or_pad(arr, cfg.volume_shape, dtype=np.float32)
-    if inferer is None:
-        inferer = make_inferer(model, threshold=float(getattr(preprocess, "threshold", 0.5)))
-    result = inferer(model, grid)
-    probability = np.asarray(result.probability, dtype=np.float32)
-    probability = undo_crop_or_pad(probability, original, box, fill=0.0)
-    mask = (probability >= inferer.threshold).astype(np.uint8)
-    logger.debug("predicted %s volume on grid %s: %d queries", tuple(original), cfg.volume_shape, result.n_queries)
+    record = volumes.case_record(arr.shape[1:], affine, cfg.volume_shape, mask_mode or "all",
+                                 str(getattr(preprocess, "resample", "none")),
+                                 getattr(preprocess, "target_spacing", None), name="image")
+    channels = [(da.from_array(arr[c], chunks=(-1, -1, 32)), f"image channel {c}") for c in range(arr.shape[0])]
+    with volumes.compute_options("threads", 1):
+        if mask_mode is None:
+            from ossnet.preprocess import validate_finite
+
+            validate_finite(arr, "image")
+            grid = np.stack([np.asarray(record.to_grid(arr[c], order=1, dtype=np.float32)) for c in range(len(arr))])
+        else:
+            lazy, record = volumes.image_grid(channels, record)
+            grid = np.ascontiguousarray(lazy.compute(), dtype=np.float32)
+        if inferer is None:
+            inferer = make_inferer(model, threshold=float(getattr(preprocess, "threshold", 0.5)))
+        result = inferer(model, grid)
+        grid_probability = np.asarray(result.probability, dtype=np.float32)
+        probability = np.ascontiguousarray(volumes.scan_view(grid_probability, record, order=1).compute())
+        mask = np.ascontiguousarray(volumes.scan_mask(grid_probability, record, inferer.threshold).compute())
+    logger.debug("predicted %s volume on grid %s: %d queries", tuple(arr.shape[1:]), cfg.volume_shape, result.n_queries)
     return VolumePrediction(probability=probability, mask=mask, n_queries=int(result.n_queries),
                             seconds=float(result.seconds), mode=str(result.mode))
 

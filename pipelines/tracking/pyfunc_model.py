@@ -5,7 +5,10 @@ only ``ossnet.checkpoint.load_checkpoint``, so the pyfunc and the library loader
 and one code path (``predict_volume``). No torch.export: any volume size is accepted.
 
 Input: a ``(C, X, Y, Z)`` array (raw intensities; z-scored per the checkpoint's spec), or a
-dict ``{"image": array, ...}`` that may also carry the params below (they win over ``params``).
+dict ``{"image": array, "affine": 4x4, ...}``: the scan's affine (as ``nibabel`` gives it) lets
+the model reorient and resample the scan exactly as ``ossnet infer`` does (without it the
+array is taken as RAS with 1 mm voxels); the dict may also carry the params below (they win
+over ``params``).
 Params (a params schema is logged with the model, so ``predict(x, params={...})`` works):
 ``output`` ("mask" -> (X, Y, Z) uint8, "probability" -> float32, "both" -> dict of the two),
 ``mode`` ("" = mise_lowres when the model has a low-res head, else mise; or dense/mise/
@@ -78,11 +81,13 @@ class OssnetPyfuncModel(mlflow.pyfunc.PythonModel):
         # the caller wrote explicitly) take precedence over ``params``.
         opts = dict(PARAM_DEFAULTS)
         opts.update({k: v for k, v in (params or {}).items() if k in PARAM_DEFAULTS and v is not None})
-        image = model_input
+        image, affine = model_input, None
         if isinstance(model_input, dict):
             if "image" not in model_input:
                 raise ValueError(f"ossnet pyfunc: dict input needs an 'image' key, got keys {sorted(model_input)}")
             image = model_input["image"]
+            if model_input.get("affine") is not None:
+                affine = np.asarray(model_input["affine"], dtype=np.float64).reshape(4, 4)
             opts.update({k: _scalar(v) for k, v in model_input.items() if k in PARAM_DEFAULTS})
         elif hasattr(model_input, "columns"):  # a pandas DataFrame has no natural volume shape
             raise ValueError("ossnet pyfunc: pass a (C, X, Y, Z) numpy array or {'image': array}, not a DataFrame")
@@ -98,7 +103,7 @@ class OssnetPyfuncModel(mlflow.pyfunc.PythonModel):
         inferer = make_inferer(self._model, mode=str(opts["mode"]) or None, device=device,
                                chunk_points=int(opts["chunk_points"]), threshold=threshold)
         result = predict_volume(self._model, np.asarray(image), inferer, preprocess=spec,
-                                normalized=bool(opts["normalized"]))
+                                normalized=bool(opts["normalized"]), affine=affine)
         if output == "mask":
             return result.mask
         if output == "probability":

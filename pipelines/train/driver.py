@@ -283,7 +283,8 @@ def train(
     )
     dataset.context.enable_progress_bars = False  # per-epoch bars would flood the job log
     preprocess = PreprocessSpec(modalities=facts.modalities, volume_shape=tuple(facts.model.volume_shape),
-                                zscore_mask=facts.zscore_mask)
+                                zscore_mask=facts.zscore_mask, resample=facts.resample,
+                                target_spacing=facts.target_spacing)
     loop_config = {
         "job": job, "facts": facts, "clock": clock, "tracking_uri": uri, "parent_run_id": parent_run_id,
         "local_mode": local_mode, "run_dir": str(run_dir), "preprocess": preprocess,

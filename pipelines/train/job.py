@@ -267,6 +267,8 @@ class StoreFacts:
     train_cases: tuple[str, ...]
     val_cases: tuple[str, ...]
     zscore_mask: str
+    resample: str = "none"
+    target_spacing: tuple[float, float, float] | None = None
 
 
 def check_against_store(job: TrainJob, store: Store | None = None) -> StoreFacts:
@@ -310,6 +312,8 @@ def check_against_store(job: TrainJob, store: Store | None = None) -> StoreFacts
     return StoreFacts(
         model=model, modalities=modalities, train_cases=splits["train"], val_cases=tuple(val),
         zscore_mask=str(store.info.get("zscore_mask", "nonzero")),
+        resample=str(store.info.get("resample") or "none"),
+        target_spacing=tuple(store.info["target_spacing"]) if store.info.get("target_spacing") else None,
     )
 
 

@@ -46,3 +46,18 @@ def test_ray_tasks_ingest_cases_in_parallel(ray_session: Any, tmp_path: Path) ->
 
     again = ingest(job)  # a re-run skips what is complete
     assert again.count("skipped") == 3
+
+
+def test_one_scan_can_run_its_chunks_on_the_ray_cluster(ray_session: Any, tmp_path: Path) -> None:
+    # scheduler "ray": the dask graph of one scan runs as Ray tasks; the store is the same.
+    rng = np.random.default_rng(1)
+    _write_case(tmp_path / "lits", "case-7", rng)
+    stores = {}
+    for scheduler in ("threads", "ray"):
+        url = str(tmp_path / f"{scheduler}.zarr")
+        report = ingest(IngestJob(source=str(tmp_path / "lits"), store=url, preset="tiny", executor="serial",
+                                  scheduler=scheduler, threads=2, resample="resize"))
+        assert report.ok, report.table()
+        stores[scheduler] = open_store(url).read_case("lits-007", ("image", "label", "border"))
+    for name, array in stores["threads"].items():
+        np.testing.assert_array_equal(stores["ray"][name], array, err_msg=name)

@@ -27,7 +27,6 @@ from pipelines.infer.outputs import (
     TMP_SUFFIX,
     OutputLayout,
     atomic_write_bytes,
-    nifti_bytes,
     plan_cases,
     read_report,
     remove_stale_temps,
@@ -150,7 +149,7 @@ def test_stage_chain_writes_the_library_prediction_in_the_scan_geometry(tmp_path
     _save(tmp_path / "ref.nii.gz", mask_ref)
 
     ctx = _ctx(spec, tmp_path / "out", save_probabilities=True, save_zarr=True)
-    predictor = CasePredictor(ckpt, mode="dense", chunk_points=1024, keep_probability=True)
+    predictor = CasePredictor(ckpt, mode="dense", chunk_points=1024)
     result = process_case(InferCase("s", images=(("t1", path),), label=str(tmp_path / "ref.nii.gz")), ctx, predictor)
 
     assert result.status == "ok", result.error
@@ -281,12 +280,25 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path: Path) -> None:
     assert fs.ls("/infer-unit/x", detail=False) == ["/infer-unit/x/f.bin"]  # the temporary name is gone
 
 
-def test_nifti_bytes_round_trip_keeps_geometry_codes_and_dtype() -> None:
+@pytest.mark.parametrize("name", ["m.nii.gz", "m.nii"])
+def test_streamed_nifti_keeps_geometry_codes_dtype_and_every_slab(tmp_path: Path, name: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import dask.array as da
+
+    from pipelines import nifti
+
+    monkeypatch.setattr(nifti, "SLAB_BYTES", 5 * 6 * 2)  # two planes per slab: several slabs, a ragged last one
     mask = (np.arange(5 * 6 * 7).reshape(5, 6, 7) % 3 == 0).astype(np.uint8)
-    img = nib.Nifti1Image.from_bytes(gzip.decompress(nifti_bytes(mask, AFFINE, sform_code=1, qform_code=2)))
-    assert img.get_data_dtype() == np.uint8 and np.allclose(img.affine, AFFINE)
-    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 2
-    np.testing.assert_array_equal(np.asarray(img.dataobj), mask)
+    for data in (mask, da.from_array(mask, chunks=(5, 6, 3))):
+        nifti.write_volume(str(tmp_path / name), data, AFFINE, sform_code=1, qform_code=2, compress=name.endswith(".gz"))
+        img = nib.load(str(tmp_path / name))
+        assert img.get_data_dtype() == np.uint8 and np.allclose(img.affine, AFFINE)
+        assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 2
+        np.testing.assert_array_equal(np.asarray(img.dataobj), mask)
+    probability = np.linspace(0, 1, 5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    nifti.write_volume(str(tmp_path / name), probability, AFFINE, compress=name.endswith(".gz"))
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / name)).dataobj), probability)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary file left
 
 
 # ------------------------------------------------------------------------------ report, resume

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from ossnet.preprocess import invert_zscore
-from ossnet.sampling import border_band, lowres_label
+from ossnet.config import preset_resample
+from ossnet.metrics import dice
+from ossnet.sampling import border_band
 from pipelines.ingest import (
     IngestError,
     IngestJob,
@@ -69,7 +71,7 @@ def _job(source, store, **kw) -> IngestJob:
 def _check_round_trip(store_url: str, case_id: str, sources: list[np.ndarray], label: np.ndarray) -> None:
     """Stored voxels, un-normalised and mapped back to the source grid, equal the source files."""
     store = open_store(store_url)
-    arrays = store.read_case(case_id, ("image", "label", "image_lowres", "label_lowres", "border"))
+    arrays = store.read_case(case_id, ("image", "label", "border"))
     attrs = store.case_attrs(case_id)
     rec = store.record(case_id)
     assert arrays["image"].shape == (len(sources), *GRID) and arrays["image"].dtype == np.float16
@@ -85,10 +87,10 @@ def _check_round_trip(store_url: str, case_id: str, sources: list[np.ndarray], l
     np.testing.assert_allclose(attrs["spacing"], canonical.header.get_zooms()[:3], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(attrs["affine"]), rec.grid_affine, atol=1e-9)
     np.testing.assert_allclose(np.asarray(rec.original_affine), AFFINE, atol=1e-6)
-    # Derived arrays are those of the stored label.
-    np.testing.assert_array_equal(arrays["label_lowres"], lowres_label(arrays["label"], store.info["lowres_factor"]))
+    # The border band is the stored label's; low-res arrays are derived on the fly, not stored.
     np.testing.assert_array_equal(arrays["border"].astype(bool), border_band(arrays["label"], store.band_width))
-    assert arrays["image_lowres"].shape == (len(sources), *store.lowres_shape)
+    assert set(store.info["arrays"]) == {"image", "label", "border"}
+    assert rec.resample == "none" and store.info["resample"] == "none"
     assert attrs["label_voxels"] == int(arrays["label"].sum())
     for src_info in attrs["sources"].values():
         assert len(src_info["sha256"]) == 64 and src_info["size"] > 0
@@ -402,3 +404,84 @@ def test_unlabelled_cases_when_allowed(tmp_path: Path) -> None:
     with pytest.raises(CaseNotFoundError, match="no array 'label'"):
         store.read_case("c1", ("label",))
     assert os.path.isdir(tmp_path / "b.zarr" / "cases" / "c1" / "image")
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+def _world_ball(shape, affine, centre_mm, radius_mm) -> np.ndarray:
+    idx = np.stack(np.meshgrid(*(np.arange(s) for s in shape), indexing="ij"), axis=-1).reshape(-1, 3)
+    world = idx @ affine[:3, :3].T + affine[:3, 3]
+    return (((world - centre_mm) / radius_mm) ** 2).sum(axis=1).reshape(shape) <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["resize", "spacing"])
+def test_resampled_ingest_keeps_the_anatomy_and_records_the_mode(tmp_path: Path, mode: str) -> None:
+    # Thick 0.7 x 0.7 x 4 mm slices with an LPS-like orientation.
+    affine = np.array([[-0.7, 0, 0, 20.0], [0, -0.7, 0, 15.0], [0, 0, 4.0, -30.0], [0, 0, 0, 1.0]])
+    shape = (44, 40, 9)
+    centre = affine[:3, :3] @ (np.array(shape) / 2) + affine[:3, 3]
+    label = _world_ball(shape, affine, centre, (11.0, 10.0, 12.0)).astype(np.uint8)
+    image = (200.0 + 100.0 * label + np.random.default_rng(0).normal(0, 5, shape)).astype(np.float32)
+    _save(tmp_path / "src" / "images" / "c1.nii.gz", image, affine)
+    _save(tmp_path / "src" / "labels" / "c1.nii.gz", label, affine)
+    store = tmp_path / "s.zarr"
+    spacing = {"target_spacing": (1.0, 1.0, 1.0)} if mode == "spacing" else {}
+    report = ingest(_job(tmp_path / "src", store, layout="generic", resample=mode, val_fraction=0.0, **spacing))
+    assert report.ok, report.table()
+    s = open_store(str(store))
+    rec = s.record("c1")
+    assert rec.resample == mode and s.info["resample"] == mode
+    assert s.info["target_spacing"] == ([1.0, 1.0, 1.0] if mode == "spacing" else None)
+    if mode == "resize":
+        assert rec.resampled == GRID and not rec.cropped
+    else:
+        assert rec.resampled == (31, 28, 36)  # round(44 * 0.7), round(40 * 0.7), 9 * 4
+        np.testing.assert_allclose(s.case_attrs("c1")["spacing"], (44 * 0.7 / 31, 40 * 0.7 / 28, 1.0), rtol=1e-6)
+    grid = s.read_case("c1", ("label", "image"))
+    back = rec.to_original(grid["label"].astype(np.float32), order=1) >= 0.5
+    assert dice(back, label) >= 0.95
+    # The stored image is the z-scored source on the grid: brighter where the label is.
+    assert grid["image"][0][grid["label"] > 0].mean() > grid["image"][0][grid["label"] == 0].mean() + 1.0
+
+
+def test_lits_preset_resizes_by_default_and_a_bad_spacing_is_refused(tmp_path: Path) -> None:
+    assert preset_resample("lits") == "resize" and preset_resample("brats") == "none"
+    with pytest.raises(IngestError, match="ingest.target_spacing: required"):
+        _job(tmp_path, tmp_path / "s.zarr", resample="spacing").validate()
+    with pytest.raises(IngestError, match="ingest.target_spacing: needs three positive"):
+        _job(tmp_path, tmp_path / "s.zarr", resample="spacing", target_spacing=(1.0, 0.0, 1.0)).validate()
+    rng = np.random.default_rng(3)
+    _save(tmp_path / "src" / "images" / "fine.nii.gz", _image(rng))
+    _save(tmp_path / "src" / "labels" / "fine.nii.gz", (_label(rng) > 0).astype(np.uint8))
+    report = ingest(_job(tmp_path / "src", tmp_path / "s.zarr", layout="generic", resample="spacing",
+                         target_spacing=(0.01, 0.01, 0.01)))
+    (case,) = report.cases
+    assert case.status == "failed" and "fine.nii.gz" in case.message and "exceeds the limit" in case.message
+
+
+@pytest.mark.parametrize("bad, message", [("zero", "zero voxel spacing"), ("nan", "not a finite"),
+                                          ("shear", "sheared affine")])
+def test_degenerate_header_spacing_fails_the_case_naming_the_file(tmp_path: Path, bad: str, message: str) -> None:
+    rng = np.random.default_rng(4)
+    header = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)).header.copy()
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]
+    if bad == "zero":
+        header["srow_y"] = [0, 0, 0, 0]
+    elif bad == "nan":
+        header["srow_y"] = [0, np.nan, 0, 0]
+    else:
+        header["srow_x"] = [1, 0.5, 0, 0]
+    for kind, data in (("images", _image(rng)), ("labels", (_label(rng) > 0).astype(np.uint8))):
+        path = tmp_path / "src" / kind / "odd.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data, None, header), str(path))
+    good = np.random.default_rng(5)
+    _save(tmp_path / "src" / "images" / "good.nii.gz", _image(good), np.diag([1.0, 1.0, 1.0, 1.0]))
+    _save(tmp_path / "src" / "labels" / "good.nii.gz", (_label(good) > 0).astype(np.uint8), np.diag([1.0, 1.0, 1.0, 1.0]))
+    report = ingest(_job(tmp_path / "src", tmp_path / "s.zarr", layout="generic", val_fraction=0.0))
+    by_id = {c.case_id: c for c in report.cases}
+    assert by_id["good"].status == "ingested"
+    assert by_id["odd"].status == "failed" and "odd.nii.gz" in by_id["odd"].message and message in by_id["odd"].message
+    assert "\n" not in by_id["odd"].message

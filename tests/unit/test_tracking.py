@@ -242,6 +242,79 @@ def test_library_loader_loads_the_same_bundle_with_identical_outputs(
     assert resolve_model_uri(str(bundle.ckpt), bundle.uri) == bundle.ckpt.resolve()
 
 
+# LPS-like, permuted, anisotropic: the batch job reorients it; the pyfunc must too.
+NON_RAS = np.array([[0.0, -1.1, 0.0, 30.0], [-0.9, 0.0, 0.0, 20.0], [0.0, 0.0, 1.6, -5.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def _batch_job(tmp_path: Path, ckpt: bytes, spec: Any, image: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """What ``ossnet infer`` writes for the scan (its per-case stages, without Ray): mask, probability.
+
+    Dense decoding: the untrained model needs a custom cut, and MISE's refinement depends on the
+    threshold it runs at, dense decoding does not."""
+    import nibabel as nib
+
+    from pipelines.infer.cases import InferCase
+    from pipelines.infer.outputs import OutputLayout
+    from pipelines.infer.stages import CasePredictor, StageContext, process_case
+
+    paths = []
+    for c, mod in enumerate(spec.modalities):
+        paths.append((mod, str(tmp_path / f"scan_{mod}.nii.gz")))
+        nib.save(nib.Nifti1Image(image[c], NON_RAS), paths[-1][1])
+    layout = OutputLayout(str(tmp_path / "out"))
+    layout.prepare(True, False)
+    ctx = StageContext(modalities=spec.modalities, volume_shape=spec.volume_shape, zscore_mask=spec.zscore_mask,
+                       outputs=layout, save_probabilities=True, resample=spec.resample,
+                       target_spacing=spec.target_spacing, threshold=threshold)
+    result = process_case(InferCase("scan", images=tuple(paths)), ctx, CasePredictor(ckpt, mode="dense"))
+    assert result.status == "ok", result.error
+    out = nib.load(result.mask)
+    assert np.allclose(out.affine, NON_RAS)
+    return np.asarray(out.dataobj), np.asarray(nib.load(layout.probability("scan")).dataobj)
+
+
+def test_pyfunc_and_batch_job_give_identical_masks_for_a_non_ras_scan(
+    bundle: SimpleNamespace, pyfunc: Any, tmp_path: Path
+) -> None:
+    from ossnet.checkpoint import load_checkpoint
+
+    _, info = load_checkpoint(bundle.ckpt)
+    image = _volume(ODD, 4)
+    both = pyfunc.predict({"image": image, "affine": NON_RAS, "output": "both", "mode": "dense"})
+    threshold = float(np.quantile(both["probability"], 0.8))  # an untrained model: any non-trivial cut
+    mask, probability = _batch_job(tmp_path, bundle.ckpt.read_bytes(), info.preprocess, image, threshold)
+    np.testing.assert_array_equal(both["probability"], probability)
+    ours = pyfunc.predict({"image": image, "affine": NON_RAS, "threshold": threshold, "mode": "dense"})
+    assert ours.shape == ODD and 0 < ours.sum() < ours.size
+    np.testing.assert_array_equal(ours, mask)
+    # Without the affine the array is taken as RAS: the model sees another grid.
+    assert not np.array_equal(pyfunc.predict({"image": image, "output": "probability", "mode": "dense"}), probability)
+
+
+def test_resampling_model_gives_the_same_mask_through_predict_volume_and_the_batch_job(
+    bundle: SimpleNamespace, tmp_path: Path
+) -> None:
+    import io
+
+    from ossnet.checkpoint import PreprocessSpec, checkpoint_bytes, load_checkpoint
+    from pipelines.tracking.predict import make_inferer
+
+    spec = PreprocessSpec(modalities=("flair", "t1", "t1ce", "t2"), volume_shape=bundle.model.config.volume_shape,
+                          resample="spacing", target_spacing=(1.0, 1.0, 1.0))
+    ckpt = checkpoint_bytes(bundle.model, spec)
+    model, info = load_checkpoint(io.BytesIO(ckpt))
+    image = _volume(ODD, 5)
+    probability = predict_volume(model, image, make_inferer(model, mode="dense"), preprocess=info.preprocess,
+                                 affine=NON_RAS).probability
+    threshold = float(np.quantile(probability, 0.8))
+    ours = predict_volume(model, image, make_inferer(model, mode="dense", threshold=threshold),
+                          preprocess=info.preprocess, affine=NON_RAS)
+    mask, batch_probability = _batch_job(tmp_path, ckpt, info.preprocess, image, threshold)
+    np.testing.assert_array_equal(ours.probability, batch_probability)
+    np.testing.assert_array_equal(ours.mask, mask)
+    assert ours.mask.shape == ODD and 0 < ours.mask.sum() < ours.mask.size
+
+
 # ------------------------------------------------------------------------------- registry
 
 

@@ -1,0 +1,280 @@
+"""NIfTI input and output: local or fsspec files, checked headers, lazy chunked reads, streamed writes.
+
+Every reader of scans (ingest, batch inference, benchmarks) goes through this module; every
+problem becomes a one-line ``NiftiError`` naming the file.
+
+Reading. ``lazy_volume`` wraps a file's voxel data in a dask array of slabs along the last axis
+(the slowest axis of NIfTI's Fortran order, so a slab is one contiguous run of the file):
+
+* ``.nii`` is read slab by slab through the header's offset (random access, no full read);
+* ``.nii.gz`` has no random access of its own. With ``indexed_gzip`` installed (a dependency)
+  nibabel keeps one handle open and seeks through an index it builds while reading, so slabs
+  cost what they cost in ``.nii``; without it, every slab would decompress the file from its
+  start, so the file is first decompressed once, in file order, to a temporary ``.nii``.
+
+Writing. ``write_volume`` streams a (dask or NumPy) volume slab by slab into a gzip stream
+behind a NIfTI-1 header, in a temporary file moved into place when complete, so the writer
+never holds the whole scan and a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Any, BinaryIO, Iterator, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from ossnet.geometry import voxel_spacing
+from ossnet.preprocess import validate_spatial_shape
+from pipelines.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+SLAB_BYTES = 32 << 20
+"""Target size of one read slab (and one written slab): bounds what a reader thread holds."""
+
+
+class NiftiError(ValueError):
+    """A file cannot be read or does not fit its case; the one-line message names the file."""
+
+
+def one_line(text: Any) -> str:
+    """Collapse whitespace (newlines from nibabel or zarr messages) into one line."""
+    return " ".join(str(text).split())
+
+
+def _has_indexed_gzip() -> bool:
+    try:
+        import indexed_gzip  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load(path: str, shown: str | None = None) -> Any:
+    """The NIfTI image at a local ``path`` (header read, voxels not); ``shown`` names it in errors.
+
+    A gzipped file keeps its handle open when ``indexed_gzip`` is installed, so slabs seek.
+    """
+    shown = shown or path
+    try:
+        keep = path.endswith(".gz") and _has_indexed_gzip()
+        return nib.load(path, keep_file_open=keep) if keep else nib.load(path)
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise NiftiError(f"{shown}: cannot read NIfTI header ({type(exc).__name__}: {one_line(exc)})") from exc
+
+
+def read(img: Any, shown: str, dtype: Any = None) -> np.ndarray:
+    """All voxel data in memory, scaled as the header says, squeezed to 3D.
+
+    With ``dtype`` (float32 for images) nibabel scales directly in that dtype and the result is
+    a private, writable array; without it the on-disk dtype is kept (labels).
+    """
+    try:
+        data = np.asarray(img.dataobj, dtype=dtype) if dtype is not None else np.asanyarray(img.dataobj)
+    except Exception as exc:  # EOFError / zlib.error / OSError for truncated .nii.gz
+        raise NiftiError(f"{shown}: cannot read voxel data, truncated or corrupt file "
+                         f"({type(exc).__name__}: {one_line(exc)})") from exc
+    if dtype is not None and (isinstance(data, np.memmap) or not data.flags.writeable):
+        data = np.array(data)  # a float32 .nii maps the file: copy before normalising in place
+    return np.asarray(data).reshape(validate_spatial_shape(data.shape, shown))
+
+
+def header_codes(img: Any) -> tuple[int, int]:
+    """The image's ``(sform_code, qform_code)``, so outputs sit exactly over the scan in viewers."""
+    return int(img.header["sform_code"]), int(img.header["qform_code"])
+
+
+def check_case(imgs: Mapping[str, Any], names: Mapping[str, str], affine_atol: float) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Check that a case's files describe one voxel grid; return its shape and affine.
+
+    Args:
+        imgs: key -> loaded image, the reference (first image) first.
+        names: key -> the path shown in errors.
+        affine_atol: largest difference (mm) tolerated between the files' affines.
+
+    Raises:
+        NiftiError: a 2D/4D image, differing shapes or affines, or a degenerate, non-finite or
+            sheared affine (rotated, oblique grids are accepted: the voxel grid is kept).
+    """
+    keys = list(imgs)
+    first = keys[0]
+    shape = validate_spatial_shape(imgs[first].shape, names[first])
+    affine = np.asarray(imgs[first].affine, dtype=np.float64)
+    try:
+        voxel_spacing(affine, names[first])
+    except ValueError as exc:
+        raise NiftiError(str(exc)) from None
+    for key in keys[1:]:
+        kind = "label" if key == "label" else "image"
+        other = validate_spatial_shape(imgs[key].shape, names[key])
+        if other != shape:
+            raise NiftiError(f"{names[key]}: {kind} shape {other} != {names[first]} shape {shape}")
+        diff = float(np.abs(np.asarray(imgs[key].affine) - affine).max())
+        if not np.isfinite(diff) or diff > affine_atol:
+            raise NiftiError(f"{names[key]}: affine differs from {names[first]} (max difference {diff:.4g})")
+    return shape, affine
+
+
+# --------------------------------------------------------------------------------------------
+# Lazy reads
+# --------------------------------------------------------------------------------------------
+
+
+class _SlabReader:
+    """Array-like over an image's voxels for ``dask.array.from_array``: reads one slab per call,
+    scales and casts it, and turns read errors into ``NiftiError`` naming the file.
+
+    It pickles as its file path (an open gzip index does not pickle), so a graph can run on other
+    processes (``scheduler="ray"``); they reopen the file, which must be visible to them.
+    """
+
+    def __init__(self, img: Any, shown: str, dtype: Any) -> None:
+        self._path = img.get_filename()
+        self._proxy: Any = img.dataobj
+        self._shown = shown
+        self.shape = validate_spatial_shape(img.shape, shown)
+        self._extra_axes = len(img.shape) - 3
+        self.dtype = np.dtype(dtype) if dtype is not None else np.dtype(img.get_data_dtype())
+        self.ndim = 3
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_proxy": None}
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if self._proxy is None:
+            self._proxy = load(self._path, self._shown).dataobj
+        index = tuple(index) + (0,) * self._extra_axes  # (X, Y, Z, 1) files: the trailing axis
+        try:
+            block = np.asarray(self._proxy[index])
+        except Exception as exc:
+            raise NiftiError(f"{self._shown}: cannot read voxel data, truncated or corrupt file "
+                             f"({type(exc).__name__}: {one_line(exc)})") from exc
+        return block.astype(self.dtype, copy=False)
+
+
+def slab_chunks(shape: Sequence[int], itemsize: int, slab_bytes: int | None = None) -> tuple[int, int, int]:
+    """Chunks of whole ``(X, Y)`` planes, as many along Z as fit ``slab_bytes`` (``SLAB_BYTES``)."""
+    slab_bytes = SLAB_BYTES if slab_bytes is None else slab_bytes
+    plane = int(shape[0]) * int(shape[1]) * itemsize
+    return int(shape[0]), int(shape[1]), max(1, min(int(shape[2]), slab_bytes // max(plane, 1)))
+
+
+def lazy_volume(img: Any, shown: str, dtype: Any = np.float32) -> Any:
+    """The image's voxels as a lazy dask array ``(X, Y, Z)`` of z-slabs, cast to ``dtype``
+    (``None``: the on-disk dtype). Nothing is read until the array is computed."""
+    import dask.array as da
+
+    reader = _SlabReader(img, shown, dtype)
+    return da.from_array(reader, chunks=slab_chunks(reader.shape, reader.dtype.itemsize), asarray=False,
+                         name=f"nifti-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def seekable(path: str, shown: str) -> Iterator[str]:
+    """A path whose voxels can be read slab by slab: the file itself (``.nii``, or ``.nii.gz``
+    with ``indexed_gzip``), else a temporary ``.nii`` decompressed once in file order."""
+    if not path.endswith(".gz") or _has_indexed_gzip():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ossnet-gunzip-") as tmp:
+        out = os.path.join(tmp, os.path.basename(path)[: -len(".gz")])
+        try:
+            with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+        except Exception as exc:
+            raise NiftiError(f"{shown}: cannot decompress ({type(exc).__name__}: {one_line(exc)})") from exc
+        yield out
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed, atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def nifti_header(shape: Sequence[int], dtype: Any, affine: Any, sform_code: int = 1, qform_code: int = 1) -> Any:
+    """A NIfTI-1 header for a single-file image of ``shape`` and ``dtype`` placed by ``affine``."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(int(s) for s in shape))
+    header.set_data_dtype(np.dtype(dtype))
+    affine = np.asarray(affine, dtype=np.float64)
+    header.set_sform(affine, code=int(sform_code))
+    header.set_qform(affine, code=int(qform_code))
+    header.set_xyzt_units("mm", "sec")
+    header["vox_offset"] = 352  # 348-byte header + 4-byte extension flag
+    return header
+
+
+def write_volume(
+    url: str,
+    volume: Any,
+    affine: Any,
+    *,
+    dtype: Any = None,
+    sform_code: int = 1,
+    qform_code: int = 1,
+    compress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``volume`` ``(X, Y, Z)`` (NumPy or dask) as a NIfTI-1 file, slab by slab, atomically.
+
+    Only one z-slab is computed and held at a time, so writing a scan-sized output needs memory
+    for a slab, not for the scan. ``dtype`` defaults to the volume's.
+    """
+    dtype = np.dtype(dtype or volume.dtype)
+    shape = tuple(int(s) for s in volume.shape)
+    header = nifti_header(shape, dtype, affine, sform_code, qform_code)
+    step = slab_chunks(shape, dtype.itemsize)[2]
+
+    def stream(fh: BinaryIO) -> None:
+        out: Any = gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1, mtime=0) if compress else fh
+        try:
+            out.write(header.binaryblock)
+            out.write(b"\x00" * 4)  # no extensions
+            for z in range(0, shape[2], step):
+                slab = np.asarray(volume[:, :, z : z + step]).astype(dtype.newbyteorder("<"), copy=False)
+                out.write(slab.tobytes(order="F"))
+        finally:
+            if compress:
+                out.close()
+
+    atomic_write(url, stream, storage_options)
+
+
+__all__ = [
+    "NiftiError",
+    "SLAB_BYTES",
+    "check_case",
+    "header_codes",
+    "lazy_volume",
+    "load",
+    "nifti_header",
+    "one_line",
+    "read",
+    "seekable",
+    "sha256_file",
+    "slab_chunks",
+    "write_volume",
+]

@@ -1,0 +1,225 @@
+"""The one executor of the scan <-> model-grid transform: lazy, chunked dask graphs over NIfTI files.
+
+``ossnet.geometry.PreprocessRecord`` says what happens to a case (reorient, resample, crop/pad,
+z-score); this module runs it without holding a scan in memory, for every stage that turns
+scans into model grids or predictions back into scans (ingest, batch inference, benchmarks):
+
+* ``image_grid``: per channel, a dask array of file slabs (``pipelines.nifti.lazy_volume``);
+  one pass computes the z-score statistics and the finite check as dask reductions; the
+  normalised channel then goes through the record's transform, still lazily;
+* ``label_grid``: the label's distinct values are found in one pass and checked, then it is
+  binarised and resampled by nearest neighbour onto the grid;
+* ``store_grid``: writes a lazy grid into a Zarr array, rechunked to its shards so that no two
+  tasks write one shard;
+* ``scan_view``: a grid-sized prediction lazily mapped back onto the scan (linear for
+  probabilities, nearest for masks), for ``pipelines.nifti.write_volume`` to stream slab by slab.
+
+Peak memory is a few slabs per worker thread, whatever the scan's size. Scheduling: dask's
+threaded scheduler with ``workers`` threads (``compute_options``); ``scheduler="ray"`` runs the
+same graphs on the Ray cluster (``ray.util.dask``), for one scan too large for one node's
+cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ossnet.geometry import PreprocessRecord, apply_orientation, resample
+from ossnet.preprocess import validate_label_values
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS: tuple[str, ...] = ("threads", "ray")
+
+
+@contextlib.contextmanager
+def compute_options(scheduler: str = "threads", workers: int = 1) -> Iterator[None]:
+    """Run dask computations inside the block on ``scheduler`` ("threads" or "ray")."""
+    import dask
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler: must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    if scheduler == "ray":
+        from ray.util.dask import ray_dask_get
+
+        with dask.config.set(scheduler=ray_dask_get):
+            yield
+        return
+    with dask.config.set(scheduler="threads", num_workers=max(1, int(workers))):
+        yield
+
+
+def zscore_moments(channel: Any, mask: str) -> tuple[float, float, int, int]:
+    """Mean and std of a lazy channel, and its NaN and Inf counts, from one pass over it.
+
+    The mask follows ``ossnet.preprocess.zscore_stats``: ``"nonzero"`` voxels or ``"all"``; an
+    empty mask gives (0, 1) and a constant channel std 1.
+    """
+    import dask
+    import dask.array as da
+
+    values = channel.astype(np.float64)
+    weight = (channel != 0) if mask == "nonzero" else da.ones_like(channel, dtype=bool)
+    count, total, squares, n_nan, n_inf = dask.compute(
+        weight.sum(), da.where(weight, values, 0).sum(), da.where(weight, values * values, 0).sum(),
+        da.isnan(channel).sum(), da.isinf(channel).sum(),
+    )
+    if count == 0:
+        logger.warning("z-score: empty %s mask; using mean 0, std 1", mask)
+        return 0.0, 1.0, int(n_nan), int(n_inf)
+    mean = float(total) / float(count)
+    std = math.sqrt(max(float(squares) / float(count) - mean * mean, 0.0))
+    # Relative: one-pass variance leaves rounding noise of about 1e-8 * |mean| on a constant channel.
+    if not math.isfinite(std) or std < 1e-6 * max(1.0, abs(mean)):
+        if n_nan == n_inf == 0:
+            logger.warning("z-score: constant channel (value %g); using std 1", mean)
+        std = 1.0
+    return mean, std, int(n_nan), int(n_inf)
+
+
+def normalise(channel: Any, mean: float, std: float, mask: str) -> Any:
+    """Lazily z-score a channel; with ``"nonzero"`` the zero background stays 0. float32."""
+    normed = ((channel - np.float32(mean)) / np.float32(std)).astype(np.float32)
+    return np.where(channel != 0, normed, np.float32(0)) if mask == "nonzero" else normed
+
+
+def image_grid(channels: Sequence[tuple[Any, str]], record: PreprocessRecord) -> tuple[Any, PreprocessRecord]:
+    """The case's model-grid image as a lazy ``(C, *volume_shape)`` float32 dask array.
+
+    Args:
+        channels: ``(lazy (X, Y, Z) channel, file name)`` per modality (``nifti.lazy_volume``).
+        record: the case geometry (``PreprocessRecord.create``).
+
+    Returns:
+        ``(lazy grid, record with the z-score statistics)``.
+
+    Raises:
+        ValueError: a channel with NaN or Inf, naming its file.
+    """
+    import dask.array as da
+
+    grids, means, stds = [], [], []
+    for channel, name in channels:
+        mean, std, n_nan, n_inf = zscore_moments(channel, record.zscore_mask)
+        if n_nan or n_inf:
+            raise ValueError(f"{name}: non-finite voxels (NaN: {n_nan}, Inf: {n_inf})")
+        grids.append(record.to_grid(normalise(channel, mean, std, record.zscore_mask), order=1, dtype=np.float32))
+        means.append(mean)
+        stds.append(std)
+    return da.stack(grids), record.with_stats(means, stds)
+
+
+def distinct_values(volume: Any) -> np.ndarray:
+    """The distinct values of a lazy volume, from one pass (for the label checks, which then
+    run on this small array: ``ossnet.preprocess.validate_label_values``)."""
+    import dask.array as da
+
+    return np.asarray(da.unique(volume).compute())
+
+
+def label_grid(label: Any, record: PreprocessRecord, allowed: Sequence[int], name: str) -> tuple[np.ndarray, int]:
+    """Check a lazy label, binarise it (label > 0) and bring it onto the model grid.
+
+    Returns:
+        ``(grid uint8 (X', Y', Z'), foreground voxels lost to cropping)``: the loss is counted
+        on the resampled grid, before crop/pad.
+
+    Raises:
+        ValueError: unexpected, non-integer or non-finite values, naming ``name``.
+    """
+    import dask
+
+    validate_label_values(distinct_values(label), allowed, name)
+    binary = (label > 0).astype(np.uint8)
+    # The foreground on the resampled grid, before crop/pad (dask shares the common subgraph).
+    before = resample(apply_orientation(binary, record.orientation), record.resampled, 0).sum()
+    grid, total = dask.compute(record.to_grid(binary, order=0, dtype=np.uint8), before)
+    grid = np.ascontiguousarray(grid)
+    return grid, int(total) - int(grid.sum(dtype=np.int64))
+
+
+def store_grid(volume: Any, array: Any, lead: Sequence[int] = ()) -> None:
+    """Write a lazy grid into ``array[lead]`` (a Zarr array), one shard per task.
+
+    Float16 targets get the volume clipped to the float16 range first (as ``CaseWriter.write``).
+    """
+    import dask.array as da
+
+    shards = tuple(array.shards or array.chunks)[len(lead):]
+    target = array.dtype
+    if target == np.float16:
+        limit = np.finfo(np.float16).max
+        volume = np.clip(volume, -limit, limit)
+    volume = volume.astype(target).rechunk(shards)
+    region = tuple(slice(i, i + 1) for i in lead) + tuple(slice(0, s) for s in volume.shape)
+    da.store(volume.reshape((1,) * len(lead) + volume.shape), array, regions=region, lock=False)
+
+
+def scan_view(grid: np.ndarray, record: PreprocessRecord, order: int, chunks: Sequence[int] | None = None) -> Any:
+    """A grid-sized prediction lazily mapped back onto the scan's voxel grid.
+
+    Args:
+        grid: ``(X', Y', Z')`` on the model grid (a probability for ``order=1``, a mask for 0).
+        record: the case geometry.
+        order: 1 (linear: probabilities, threshold afterwards) or 0 (nearest: masks, labels).
+        chunks: chunking of the model-grid array (default: slabs of 32 grid planes).
+
+    Returns:
+        A lazy ``(*original_shape)`` dask array (compute it slab by slab).
+    """
+    import dask.array as da
+
+    lazy = da.from_array(np.asarray(grid), chunks=tuple(chunks) if chunks else (-1, -1, 32))
+    return record.to_original(lazy, order=order)
+
+
+def scan_mask(probability: np.ndarray, record: PreprocessRecord, threshold: float) -> Any:
+    """The scan-geometry mask of a grid probability: resampled linearly, then thresholded
+    (``>= threshold``; voxels cropped away are background). Lazy uint8 ``(*original_shape)``."""
+    return (scan_view(np.asarray(probability, dtype=np.float32), record, order=1) >= np.float32(threshold)).astype(np.uint8)
+
+
+def mask_counts(pred: Any, ref: Any) -> Any:
+    """``ossnet.metrics.ConfusionCounts`` of two (lazy or computed) masks, chunk by chunk."""
+    import dask
+    import dask.array as da
+
+    from ossnet.metrics import ConfusionCounts
+
+    p, r = da.asarray(pred) != 0, da.asarray(ref) != 0
+    tp, n_pred, n_ref = dask.compute((p & r).sum(), p.sum(), r.sum())
+    total = int(np.prod(p.shape, dtype=np.int64))
+    return ConfusionCounts(tp=int(tp), fp=int(n_pred - tp), fn=int(n_ref - tp), tn=total - int(n_pred + n_ref - tp))
+
+
+def case_record(shape: Sequence[int], affine: Any, volume_shape: Sequence[int], zscore_mask: str,
+                resample: str = "none", target_spacing: Sequence[float] | None = None, name: str = "") -> PreprocessRecord:
+    """``PreprocessRecord.create`` for a scan's header; errors are prefixed with the file ``name``."""
+    import nibabel as nib
+
+    try:
+        return PreprocessRecord.create(shape, affine, nib.io_orientation(np.asarray(affine)), volume_shape,
+                                       zscore_mask, resample=resample, target_spacing=target_spacing)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}" if name else str(exc)) from None
+
+
+__all__ = [
+    "SCHEDULERS",
+    "case_record",
+    "compute_options",
+    "image_grid",
+    "label_grid",
+    "distinct_values",
+    "mask_counts",
+    "normalise",
+    "scan_mask",
+    "scan_view",
+    "store_grid",
+    "zscore_moments",
+]

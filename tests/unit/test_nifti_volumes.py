@@ -1,0 +1,76 @@
+"""pipelines.nifti and pipelines.volumes: lazy slab reads, streamed writes, the chunked transform."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ossnet.preprocess import zscore_channel
+from pipelines import nifti, volumes
+
+AFFINE = np.array([[0.0, -1.1, 0.0, 30.0], [-0.9, 0.0, 0.0, 20.0], [0.0, 0.0, 1.6, -5.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def _scan(shape=(23, 19, 17), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(300.0, 40.0, size=shape).astype(np.float32)
+    x[:3] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("name", ["s.nii", "s.nii.gz"])
+@pytest.mark.parametrize("indexed", [True, False])
+def test_lazy_slabs_read_exactly_what_nibabel_reads(tmp_path: Path, name: str, indexed: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nifti, "SLAB_BYTES", 23 * 19 * 4 * 3)  # three planes per slab
+    monkeypatch.setattr(nifti, "_has_indexed_gzip", lambda: indexed)
+    scan = _scan()
+    path = str(tmp_path / name)
+    nib.save(nib.Nifti1Image(scan, AFFINE), path)
+    with nifti.seekable(path, path) as readable:
+        # Without indexed_gzip a .nii.gz is decompressed once to a temporary .nii.
+        assert readable.endswith(".nii") == (name.endswith(".nii") or not indexed)
+        img = nifti.load(readable, path)
+        lazy = nifti.lazy_volume(img, path)
+        assert isinstance(lazy, da.Array) and lazy.chunks[2] == (3, 3, 3, 3, 3, 2)
+        np.testing.assert_array_equal(lazy.compute(), scan)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # the temporary copy is gone
+
+
+def test_truncated_files_fail_with_the_file_name(tmp_path: Path) -> None:
+    path = tmp_path / "cut.nii.gz"
+    nib.save(nib.Nifti1Image(_scan(), AFFINE), str(path))
+    path.write_bytes(path.read_bytes()[:-2000])
+    img = nifti.load(str(path))
+    with pytest.raises(nifti.NiftiError, match="cut.nii.gz: cannot read voxel data"):
+        nifti.lazy_volume(img, str(path)).compute()
+
+
+@pytest.mark.parametrize("mask", ["nonzero", "all"])
+def test_chunked_z_score_matches_the_in_memory_one(mask: str) -> None:
+    scan = _scan(seed=1)
+    expected, mean, std = zscore_channel(scan, mask)
+    got_mean, got_std, n_nan, n_inf = volumes.zscore_moments(da.from_array(scan, chunks=(23, 19, 4)), mask)
+    assert (n_nan, n_inf) == (0, 0)
+    assert got_mean == pytest.approx(mean, rel=1e-9) and got_std == pytest.approx(std, rel=1e-6)
+    normed = volumes.normalise(da.from_array(scan, chunks=(23, 19, 4)), got_mean, got_std, mask).compute()
+    np.testing.assert_allclose(normed, expected, rtol=1e-5, atol=1e-5)
+    bad = scan.copy()
+    bad[5, 5, 5], bad[6, 6, 6] = np.nan, np.inf
+    assert volumes.zscore_moments(da.from_array(bad, chunks=(23, 19, 4)), mask)[2:] == (1, 1)
+
+
+def test_store_grid_writes_every_shard_once(tmp_path: Path) -> None:
+    import zarr
+
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, 40, 36, 20), dtype=np.float16,
+                              chunks=(1, 8, 8, 8), shards=(1, 16, 16, 16))
+    data = np.random.default_rng(0).normal(size=(40, 36, 20)).astype(np.float32) * 1e5  # beyond float16
+    for c in range(2):
+        volumes.store_grid(da.from_array(data + c, chunks=(40, 36, 3)), array, lead=(c,))
+    limit = np.finfo(np.float16).max
+    np.testing.assert_array_equal(array[1], np.clip(data + 1, -limit, limit).astype(np.float16))
