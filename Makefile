@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) -m bench.paper --quick
 	$(PY) -m bench.mise --quick
 	$(PY) -m bench.memory --quick
+	$(PY) -m bench.ingest --quick
 	$(PY) -m bench.data --quick
 	$(PY) -m bench.train --quick
 	$(PY) -m bench.infer --quick

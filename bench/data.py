@@ -7,11 +7,13 @@ is what training uses: 2^14 points (half from the border band), 7^3 patches, aug
 variant C at the preset grid. Measured, in samples (rows) per second:
 
 (a) ``baseline``: the reference code's loader, one process: every step reads the four
-    modalities and the seg with nibabel, z-scores, crops/pads, binarises, computes the border
-    band on the fly, then draws the row with the same ``training_sample``;
+    modalities and the seg with nibabel, brings them onto the grid (the project's scan-to-grid
+    path, ``pipelines.volumes``: RAS, z-score, crop/pad, binarise), computes the border band on
+    the fly, then draws the row with the same ``training_sample``;
 (b) ``ray_1cpu`` / (c) ``ray_2cpu``: ``pipelines.data.build_training_dataset`` consumed with
     ``iter_torch_batches`` in a fresh Ray instance started with 1, then 2, CPUs (each in its own
-    subprocess, after a warm-up epoch that starts the workers).
+    subprocess pinned to that many cores, so the consuming loop shares them, after a warm-up
+    epoch that starts the workers).
 
 It also weighs moving patch extraction into the training worker: the pipeline variant ships
 the augmented full-resolution image (float16) and the voxel indices instead of the patches, and
@@ -50,13 +52,13 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import dask.array as da
 import numpy as np
 
-from bench._common import emit_result, make_parser, run_worker, setup_logging
+from bench._common import emit_result, make_parser, pin_cpus, run_worker, setup_logging
 from ossnet.augment import apply_augment, sample_augment_params
 from ossnet.config import AugmentConfig, SamplingConfig, model_config
 from ossnet.phantoms import PhantomCase, brats_like
-from ossnet.preprocess import binarize_label, crop_or_pad, zscore_channels
 from ossnet.sampling import (
     border_band, downsample_image, extract_patches, lowres_label, normalize_points, sample_points, training_sample,
 )
@@ -86,17 +88,25 @@ def _configs(grid: tuple[int, int, int]) -> tuple[Any, SamplingConfig, AugmentCo
 
 
 def reference_row(case_dir: Path, grid: tuple[int, int, int], step: int) -> dict[str, np.ndarray]:
-    """One row the reference way: read every NIfTI of the case, preprocess, sample."""
-    import nibabel as nib
+    """One row the reference way: read every NIfTI of the case, preprocess, sample.
+
+    The preprocessing is the project's one scan-to-grid path (``pipelines.volumes``, as ingest
+    runs it: RAS, z-score, crop/pad), computed in memory for this one case.
+    """
+    from pipelines import nifti, volumes
 
     model, sampling, augment = _configs(grid)
     case_id = case_dir.name
-    mods = [np.asarray(nib.load(str(case_dir / f"{case_id}_{m}.nii.gz")).dataobj, dtype=np.float32)
-            for m in ("flair", "t1", "t1ce", "t2")]
-    image, _, _ = zscore_channels(np.stack(mods), "nonzero")
-    image, _ = crop_or_pad(image, grid)
-    seg = np.asarray(nib.load(str(case_dir / f"{case_id}_seg.nii.gz")).dataobj)
-    label, _ = crop_or_pad(binarize_label(seg), grid)
+    paths = [str(case_dir / f"{case_id}_{m}.nii.gz") for m in ("flair", "t1", "t1ce", "t2", "seg")]
+    imgs = {p: nifti.load(p) for p in paths}
+    shape, affine = nifti.check_case(imgs, {p: p for p in paths}, 1e-3)
+    record = volumes.case_record(shape, affine, grid, "nonzero")
+    with volumes.compute_options("threads", 1):  # one process, one thread: the reference loader
+        lazy = [(da.from_array(nifti.read(imgs[p], p, np.float32), chunks=(-1, -1, 64)), p) for p in paths[:4]]
+        image, record = volumes.image_grid(lazy, record)
+        seg = da.from_array(nifti.read(imgs[paths[4]], paths[4]), chunks=(-1, -1, 64))
+        label, _ = volumes.label_grid(seg, record, (0, 1, 2, 4), paths[4])
+        image = np.ascontiguousarray(image.compute())
     band = border_band(label, sampling.band_width)
     return training_sample(image, label, model, sampling, augment, np.random.default_rng([SEED, step]), band=band)
 
@@ -158,6 +168,7 @@ def ray_worker(payload: Mapping[str, Any]) -> dict[str, Any]:
     grid = tuple(payload["grid"])
     model, sampling, augment = _configs(grid)  # type: ignore[arg-type]
     cpus = int(payload["cpus"])
+    pin_cpus(cpus)  # N CPUs: N cores for the sampling tasks and the consuming loop together
     variant = payload.get("variant", "patches")
     # A private instance (never one already running on the host), sockets in a short temp dir.
     temp_dir = tempfile.mkdtemp(prefix="ossnet-bd-", dir="/tmp")

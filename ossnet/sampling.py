@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ossnet.augment import apply_augment, sample_augment_params
+from ossnet.border import border_band
 
 if TYPE_CHECKING:
     from ossnet.config import AugmentConfig, ModelConfig, SamplingConfig
@@ -34,51 +34,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
-
-
-# --------------------------------------------------------------------------- border band
-
-
-def border_band(label: np.ndarray, band_width: int = 6) -> np.ndarray:
-    """Band of voxels around the label boundary.
-
-    Voxels where the Sobel gradient magnitude of the binary label is non-zero, dilated by a
-    ``(2 * band_width + 1)^3`` max filter (``band_width = 6`` gives the paper's 13^3 band).
-    Only the label's bounding box (plus a margin) is filtered, so small lesions are cheap.
-    The Sobel filters run in exact integer arithmetic.
-
-    Args:
-        label: (X, Y, Z) label; foreground is ``label > 0``.
-        band_width: half-width of the dilation in voxels (>= 0).
-
-    Returns:
-        (X, Y, Z) bool mask, empty when the label is empty or fills the whole volume.
-    """
-    label = np.asarray(label)
-    if label.ndim != 3:
-        raise ValueError(f"label: expected shape (X, Y, Z), got {label.shape}")
-    if band_width < 0:
-        raise ValueError(f"band_width: must be >= 0, got {band_width}")
-    foreground = label > 0
-    band = np.zeros(label.shape, dtype=bool)
-    # A Sobel response needs a foreground voxel within 1 voxel; the dilation adds band_width,
-    # and the filters read one more voxel: a margin of band_width + 2 keeps the crop exact.
-    margin = band_width + 2
-    box = []
-    for axis in range(3):
-        occupied = np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != axis)))
-        if occupied.size == 0:
-            return band
-        box.append(slice(max(int(occupied[0]) - margin, 0), min(int(occupied[-1]) + margin + 1, label.shape[axis])))
-    crop = foreground[tuple(box)].view(np.uint8)
-    edge = np.zeros(crop.shape, dtype=bool)
-    for axis in range(3):
-        # 'reflect' (scipy's default, as in the reference) adds no edge at the volume border.
-        edge |= ndimage.sobel(crop, axis=axis, output=np.int16, mode="reflect") != 0
-    if band_width > 0:
-        edge = ndimage.maximum_filter(edge.view(np.uint8), size=2 * band_width + 1, mode="constant", cval=0) > 0
-    band[tuple(box)] = edge
-    return band
 
 
 # --------------------------------------------------------------------------- point sampling

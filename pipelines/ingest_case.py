@@ -96,8 +96,7 @@ def ingest_case(spec: CaseSpec, ctx: CaseContext) -> CaseReport:
 
 
 def _ingest_case(spec: CaseSpec, ctx: CaseContext) -> dict[str, Any]:
-    # torch comes with ossnet.sampling: imported here so that `ossnet ingest --help` stays fast.
-    from ossnet.sampling import border_band
+    from ossnet.border import border_band  # scipy only: ingest never imports torch
 
     files = spec.files
     with local_files(files.values(), ctx.source_options) as local, contextlib.ExitStack() as stack:

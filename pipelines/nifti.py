@@ -7,10 +7,11 @@ Reading. ``lazy_volume`` wraps a file's voxel data in a dask array of slabs alon
 (the slowest axis of NIfTI's Fortran order, so a slab is one contiguous run of the file):
 
 * ``.nii`` is read slab by slab through the header's offset (random access, no full read);
-* ``.nii.gz`` has no random access of its own. With ``indexed_gzip`` installed (a dependency)
-  nibabel keeps one handle open and seeks through an index it builds while reading, so slabs
-  cost what they cost in ``.nii``; without it, every slab would decompress the file from its
-  start, so the file is first decompressed once, in file order, to a temporary ``.nii``.
+* ``.nii.gz`` has no random access: every slab would decompress the file from its start, and
+  the transform reads each file more than once (statistics, then the grid). A file whose voxels
+  take at most ``IN_MEMORY_BYTES`` is decompressed once into memory (a BraTS channel: 18 MB);
+  a larger one is decompressed once, in file order and in bounded memory, to a temporary
+  ``.nii`` (``seekable``; disk space: the uncompressed size; measured in ``bench.ingest``).
 
 Writing. ``write_volume`` streams a (dask or NumPy) volume slab by slab into a gzip stream
 behind a NIfTI-1 header, in a temporary file moved into place when complete, so the writer
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 SLAB_BYTES = 32 << 20
 """Target size of one read slab (and one written slab): bounds what a reader thread holds."""
+IN_MEMORY_BYTES = 256 << 20
+"""A ``.nii.gz`` whose voxels fit this is read whole into memory instead of through a temporary
+``.nii`` (small files: the temporary file's disk traffic would cost more than the memory)."""
 
 
 class NiftiError(ValueError):
@@ -49,14 +53,6 @@ class NiftiError(ValueError):
 def one_line(text: Any) -> str:
     """Collapse whitespace (newlines from nibabel or zarr messages) into one line."""
     return " ".join(str(text).split())
-
-
-def _has_indexed_gzip() -> bool:
-    try:
-        import indexed_gzip  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,14 +70,10 @@ def sha256_file(path: str) -> str:
 
 
 def load(path: str, shown: str | None = None) -> Any:
-    """The NIfTI image at a local ``path`` (header read, voxels not); ``shown`` names it in errors.
-
-    A gzipped file keeps its handle open when ``indexed_gzip`` is installed, so slabs seek.
-    """
+    """The NIfTI image at a local ``path`` (header read, voxels not); ``shown`` names it in errors."""
     shown = shown or path
     try:
-        keep = path.endswith(".gz") and _has_indexed_gzip()
-        return nib.load(path, keep_file_open=keep) if keep else nib.load(path)
+        return nib.load(path)
     except Exception as exc:  # nibabel raises many types for corrupt headers
         raise NiftiError(f"{shown}: cannot read NIfTI header ({type(exc).__name__}: {one_line(exc)})") from exc
 
@@ -147,8 +139,8 @@ class _SlabReader:
     """Array-like over an image's voxels for ``dask.array.from_array``: reads one slab per call,
     scales and casts it, and turns read errors into ``NiftiError`` naming the file.
 
-    It pickles as its file path (an open gzip index does not pickle), so a graph can run on other
-    processes (``scheduler="ray"``); they reopen the file, which must be visible to them.
+    It pickles as its file path, so a graph can run on other processes (``scheduler="ray"``);
+    they reopen the file, which must be visible to them.
     """
 
     def __init__(self, img: Any, shown: str, dtype: Any) -> None:
@@ -157,7 +149,11 @@ class _SlabReader:
         self._shown = shown
         self.shape = validate_spatial_shape(img.shape, shown)
         self._extra_axes = len(img.shape) - 3
-        self.dtype = np.dtype(dtype) if dtype is not None else np.dtype(img.get_data_dtype())
+        if dtype is None:  # the stored dtype, unless the header scales it (then float64, as nibabel)
+            slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+            scaled = (slope is not None and slope != 1) or (inter is not None and inter != 0)
+            dtype = np.float64 if scaled else img.get_data_dtype()
+        self.dtype = np.dtype(dtype)
         self.ndim = 3
 
     def __getstate__(self) -> dict[str, Any]:
@@ -182,21 +178,28 @@ def slab_chunks(shape: Sequence[int], itemsize: int, slab_bytes: int | None = No
     return int(shape[0]), int(shape[1]), max(1, min(int(shape[2]), slab_bytes // max(plane, 1)))
 
 
+def _data_bytes(img: Any) -> int:
+    return int(np.prod(img.shape, dtype=np.int64)) * np.dtype(img.get_data_dtype()).itemsize
+
+
 def lazy_volume(img: Any, shown: str, dtype: Any = np.float32) -> Any:
     """The image's voxels as a lazy dask array ``(X, Y, Z)`` of z-slabs, cast to ``dtype``
-    (``None``: the on-disk dtype). Nothing is read until the array is computed."""
+    (``None``: the on-disk dtype). A ``.nii`` is read slab by slab when the array is computed;
+    a (small, see ``seekable``) ``.nii.gz`` is read whole, once, now."""
     import dask.array as da
 
     reader = _SlabReader(img, shown, dtype)
-    return da.from_array(reader, chunks=slab_chunks(reader.shape, reader.dtype.itemsize), asarray=False,
-                         name=f"nifti-{uuid.uuid4().hex[:12]}")
+    chunks = slab_chunks(reader.shape, reader.dtype.itemsize)
+    if str(img.get_filename()).endswith(".gz"):
+        return da.from_array(read(img, shown, reader.dtype), chunks=chunks)
+    return da.from_array(reader, chunks=chunks, asarray=False, name=f"nifti-{uuid.uuid4().hex[:12]}")
 
 
 @contextlib.contextmanager
 def seekable(path: str, shown: str) -> Iterator[str]:
-    """A path whose voxels can be read slab by slab: the file itself (``.nii``, or ``.nii.gz``
-    with ``indexed_gzip``), else a temporary ``.nii`` decompressed once in file order."""
-    if not path.endswith(".gz") or _has_indexed_gzip():
+    """A path ``lazy_volume`` reads efficiently: a ``.nii`` or a small ``.nii.gz`` itself, a
+    large ``.nii.gz`` as a temporary ``.nii`` decompressed once in file order (removed on exit)."""
+    if not path.endswith(".gz") or _data_bytes(load(path, shown)) <= IN_MEMORY_BYTES:
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="ossnet-gunzip-") as tmp:
@@ -205,7 +208,8 @@ def seekable(path: str, shown: str) -> Iterator[str]:
             with gzip.open(path, "rb") as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, 16 << 20)
         except Exception as exc:
-            raise NiftiError(f"{shown}: cannot decompress ({type(exc).__name__}: {one_line(exc)})") from exc
+            raise NiftiError(f"{shown}: cannot read voxel data, truncated or corrupt file "
+                             f"({type(exc).__name__}: {one_line(exc)})") from exc
         yield out
 
 
@@ -265,6 +269,7 @@ def write_volume(
 
 __all__ = [
     "NiftiError",
+    "IN_MEMORY_BYTES",
     "SLAB_BYTES",
     "check_case",
     "header_codes",

@@ -7,8 +7,8 @@ scans into model grids or predictions back into scans (ingest, batch inference, 
 * ``image_grid``: per channel, a dask array of file slabs (``pipelines.nifti.lazy_volume``);
   one pass computes the z-score statistics and the finite check as dask reductions; the
   normalised channel then goes through the record's transform, still lazily;
-* ``label_grid``: the label's distinct values are found in one pass and checked, then it is
-  binarised and resampled by nearest neighbour onto the grid;
+* ``label_grid``: one pass finds the label's distinct values (then checked) and binarises and
+  resamples it by nearest neighbour onto the grid;
 * ``store_grid``: writes a lazy grid into a Zarr array, rechunked to its shards so that no two
   tasks write one shard;
 * ``scan_view``: a grid-sized prediction lazily mapped back onto the scan (linear for
@@ -54,21 +54,34 @@ def compute_options(scheduler: str = "threads", workers: int = 1) -> Iterator[No
         yield
 
 
+def _block_moments(block: np.ndarray, mask: str) -> np.ndarray:
+    """``[[count, sum, sum of squares, NaN count, Inf count]]`` of one block, in float64, plane by
+    plane (no float64 copy of the block)."""
+    out = np.zeros(5, dtype=np.float64)
+    for plane in np.moveaxis(block, -1, 0):
+        finite = np.isfinite(plane)
+        out[3] += np.count_nonzero(np.isnan(plane))
+        out[4] += plane.size - np.count_nonzero(finite) - np.count_nonzero(np.isnan(plane))
+        keep = finite & (plane != 0) if mask == "nonzero" else finite
+        values = plane[keep].astype(np.float64)
+        out[0] += values.size
+        out[1] += values.sum()
+        out[2] += np.dot(values, values)
+    return out.reshape((1,) * block.ndim + (5,))
+
+
 def zscore_moments(channel: Any, mask: str) -> tuple[float, float, int, int]:
     """Mean and std of a lazy channel, and its NaN and Inf counts, from one pass over it.
 
-    The mask follows ``ossnet.preprocess.zscore_stats``: ``"nonzero"`` voxels or ``"all"``; an
-    empty mask gives (0, 1) and a constant channel std 1.
+    Each block is reduced to five numbers as soon as it is read, so the pass holds about one
+    slab per thread. The mask follows ``ossnet.preprocess.zscore_stats``: ``"nonzero"`` voxels or
+    ``"all"``; an empty mask gives (0, 1) and a constant channel std 1.
     """
-    import dask
     import dask.array as da
 
-    values = channel.astype(np.float64)
-    weight = (channel != 0) if mask == "nonzero" else da.ones_like(channel, dtype=bool)
-    count, total, squares, n_nan, n_inf = dask.compute(
-        weight.sum(), da.where(weight, values, 0).sum(), da.where(weight, values * values, 0).sum(),
-        da.isnan(channel).sum(), da.isinf(channel).sum(),
-    )
+    parts = da.map_blocks(_block_moments, channel, mask, dtype=np.float64, new_axis=channel.ndim,
+                          chunks=tuple((1,) * len(c) for c in channel.chunks) + ((5,),))
+    count, total, squares, n_nan, n_inf = parts.reshape(-1, 5).sum(axis=0).compute()
     if count == 0:
         logger.warning("z-score: empty %s mask; using mean 0, std 1", mask)
         return 0.0, 1.0, int(n_nan), int(n_inf)
@@ -114,16 +127,20 @@ def image_grid(channels: Sequence[tuple[Any, str]], record: PreprocessRecord) ->
     return da.stack(grids), record.with_stats(means, stds)
 
 
-def distinct_values(volume: Any) -> np.ndarray:
-    """The distinct values of a lazy volume, from one pass (for the label checks, which then
-    run on this small array: ``ossnet.preprocess.validate_label_values``)."""
-    import dask.array as da
-
-    return np.asarray(da.unique(volume).compute())
+def _block_values(block: np.ndarray) -> np.ndarray:
+    """The distinct values of one block (a bincount for small non-negative integers: no sort)."""
+    if block.dtype.kind in "ui" and block.size:
+        lo, hi = int(block.min()), int(block.max())
+        if lo >= 0 and hi < 1 << 16:
+            return np.flatnonzero(np.bincount(block.ravel(), minlength=1))
+    return np.unique(block)
 
 
 def label_grid(label: Any, record: PreprocessRecord, allowed: Sequence[int], name: str) -> tuple[np.ndarray, int]:
     """Check a lazy label, binarise it (label > 0) and bring it onto the model grid.
+
+    One pass reads the label: it yields the distinct values (checked afterwards, as
+    ``ossnet.preprocess.validate_label_values`` does), the grid and the foreground before crop/pad.
 
     Returns:
         ``(grid uint8 (X', Y', Z'), foreground voxels lost to cropping)``: the loss is counted
@@ -134,11 +151,11 @@ def label_grid(label: Any, record: PreprocessRecord, allowed: Sequence[int], nam
     """
     import dask
 
-    validate_label_values(distinct_values(label), allowed, name)
+    values = [dask.delayed(_block_values)(block) for block in label.to_delayed().ravel()]
     binary = (label > 0).astype(np.uint8)
-    # The foreground on the resampled grid, before crop/pad (dask shares the common subgraph).
     before = resample(apply_orientation(binary, record.orientation), record.resampled, 0).sum()
-    grid, total = dask.compute(record.to_grid(binary, order=0, dtype=np.uint8), before)
+    found, grid, total = dask.compute(values, record.to_grid(binary, order=0, dtype=np.uint8), before)
+    validate_label_values(np.unique(np.concatenate(found)), allowed, name)
     grid = np.ascontiguousarray(grid)
     return grid, int(total) - int(grid.sum(dtype=np.int64))
 
@@ -215,7 +232,6 @@ __all__ = [
     "compute_options",
     "image_grid",
     "label_grid",
-    "distinct_values",
     "mask_counts",
     "normalise",
     "scan_mask",

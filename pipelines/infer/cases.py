@@ -197,7 +197,7 @@ def detect_input_layout(input_url: str, options: Mapping[str, Any] | None = None
 
 
 def _list_store(input_url: str, split: str | None, model_modalities: Sequence[str], volume_shape: Sequence[int],
-                zscore_mask: str, options: Mapping[str, Any] | None) -> CaseListing:
+                zscore_mask: str, options: Mapping[str, Any] | None, resample: str = "none") -> CaseListing:
     from pipelines.store import StoreError, open_store
 
     try:
@@ -211,6 +211,10 @@ def _list_store(input_url: str, split: str | None, model_modalities: Sequence[st
     if stored_mask is not None and stored_mask != zscore_mask:
         logger.warning("infer: %s was z-scored over %r voxels, the model expects %r", input_url, stored_mask,
                        zscore_mask)
+    stored_resample = store.info.get("resample") or "none"
+    if stored_resample != resample:
+        logger.warning("infer: %s was resampled with %r, the model was trained on %r; masks still map back "
+                       "through each case's own record", input_url, stored_resample, resample)
     channels = map_modalities(store.modalities, model_modalities, input_url)
     try:
         ids = store.case_ids(split)
@@ -236,6 +240,7 @@ def list_cases(
     zscore_mask: str = "nonzero",
     storage_options: Mapping[str, Any] | None = None,
     exclude: str | None = None,
+    resample: str = "none",
 ) -> CaseListing:
     """List the cases of an inference input, channels in the model's order.
 
@@ -248,6 +253,7 @@ def list_cases(
         volume_shape: the model grid (checked against a Zarr store's grid).
         zscore_mask: the model's z-score mask (compared with a Zarr store's).
         storage_options: fsspec options.
+        resample: the model's resampling (compared with a Zarr store's).
         exclude: a folder whose files are never listed (the job's output folder).
 
     Raises:
@@ -259,7 +265,7 @@ def list_cases(
     if split is not None and layout != "zarr":
         raise InferError(f"{input_url}: --split applies to Zarr stores only (this input is {layout})")
     if layout == "zarr":
-        return _list_store(input_url, split, model_modalities, volume_shape, zscore_mask, storage_options)
+        return _list_store(input_url, split, model_modalities, volume_shape, zscore_mask, storage_options, resample)
     if layout == "nifti":
         map_modalities(("image",), model_modalities, input_url)  # single-channel files need a 1-channel model
         cases = _list_nifti(input_url, model_modalities[0], labels, storage_options, exclude)

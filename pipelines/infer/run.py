@@ -155,7 +155,7 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
     listing: CaseListing = list_cases(
         job.input, spec.modalities, layout=job.layout, labels=job.labels, split=job.split,
         volume_shape=spec.volume_shape, zscore_mask=spec.zscore_mask, storage_options=job.storage_options,
-        exclude=job.output,
+        exclude=job.output, resample=spec.resample,
     )
     layout = OutputLayout(job.output, job.storage_options)
     layout.prepare(job.save_probabilities, job.save_zarr)

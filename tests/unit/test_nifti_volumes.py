@@ -22,23 +22,32 @@ def _scan(shape=(23, 19, 17), seed=0) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("name", ["s.nii", "s.nii.gz"])
-@pytest.mark.parametrize("indexed", [True, False])
-def test_lazy_slabs_read_exactly_what_nibabel_reads(tmp_path: Path, name: str, indexed: bool,
+@pytest.mark.parametrize("name, in_memory_bytes, route", [
+    ("s.nii", 0, "in place"), ("s.nii.gz", 1 << 30, "in memory"), ("s.nii.gz", 0, "temporary .nii"),
+])
+def test_lazy_slabs_read_exactly_what_nibabel_reads(tmp_path: Path, name: str, in_memory_bytes: int, route: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nifti, "SLAB_BYTES", 23 * 19 * 4 * 3)  # three planes per slab
-    monkeypatch.setattr(nifti, "_has_indexed_gzip", lambda: indexed)
+    monkeypatch.setattr(nifti, "IN_MEMORY_BYTES", in_memory_bytes)
     scan = _scan()
     path = str(tmp_path / name)
     nib.save(nib.Nifti1Image(scan, AFFINE), path)
     with nifti.seekable(path, path) as readable:
-        # Without indexed_gzip a .nii.gz is decompressed once to a temporary .nii.
-        assert readable.endswith(".nii") == (name.endswith(".nii") or not indexed)
+        # A .nii is read in place; a large .nii.gz is decompressed once to a temporary .nii.
+        assert (readable == path) == (route != "temporary .nii") and readable.endswith(".nii" if route != "in memory" else ".gz")
         img = nifti.load(readable, path)
         lazy = nifti.lazy_volume(img, path)
         assert isinstance(lazy, da.Array) and lazy.chunks[2] == (3, 3, 3, 3, 3, 2)
         np.testing.assert_array_equal(lazy.compute(), scan)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # the temporary copy is gone
+
+
+def test_scaled_labels_keep_their_fractions(tmp_path: Path) -> None:
+    img = nib.Nifti1Image(np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4), AFFINE)
+    img.header.set_slope_inter(0.5, 0.0)
+    nib.save(img, str(tmp_path / "l.nii"))
+    lazy = nifti.lazy_volume(nifti.load(str(tmp_path / "l.nii")), "l.nii", dtype=None)
+    assert lazy.dtype == np.float64 and lazy.compute()[0, 0, 1] == 0.5
 
 
 def test_truncated_files_fail_with_the_file_name(tmp_path: Path) -> None:
