@@ -8,7 +8,10 @@
    process: by ``pipelines.ingest`` (lazy slabs, ``pipelines.volumes``) and by the in-memory path
    the project used before (read the whole channel, z-score it in place, transform it with
    NumPy, write it). The figure is the process's peak RSS (``ru_maxrss``, imports included)
-   and the ingest's seconds.
+   and the ingest's seconds. Batch inference's per-case stages then segment the ``.nii`` scan
+   with a tiny model and write the mask back at scan size (``peak_rss_mb_infer_nii``), and a
+   scan 4x smaller per axis the same way (``peak_rss_mb_infer_small_nii``): the two peaks should
+   be level, set by torch and the model grid, not by the scan.
 2. **Throughput.** An archive of 16 BraTS-size cases (240x240x155, four modalities and a
    label, ``.nii.gz``) is ingested by a pool of 1 and of 2 worker processes, the run pinned to
    1 and to 2 cores (both pay the pool's start-up, so the ratio is the scaling).
@@ -16,7 +19,8 @@
 Last stdout line: one JSON object with ``peak_rss_mb_dask``, ``peak_rss_mb_inmemory``,
 ``seconds_dask``, ``seconds_inmemory`` (the ``.nii.gz`` file; ``*_nii`` keys for ``.nii``),
 ``cases_per_s_1cpu``, ``cases_per_s_2cpu``, ``scaling`` and ``goals`` (dask peak at most 1/3 of
-the in-memory one, at most 1.2x its time, scaling from 1 to 2 CPUs >= 1.6).
+the in-memory one and below 1 GB, at most 1.2x its time, inference peak within 1.25x of the small
+scan's, scaling from 1 to 2 CPUs >= 1.6).
 """
 
 from __future__ import annotations
@@ -104,16 +108,47 @@ def _in_memory_ingest(source: Path, store_url: str) -> None:
             writer.commit({"preprocess": record.with_stats([mean], [std]).to_dict()})
 
 
+def _infer_large(source: Path, out: str) -> dict[str, Any]:
+    """Batch inference's per-case stages on the large scan: a tiny variant C (64^3 grid, resize),
+    the mask written back onto the scan's 1024x1024x600 grid and scored against its label."""
+    import torch
+
+    from ossnet.checkpoint import PreprocessSpec, checkpoint_bytes
+    from ossnet.config import model_config
+    from ossnet.model import build_model
+    from pipelines.infer.cases import InferCase
+    from pipelines.infer.outputs import OutputLayout
+    from pipelines.infer.stages import CasePredictor, StageContext, process_case
+
+    torch.manual_seed(0)
+    grid = (64, 64, 64)
+    model = build_model(model_config("C", "tiny", in_channels=1, volume_shape=grid))
+    spec = PreprocessSpec(modalities=("image",), volume_shape=grid, zscore_mask="all", resample="resize")
+    layout = OutputLayout(out)
+    layout.prepare(False, False)
+    ctx = StageContext(modalities=("image",), volume_shape=grid, zscore_mask="all", outputs=layout, resample="resize")
+    image, label = sorted((source / "images").iterdir())[0], sorted((source / "labels").iterdir())[0]
+    result = process_case(InferCase("big", images=(("image", str(image)),), label=str(label)), ctx,
+                          CasePredictor(checkpoint_bytes(model, spec)))
+    if result.status != "ok":
+        raise RuntimeError(result.error)
+    return {"dice": result.dice}
+
+
 def worker(payload: dict[str, Any]) -> dict[str, Any]:
-    """One measured ingest in this (fresh) process."""
+    """One measured ingest (or inference) in this (fresh) process."""
     from pipelines.ingest import IngestJob, ingest
 
     if payload.get("cpus"):
         pin_cpus(int(payload["cpus"]))  # the pool's parent and workers share these cores
     source, store = Path(payload["source"]), payload["store"]
     start = time.perf_counter()
+    extra: dict[str, Any] = {}
     if payload["path"] == "inmemory":
         _in_memory_ingest(source, store)
+        ok = True
+    elif payload["path"] == "infer":
+        extra = _infer_large(source, store)
         ok = True
     else:
         report = ingest(IngestJob(source=str(source), store=store, layout=payload.get("layout", "generic"),
@@ -128,7 +163,7 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024.0, "children_peak_rss_mb": children_kb / 1024.0,
-            "ok": ok}
+            "ok": ok, **extra}
 
 
 # --------------------------------------------------------------------------- driver side
@@ -174,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder = root / ("gz" if compress else "nii")
             log.info("writing the %s scan %s", "compressed" if compress else "uncompressed", "x".join(map(str, shape)))
             write_large_scan(folder, shape, compress)
-            for path in ("dask", "inmemory"):
+            for path in ("dask", "inmemory") + (("infer",) if not compress else ()):
                 res = _measure({"path": path, "source": str(folder), "store": str(root / f"{path}{suffix}.zarr")},
                                timeout)
                 result[f"peak_rss_mb_{path}{suffix}"] = round_mb(res.get("peak_rss_mb"))
@@ -182,6 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not res["ok"]:
                     result[f"error_{path}{suffix}"] = res["error"]
             shutil.rmtree(folder, ignore_errors=True)
+        # inference memory is the grid's and torch's: the same stages on a scan 64x smaller
+        small = tuple(max(8, n // 4) for n in shape)
+        write_large_scan(root / "small", small, False)
+        res = _measure({"path": "infer", "source": str(root / "small"), "store": str(root / "small_out")}, timeout)
+        result["peak_rss_mb_infer_small_nii"] = round_mb(res.get("peak_rss_mb"))
+        shutil.rmtree(root / "small", ignore_errors=True)
         archive = write_brats_archive(root / "brats", n_cases, BRATS_SHAPE)
         for workers in (1, 2):
             res = _measure({"path": "dask", "source": str(archive), "store": str(root / f"brats{workers}.zarr"),
@@ -201,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["goals"] = {
         "peak_rss_at_most_a_third": result["rss_ratio"] is not None and result["rss_ratio"] <= 1 / 3,
         "peak_rss_below_1gb": bool(r.get("peak_rss_mb_dask")) and r["peak_rss_mb_dask"] < 1024,
+        "inference_rss_flat_in_scan_size": bool(r.get("peak_rss_mb_infer_nii")) and bool(
+            r.get("peak_rss_mb_infer_small_nii")) and r["peak_rss_mb_infer_nii"] <= 1.25 * r["peak_rss_mb_infer_small_nii"],
         "time_at_most_1.2x": result["time_ratio"] is not None and result["time_ratio"] <= 1.2,
         "scaling_at_least_1.6": result["scaling"] is not None and result["scaling"] >= 1.6,
     }

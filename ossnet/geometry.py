@@ -415,6 +415,62 @@ class PreprocessRecord:
         out = resample(out, self.ras_shape, order)
         return apply_orientation(out, invert_orientation(self.orientation))
 
+    def to_original_planes(self, volume: np.ndarray, start: int, stop: int, *, order: int, fill: float = 0) -> np.ndarray:
+        """Planes ``start:stop`` along the source's last axis of ``to_original(volume)``.
+
+        Only the model-grid planes those source planes interpolate from are un-cropped and
+        resampled, so a scan-sized output can be produced slab by slab from a grid-sized one.
+
+        Args:
+            volume: ``(..., *volume_shape)`` NumPy array on the model grid.
+            start, stop: plane range along the source's last axis (``0 <= start < stop <= Z``).
+            order: 1 (linear, float32 result) or 0 (nearest, dtype kept).
+            fill: value of voxels the crop removed.
+
+        Returns:
+            ``(..., X, Y, stop - start)`` in the source's axis order.
+        """
+        volume = np.asarray(volume)
+        if tuple(volume.shape[-3:]) != self.volume_shape:
+            raise ValueError(f"to_original_planes: volume shape {tuple(volume.shape[-3:])} != model grid {self.volume_shape}")
+        if not 0 <= start < stop <= self.original_shape[2]:
+            raise ValueError(f"to_original_planes: planes {start}:{stop} outside 0:{self.original_shape[2]}")
+        lead = volume.ndim - 3
+        o = _as_ornt(self.orientation)
+        axis, flip = int(o[2, 0]), int(o[2, 1])  # the RAS axis the source's last axis becomes
+        planes = np.arange(start, stop)
+        if flip == -1:
+            planes = self.ras_shape[axis] - 1 - planes
+        lo, hi, weight = interpolation_plan(self.resampled[axis], self.ras_shape[axis], order)
+        lo, hi, weight = lo[planes], hi[planes], weight[planes]
+        first, last = int(min(lo.min(), hi.min())), int(max(lo.max(), hi.max())) + 1
+        # un-crop only resampled planes first:last along `axis` (the box maps resampled <-> grid planes)
+        src0, src1, dst0, _ = self.box[axis]
+        lo_r, hi_r = max(first, src0), min(last, src1)
+        box = list(self.box)
+        grid_planes = slice(0, 0)
+        if hi_r > lo_r:
+            grid_planes = slice(lo_r - src0 + dst0, hi_r - src0 + dst0)
+            box[axis] = (lo_r - first, hi_r - first, 0, hi_r - lo_r)
+        else:  # every needed plane was cropped away
+            box[axis] = (0, 0, 0, 0)
+        index = [slice(None)] * volume.ndim
+        index[lead + axis] = grid_planes
+        sub_shape = list(self.resampled)
+        sub_shape[axis] = last - first
+        out = undo_box(volume[tuple(index)], tuple(box), sub_shape, fill)  # type: ignore[arg-type]
+        a = np.take(out, lo - first, axis=lead + axis)
+        if order == 1:
+            a = a.astype(np.float32, copy=False)
+            b = np.take(out, hi - first, axis=lead + axis).astype(np.float32, copy=False)
+            a = a + (b - a) * weight.reshape((-1,) + (1,) * (2 - axis))
+        for other in range(3):
+            if other != axis:
+                a = resample_axis(a, lead + other, self.ras_shape[other], order)
+        inverse = invert_orientation(self.orientation)
+        inverse[axis, 1] = 1  # the planes are already in source order
+        return np.ascontiguousarray(apply_orientation(a, inverse))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible form (lists, floats, ints)."""
         return {

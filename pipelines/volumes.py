@@ -66,7 +66,7 @@ def _block_moments(block: np.ndarray, mask: str) -> np.ndarray:
         values = plane[keep].astype(np.float64)
         out[0] += values.size
         out[1] += values.sum()
-        out[2] += np.dot(values, values)
+        out[2] += np.einsum("i,i->", values, values)  # not np.dot: idle BLAS threads spin on the other workers' cores
     return out.reshape((1,) * block.ndim + (5,))
 
 
@@ -177,22 +177,39 @@ def store_grid(volume: Any, array: Any, lead: Sequence[int] = ()) -> None:
     da.store(volume.reshape((1,) * len(lead) + volume.shape), array, regions=region, lock=False)
 
 
-def scan_view(grid: np.ndarray, record: PreprocessRecord, order: int, chunks: Sequence[int] | None = None) -> Any:
+def scan_view(grid: np.ndarray, record: PreprocessRecord, order: int) -> Any:
     """A grid-sized prediction lazily mapped back onto the scan's voxel grid.
+
+    One task per slab of whole scan planes (``pipelines.nifti.slab_chunks`` of float32, the
+    writer's own slabs), each computed from the few grid planes it interpolates from
+    (``PreprocessRecord.to_original_planes``): the graph has a task per slab whatever the
+    scan's size, and computing a slab holds that slab and the grid, never the scan.
 
     Args:
         grid: ``(X', Y', Z')`` on the model grid (a probability for ``order=1``, a mask for 0).
         record: the case geometry.
         order: 1 (linear: probabilities, threshold afterwards) or 0 (nearest: masks, labels).
-        chunks: chunking of the model-grid array (default: slabs of 32 grid planes).
 
     Returns:
-        A lazy ``(*original_shape)`` dask array (compute it slab by slab).
+        A lazy ``(*original_shape)`` dask array, chunked in z-slabs.
     """
+    import uuid
+
+    import dask
     import dask.array as da
 
-    lazy = da.from_array(np.asarray(grid), chunks=tuple(chunks) if chunks else (-1, -1, 32))
-    return record.to_original(lazy, order=order)
+    from pipelines.nifti import slab_chunks
+
+    grid = np.asarray(grid)
+    shape = tuple(int(s) for s in record.original_shape)
+    dtype = np.dtype(np.float32) if order == 1 else grid.dtype
+    step = slab_chunks(shape, 4)[2]
+    source = dask.delayed(grid, name=f"grid-{uuid.uuid4().hex[:12]}")  # one graph key, not one copy per task
+    planes = dask.delayed(record.to_original_planes, pure=False)
+    slabs = [da.from_delayed(planes(source, z, min(z + step, shape[2]), order=order),
+                             shape=shape[:2] + (min(z + step, shape[2]) - z,), dtype=dtype)
+             for z in range(0, shape[2], step)]
+    return da.concatenate(slabs, axis=2)
 
 
 def scan_mask(probability: np.ndarray, record: PreprocessRecord, threshold: float) -> Any:

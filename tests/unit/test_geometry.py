@@ -180,3 +180,28 @@ def test_record_round_trips_through_json_and_reads_old_records() -> None:
     with pytest.raises(ValueError, match="resample mode"):
         PreprocessRecord.from_dict({**record.to_dict(), "resample": "zoom"})
     assert resample(np.zeros((2, 3, 4, 5)), (3, 4, 5), 1).shape == (2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("axes, flips", [((0, 1, 2), (1, 1, 1)), ((2, 0, 1), (-1, 1, -1)), ((1, 2, 0), (1, -1, -1))])
+@pytest.mark.parametrize("mode, shape, grid", [
+    ("none", (20, 17, 13), (16, 16, 16)),  # crops two axes, pads one
+    ("resize", (40, 9, 23), (16, 12, 10)),
+    ("spacing", (30, 25, 11), (14, 30, 16)),
+])
+def test_slabs_of_the_inverse_equal_the_whole_inverse(axes, flips, mode, shape, grid) -> None:
+    affine = _affine((0.7, 0.9, 2.5), axes, flips)
+    record = PreprocessRecord.create(shape, affine, _orientation(affine), grid, resample=mode,
+                                     target_spacing=(1.0, 1.0, 1.0) if mode == "spacing" else None)
+    probability = np.random.default_rng(1).random(grid).astype(np.float32)
+    mask = (probability > 0.5).astype(np.uint8)
+    for order, volume in ((1, probability), (0, mask)):
+        whole = record.to_original(volume, order=order)
+        for start, stop in ((0, shape[2]), (0, 1), (3, 7), (shape[2] - 2, shape[2])):
+            part = record.to_original_planes(volume, start, stop, order=order)
+            assert part.shape == whole[..., start:stop].shape and part.dtype == whole.dtype
+            if order == 0:
+                np.testing.assert_array_equal(part, whole[..., start:stop])
+            else:
+                np.testing.assert_allclose(part, whole[..., start:stop], atol=1e-6)
+    with pytest.raises(ValueError, match="planes 5:5"):
+        record.to_original_planes(probability, 5, 5, order=1)

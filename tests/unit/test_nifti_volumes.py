@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import dask.array as da
@@ -83,3 +84,20 @@ def test_store_grid_writes_every_shard_once(tmp_path: Path) -> None:
         volumes.store_grid(da.from_array(data + c, chunks=(40, 36, 3)), array, lead=(c,))
     limit = np.finfo(np.float16).max
     np.testing.assert_array_equal(array[1], np.clip(data + 1, -limit, limit).astype(np.float16))
+
+
+def test_scan_view_is_one_task_per_slab_of_a_large_scan() -> None:
+    """A 64^3 prediction mapped onto a 1024x1024x600 scan: a graph of slabs, not of voxels."""
+    from ossnet.geometry import PreprocessRecord
+
+    shape = (1024, 1024, 600)
+    record = PreprocessRecord.create(shape, np.eye(4), np.array([[0, 1], [1, 1], [2, 1]]), (64, 64, 64), "all",
+                                     resample="resize")
+    probability = np.zeros((64, 64, 64), dtype=np.float32)
+    probability[20:40, 20:40, 20:40] = 1.0
+    mask = volumes.scan_mask(probability, record, 0.5)
+    step = nifti.slab_chunks(shape, 4)[2]
+    assert mask.shape == shape and mask.chunks[2][0] == step and len(mask.chunks[0]) == 1
+    assert len(dict(mask.sum().__dask_graph__())) < 10 * math.ceil(shape[2] / step)
+    planes = mask[:, :, 300:308].compute()  # the slab through the cube's centre
+    np.testing.assert_array_equal(planes[:, :, 0].any(axis=1).nonzero()[0][[0, -1]], [320, 639])
