@@ -29,8 +29,9 @@ in the worker (0.73 rows/s streamed, plus 0.6 s of extraction per row on the tra
 ``--quick`` 1.83 against 1.16 (1.95 streamed).
 
 At the quick grid the reference loader's NIfTI read and preprocessing are cheap (1.8 rows/s), so
-the pipeline only levels with it; at the BraTS grid, where they cost about 1.6 s per row, it
-was 3.1x and 4.2x faster in two runs (scaling 1.7x and 2.1x from 1 to 2 CPUs). Shipping the image saves bytes only on small grids (7x less at 128x128x80, none at
+the pipeline only levels with it; at the BraTS grid, where they cost about 1.9 s per row, it
+was 3.78x and 3.87x faster in two runs (2.0 and 2.1 rows/s on 2 CPUs; scaling 1.60x and 2.07x
+from 1 to 2 CPUs). Shipping the image saves bytes only on small grids (7x less at 128x128x80, none at
 the BraTS grid, where the float16 image weighs about what the patches do), while extraction
 lands on the training process, which is serial and must feed the accelerator; the sampling
 tasks scale with CPUs instead. On a GPU trainer extraction would cost milliseconds, so shipping
