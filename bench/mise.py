@@ -3,23 +3,34 @@
 ``python -m bench.mise [--quick] [--device auto|cpu|cuda] [--train-seconds S] [--min-steps N] [--seed N]``
 
 1. Trains an OSS-Net variant C briefly (at least 20 steps quick, 80 full; batch-norm statistics
-   recalibrated afterwards) on BraTS-like phantoms (``ossnet.phantoms.brats_like``)
+   recalibrated afterwards) on BraTS-like phantoms, half easy (``brats_like``) and half with
+   small isolated nodules (``brats_hard(lesions="small")``: 1-6 lesions of radius 1.5-5 voxels),
    at the BraTS grid 256x256x160 (``--quick``: 128x128x80): z-scored images, border sampling,
    the paper's loss with the auxiliary low-res term (alpha 0.1), Adam. The network keeps the
    paper's geometry (four encoder blocks, so one low-res cell is 32^3 voxels: 8x8x5 cells at
    the BraTS grid) with narrow layers and 3^3 patches, so that a CPU can train it in seconds
    and still run the dense reference pass; query counts depend on the grid and on the learned
    surface, not on the layer widths.
-2. Segments a held-out phantom three ways with ``ossnet.inference.Inferer`` (2**14 points per
-   decoder pass, as in the paper): "dense" (every voxel), "mise" (coarse stride 4) and
-   "mise_lowres" (seeded from the low-res head), and reports the queries, the seconds and the
-   Dice agreement of each MISE mask with the dense mask.
+2. Query economy: segments a held-out easy phantom three ways with ``ossnet.inference.Inferer``
+   (2**14 points per decoder pass, as in the paper): "dense" (every voxel), "mise" (coarse
+   stride 4) and "mise_lowres" (seeded from the low-res head, probe lattice of stride 8), and
+   reports the queries, the seconds and the Dice agreement of each MISE mask with the dense one.
+3. Recall: on held-out small-nodule phantoms, the share of dense decoding's connected
+   components (6-connected) that low-res-start MISE also finds (overlaps), with the model's own
+   head and with the head replaced by a confidently empty one and by a wrong one (``1 - p``).
+   The same for ``recall_margin`` 16 and 0 and without the probe lattice (the earlier scheme),
+   to show what each part buys.
+4. Time: seconds of low-res-start MISE on the held-out volume against one full-volume forward
+   pass of the 3D residual U-Net (``ossnet.baselines.unet3d``, default widths) in the same run.
 
 The last stdout line is one JSON object: ``surface_voxels`` (boundary voxels of the dense mask),
 ``dense_queries``, ``mise_queries``, ``mise_lowres_queries``, ``seconds_dense``, ``seconds_mise``,
-``seconds_mise_lowres``, ``agreement_dice_mise``, ``agreement_dice_mise_lowres``, plus the ratios,
-the goal checks (low-res start <= 1/10 of dense and <= 1/2 of dense-start MISE queries,
-agreement >= 0.999) and the training summary (steps, seconds, loss, Dice against the label).
+``seconds_mise_lowres``, ``agreement_dice_mise``, ``agreement_dice_mise_lowres``,
+``component_recall_mise_lowres`` (own head; ``*_empty_head``, ``*_wrong_head``, ``*_margin16``,
+``*_no_margin``, ``*_no_probes`` too, each with its queries and agreement), ``queries_over_surface_limit`` (low-res-start queries over the dense mask's
+surface voxels), ``seconds_unet3d_forward`` and ``ratio`` (MISE over U-Net seconds), the ratios,
+the goal checks (low-res start <= 1/50 of dense and <= 1/2 of dense-start MISE queries,
+agreement >= 0.999, recall >= 0.99, <= 3x the surface limit) and the training summary.
 
 ``mise_over_any_start_bound`` is the best ratio any start could reach: dense-start MISE queries
 over its queries below the coarsest stride (the surface refinement every start repeats). At
@@ -41,7 +52,7 @@ from ossnet.config import AugmentConfig, DecoderConfig, EncoderConfig, ModelConf
 from ossnet.inference import Inferer
 from ossnet.metrics import dice
 from ossnet.model import build_model
-from ossnet.phantoms import brats_like
+from ossnet.phantoms import brats_hard, brats_like
 from ossnet.preprocess import zscore_channels
 from ossnet.sampling import training_sample
 from ossnet.training import batch_to_device, make_optimizer, train_step
@@ -65,10 +76,58 @@ def bench_model_config(shape: Sequence[int]) -> ModelConfig:
     ).validate()
 
 
-def _case(shape: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    case = brats_like(tuple(shape), seed=seed)  # type: ignore[arg-type]
+def _case(shape: Sequence[int], seed: int, small: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    if small:
+        case = brats_hard(tuple(shape), seed=seed, lesions="small")  # type: ignore[arg-type]
+    else:
+        case = brats_like(tuple(shape), seed=seed)  # type: ignore[arg-type]
     image, _, _ = zscore_channels(case.image, "nonzero")
     return image, case.label
+
+
+class _HeadOverride(torch.nn.Module):
+    """The model with its low-res head replaced: "empty" (confidently nothing) or "wrong" (1 - p)."""
+
+    def __init__(self, model: torch.nn.Module, head: str) -> None:
+        super().__init__()
+        self.model, self.head, self.config = model, head, model.config
+
+    def encode(self, image_lowres: torch.Tensor) -> Any:
+        enc = self.model.encode(image_lowres)
+        logits = torch.full_like(enc.lowres_logits, -12.0) if self.head == "empty" else -enc.lowres_logits
+        return enc._replace(lowres_logits=logits)
+
+    def decode(self, points: torch.Tensor, patches: Any, encoding: Any) -> torch.Tensor:
+        return self.model.decode(points, patches, encoding)
+
+
+def component_recall(reference: np.ndarray, found: np.ndarray) -> tuple[int, int]:
+    """(components of ``reference`` that overlap ``found``, components of ``reference``), 6-connected."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(reference)
+    if n == 0:
+        return 0, 0
+    hit = np.unique(labels[found & reference])
+    return int(np.count_nonzero(hit)), int(n)
+
+
+def _unet_forward_seconds(shape: Sequence[int], device: torch.device) -> float:
+    """Seconds of one full-volume forward pass of the default 3D residual U-Net (after a warm-up)."""
+    from ossnet.baselines.unet3d import ResidualUNet3D
+
+    torch.manual_seed(0)
+    net = ResidualUNet3D(in_channels=4).to(device).eval()
+    x = torch.zeros((1, 4, *shape), device=device)
+    with torch.inference_mode():
+        net(x[..., :32, :32, :32])  # warm-up on a small volume
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _surface_voxels(mask: np.ndarray) -> int:
@@ -161,6 +220,50 @@ def _recalibrate_batch_norm(
         m.momentum = 0.1
 
 
+RECALL_RUNS: dict[str, dict[str, Any]] = {
+    "": {},
+    "_empty_head": {"head": "empty"},
+    "_wrong_head": {"head": "wrong"},
+    "_margin16": {"recall_margin": 16.0},
+    "_no_margin": {"recall_margin": 0.0},
+    "_no_probes": {"recall_margin": 0.0, "probe_stride": 0},
+}
+"""Key suffix -> head override and ``Inferer`` fields of each recall run ("": the defaults)."""
+
+
+def _recall(model: torch.nn.Module, shape: Sequence[int], device: torch.device, seed: int, n_cases: int) -> dict[str, Any]:
+    """Component recall and mask agreement of low-res-start MISE against dense decoding on
+    held-out small-nodule phantoms, per ``RECALL_RUNS`` entry."""
+    found = {k: [0, 0] for k in RECALL_RUNS}
+    agreement: dict[str, list[float]] = {k: [] for k in RECALL_RUNS}
+    queries: dict[str, int] = {k: 0 for k in RECALL_RUNS}
+    dense_queries, surface = 0, 0
+    for i in range(n_cases):
+        image, label = _case(shape, seed + 100 + i, small=True)
+        dense = Inferer(mode="dense", chunk_points=CHUNK_POINTS, device=device)(model, image)
+        dense_queries += dense.n_queries
+        surface += _surface_voxels(dense.mask)
+        for key, run in RECALL_RUNS.items():
+            run = dict(run)
+            head = run.pop("head", None)
+            net = _HeadOverride(model, head) if head else model
+            low = Inferer(mode="mise_lowres", chunk_points=CHUNK_POINTS, device=device, **run)(net, image)
+            hit, n = component_recall(dense.mask, low.mask)
+            found[key][0] += hit
+            found[key][1] += n
+            agreement[key].append(dice(low.mask, dense.mask))
+            queries[key] += low.n_queries
+        log.info("recall case %d: %d dense components, %d label voxels, found %s", i, n, int(label.sum()),
+                 {k or "default": f"{v[0]}/{v[1]}" for k, v in found.items()})
+    out: dict[str, Any] = {"recall_cases": n_cases, "recall_dense_components": found[""][1],
+                           "recall_dense_queries": dense_queries, "recall_surface_voxels": surface}
+    for key in RECALL_RUNS:
+        out[f"component_recall_mise_lowres{key}"] = round(found[key][0] / found[key][1], 4) if found[key][1] else 1.0
+        out[f"recall_agreement_dice_mise_lowres{key}"] = round(float(min(agreement[key])), 6)
+        out[f"recall_queries_mise_lowres{key}"] = queries[key]
+    return out
+
+
 def run(
     shape: Sequence[int],
     device: torch.device,
@@ -169,10 +272,11 @@ def run(
     n_train: int,
     min_steps: int,
     batch_size: int,
+    n_recall: int = 3,
 ) -> dict[str, Any]:
     cfg = bench_model_config(shape)
     log.info("grid %s, low-res map %s (cells of %d voxels), device %s", tuple(shape), cfg.latent_shape, cfg.lowres_factor, device)
-    cases = [_case(shape, seed + 1 + i) for i in range(n_train)]
+    cases = [_case(shape, seed + 1 + i, small=i % 2 == 1) for i in range(n_train)]
     model, summary = train(cfg, cases, train_seconds, device, seed, min_steps, batch_size)
     summary["train_batch_size"] = batch_size
     image, label = _case(shape, seed)  # held out
@@ -207,6 +311,16 @@ def run(
     out["model_ok"] = out["dense_dice_vs_label"] >= 0.5
     if not out["model_ok"]:
         log.warning("the briefly trained model segments poorly (Dice %.3f): query figures are not representative", out["dense_dice_vs_label"])
+    out.update(_recall(model, shape, device, seed, n_recall))
+    out["queries_over_surface_limit"] = round(low.n_queries / max(out["surface_voxels"], 1), 2)
+    unet_seconds = _unet_forward_seconds(shape, device)
+    out["seconds_unet3d_forward"] = round(unet_seconds, 3)
+    out["ratio"] = round(low.seconds / unet_seconds, 3)
+    log.info("low-res-start MISE %.2f s vs U-Net forward %.2f s", low.seconds, unet_seconds)
+    out["goal_lowres_le_fiftieth_of_dense"] = low.n_queries * 50 <= dense.n_queries
+    out["goal_component_recall"] = out["component_recall_mise_lowres"] >= 0.99
+    out["goal_surface_limit"] = out["queries_over_surface_limit"] <= 3
+    out["goal_no_slower_than_unet"] = out["ratio"] <= 1.0
     out["goal_lowres_le_tenth_of_dense"] = low.n_queries * 10 <= dense.n_queries
     out["goal_lowres_le_half_of_mise"] = low.n_queries * 2 <= mise_r.n_queries
     # Both starts refine the same surface below the coarsest stride, so no start can beat

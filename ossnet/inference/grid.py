@@ -65,6 +65,24 @@ def straddling_cells(values: torch.Tensor, threshold: float) -> torch.Tensor:
     return (frac > 0) & (frac < 1)
 
 
+def uncertain_cells(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Cells whose corners do not place them safely on one side of the threshold.
+
+    A cell is *safe outside* when every corner is ``< low`` and *safe inside* when every corner
+    is ``>= high``; every other cell is uncertain. With ``low == high == threshold`` these are
+    exactly the straddling cells.
+
+    Args:
+        values: node values ``(mx, my, mz)``.
+    Returns:
+        ``(mx - 1, my - 1, mz - 1)`` bool.
+    """
+    v = values[None, None].float()
+    highest = F.max_pool3d(v, kernel_size=2, stride=1)[0, 0]
+    lowest = -F.max_pool3d(-v, kernel_size=2, stride=1)[0, 0]
+    return (highest >= low) & (lowest < high)
+
+
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Binary dilation of a 3D bool mask by a ``(2r+1)^3`` cube (same shape)."""
     if radius <= 0 or not bool(mask.any()):
@@ -177,4 +195,5 @@ __all__ = [
     "to_voxels",
     "scatter",
     "straddling_cells",
+    "uncertain_cells",
 ]

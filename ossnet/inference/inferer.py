@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 MODES: tuple[str, ...] = ("dense", "mise", "mise_lowres")
 DEFAULT_COARSE_STRIDE = 4
 DEFAULT_SEED_THRESHOLD = 0.3
+DEFAULT_PROBE_STRIDE = 8
+DEFAULT_RECALL_MARGIN = 8.0
 Array = Union[np.ndarray, torch.Tensor]
 
 
@@ -35,9 +37,13 @@ class InferenceResult:
     """Prediction for one volume.
 
     Attributes:
-        probability: ``(X, Y, Z)`` occupancy probability at full resolution (float32 unless the
-            inferer asks for float16). NumPy on the host, or a tensor on ``Inferer.output_device``.
+        probability: ``(X, Y, Z)`` float32 (float16 if the inferer asks) at full resolution: the
+            decoder's occupancy probability where ``decoded``; elsewhere (MISE only) a trilinear
+            interpolation of decoded values that lies on the same side of the threshold, not a
+            probability (re-thresholding it at another value is wrong). NumPy on the host, or a
+            tensor on ``Inferer.output_device``.
         mask: ``(X, Y, Z)`` bool, ``probability >= threshold``.
+        decoded: ``(X, Y, Z)`` bool, voxels whose value came from the decoder (all for dense).
         n_queries: points decoded by the model (a dense pass decodes ``X * Y * Z``).
         seconds: wall time of encode + decode + assembly (device synchronised).
         mode: the mode that actually ran ("mise" when "mise_lowres" fell back).
@@ -50,6 +56,7 @@ class InferenceResult:
     seconds: float
     mode: str
     level_queries: dict[int, int] = field(default_factory=dict)
+    decoded: Array | None = None
 
 
 @contextmanager
@@ -78,9 +85,22 @@ class Inferer:
         chunk_points: points per decoder pass (bounds memory; 2**14 in the paper).
         device: compute device; the model must already be on it.
         threshold: decision threshold on the probability (inside is ``>= threshold``).
-        coarse_stride: stride of the coarsest MISE grid, a power of two. Default
-            ``DEFAULT_COARSE_STRIDE`` (4, the reference code's coarsest stride): the coarse grid
-            then hits every structure containing a 4^3-voxel cube (a ball of diameter ~7).
+        coarse_stride: stride of the coarsest MISE grid of "mise", and of the nodes the low-res
+            head seeds in "mise_lowres" (at most the model's low-res cell, so that every cell has
+            nodes); a power of two. Default ``DEFAULT_COARSE_STRIDE`` (4, the reference code's
+            coarsest stride): a ball of radius 2 * sqrt(3) ~ 3.5 always holds a node.
+        probe_stride: "mise_lowres" also decodes every node of this coarser lattice and starts
+            MISE there, so that structures the head misses are still found (see
+            ``recall_margin``); 0 turns the probes off (the head alone decides where to look, and
+            a confidently empty head decodes nothing). A power of two >= ``coarse_stride``.
+            Default ``DEFAULT_PROBE_STRIDE`` (8: one query per 512 voxels).
+        recall_margin: cells whose corner logits come within this many logits of the
+            threshold's are refined too, not only those whose corners straddle it (the margin
+            halves with every finer level). The MISE mask equals the dense mask whenever the
+            decoder's logit changes by at most ``recall_margin / (start stride * sqrt(3) / 2)``
+            per voxel (see ``ossnet.inference.mise``); 0 is the original MISE. Default
+            ``DEFAULT_RECALL_MARGIN`` (8: 1.15 logits per voxel at the stride-8 start), chosen
+            with ``bench.mise``: more buys recall of small, sharp components with queries.
         seed_threshold: low-res probability from which a low-res cell seeds MISE, at most
             ``threshold`` (below it, so that weakly detected small structures are still
             searched). Default ``min(DEFAULT_SEED_THRESHOLD, threshold)`` (0.3).
@@ -101,6 +121,8 @@ class Inferer:
     coarse_stride: int | None = None
     seed_threshold: float | None = None
     safety_band: int = 2
+    probe_stride: int = DEFAULT_PROBE_STRIDE
+    recall_margin: float = DEFAULT_RECALL_MARGIN
     dilation: int = 0
     output_device: Union[str, torch.device, None] = None
     probability_dtype: str = "float32"
@@ -120,6 +142,11 @@ class Inferer:
             raise ValueError(
                 f"inferer.seed_threshold: must be in (0, threshold={self.threshold}], got {self.seed_threshold}"
             )
+        if self.probe_stride and (not _is_power_of_two(self.probe_stride) or self.probe_stride < self.stride):
+            raise ValueError(f"inferer.probe_stride: must be 0 or a power of two >= coarse_stride={self.stride}, "
+                             f"got {self.probe_stride}")
+        if not 0.0 <= self.recall_margin <= 50.0:
+            raise ValueError(f"inferer.recall_margin: must be in [0, 50] (logits), got {self.recall_margin}")
         if self.safety_band < 0 or self.dilation < 0:
             raise ValueError(f"inferer.safety_band/dilation: must be >= 0, got {self.safety_band}/{self.dilation}")
         if self.probability_dtype not in ("float32", "float16"):
@@ -164,23 +191,28 @@ class Inferer:
             if mode == "mise_lowres" and encoding.lowres_logits is None:
                 logger.warning("variant %s has no low-resolution head: mode 'mise_lowres' runs 'mise'", cfg.variant)
                 mode = "mise"
+            if mode == "mise_lowres" and self.stride > cfg.lowres_factor:
+                raise ValueError(f"inferer.coarse_stride: {self.stride} exceeds the model's low-res cell of "
+                                 f"{cfg.lowres_factor} voxels (some cells would hold no node); use <= {cfg.lowres_factor}")
             state = None
             if mode == "dense":
                 probability = oracle.dense(cfg.volume_shape)
             else:
                 state = mise.MiseState(cfg.volume_shape, device, oracle, self.threshold)
                 if mode == "mise":
-                    coords = mise.dense_start(state, self.stride)
+                    coords, start_stride = mise.dense_start(state, self.stride), self.stride
                 else:
                     lowres_prob = torch.sigmoid(encoding.lowres_logits[0, 0].float())
-                    coords = mise.lowres_start(
-                        state, self.stride, lowres_prob, cfg.lowres_factor, self.seed, self.safety_band
+                    coords, start_stride = mise.lowres_start(
+                        state, self.stride, lowres_prob, cfg.lowres_factor, self.seed, self.safety_band,
+                        self.probe_stride,
                     )
-                mise.refine(state, coords, self.stride, self.dilation)
+                mise.refine(state, coords, start_stride, self.dilation, margin=self.recall_margin)
                 probability = state.values
             out_device = torch.device(self.output_device) if self.output_device is not None else torch.device("cpu")
             dtype = torch.float16 if self.probability_dtype == "float16" else torch.float32
             mask = (probability >= self.threshold).to(out_device)
+            decoded = state.evaluated.to(out_device) if state is not None else torch.ones_like(mask)
             probability = probability.to(out_device, dtype)
             if out_device.type == "cuda":
                 torch.cuda.synchronize(out_device)
@@ -192,6 +224,7 @@ class Inferer:
             seconds=seconds,
             mode=mode,
             level_queries=dict(state.level_queries) if state is not None else {},
+            decoded=decoded.numpy() if self.output_device is None else decoded,
         )
         logger.debug("inference %s: %d queries in %.3f s", mode, result.n_queries, seconds)
         return result
@@ -243,4 +276,4 @@ class _ChunkedDecoder:
         return out.view(shape)
 
 
-__all__ = ["DEFAULT_COARSE_STRIDE", "DEFAULT_SEED_THRESHOLD", "InferenceResult", "Inferer", "MODES"]
+__all__ = ["DEFAULT_COARSE_STRIDE", "DEFAULT_PROBE_STRIDE", "DEFAULT_RECALL_MARGIN", "DEFAULT_SEED_THRESHOLD", "InferenceResult", "Inferer", "MODES"]

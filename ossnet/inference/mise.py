@@ -2,32 +2,45 @@
 
 The algorithm, given a point oracle ``evaluate(points (K, 3) int64) -> probabilities (K,)``:
 
-1. Start level (stride ``S``, a power of two): the coarse nodes get values, either all
-   evaluated (dense start) or evaluated only inside a seeded region, with surrogate values
-   below the threshold elsewhere (low-resolution start, see ``lowres_start_values``).
-2. For each stride ``h = S, S/2, ..., 2``: cells whose corners straddle the threshold (some
-   ``>= t``, some ``< t``), optionally dilated, are *active*. Every node of stride ``h/2`` gets
-   the trilinear interpolation of the stride-``h`` values unless it was evaluated already;
-   the nodes of stride ``h/2`` inside active cells are evaluated.
+1. Start level (stride ``P``, a power of two): every node is evaluated (``dense_start``, or
+   ``lowres_start``'s probe lattice, which also evaluates the stride-``S`` nodes of the cells the
+   low-resolution head seeds, ``S <= P``).
+2. For each stride ``h = P, P/2, ..., 2``: cells that are not safely on one side of the
+   threshold ``t`` (``grid.uncertain_cells``: some corner's logit ``>= logit(t) - m_h`` and some
+   corner's ``< logit(t) + m_h``, with the logit margin ``m_h = m * h / P``; with ``m = 0`` the
+   straddling cells), optionally dilated, are *active*. Every node of stride ``h/2`` gets the trilinear interpolation of the
+   stride-``h`` values unless it was evaluated already; the nodes of stride ``h/2`` inside
+   active cells are evaluated.
 3. After each level, *crack propagation*: any straddling cell with a corner that was not
-   evaluated (an interpolated or surrogate value) has those corners evaluated, repeatedly,
-   until every straddling cell has real corners. This follows a surface out of the refined
-   region, so a boundary that the coarser level missed (a bump between coarse nodes, a
-   low-resolution seed that was too small) is still traced, and the final mask boundary is
-   made of evaluated voxels only.
+   evaluated (an interpolated value) has those corners evaluated, repeatedly, until every
+   straddling cell has real corners. This follows a surface out of the refined region, so a
+   boundary that a coarser level missed is still traced, and the mask boundary is made of
+   evaluated voxels only.
 
-Voxels never evaluated lie in cells whose corners agree, so their interpolated probability
-lies on the same side of the threshold as the corners: the probability map is defined
-everywhere and thresholding it gives the mask.
+Voxels never evaluated lie in inactive cells, so their interpolated value lies on the same side
+of the threshold as the corners: thresholding the value map gives the mask, but off the
+evaluated voxels (``MiseState.evaluated``) the map is an interpolation, not the decoder's
+probability.
 
-Guarantee: the coarse grid hits every structure that contains an axis-aligned cube of side
-``S`` voxels (a ball of diameter about ``S * sqrt(3)``); smaller isolated structures may be
-missed by the dense start, exactly as by the original MISE.
+Guarantees (``t``: threshold; ``m``: the recall margin, in logits, at the start stride ``P``):
+
+* **Lipschitz (any head, an empty or wrong one included).** If the decoder's logit changes by
+  at most ``L`` per voxel of distance, with ``L * P * sqrt(3) / 2 <= m``, the MISE mask equals
+  the dense mask: every voxel of a cell of side ``h`` lies within ``h * sqrt(3) / 2`` of a
+  corner, so a cell holding a voxel on the other side of ``t`` is never safe, at any level,
+  down to the voxel itself. (Logits, not probabilities: a sigmoid saturates, so a probability
+  margin would cover only decoders far softer than trained ones.)
+* **Lattice (no assumption on the decoder).** Every component of the dense mask that contains
+  a node of the start lattice (stride ``P``: any component holding a ball of radius
+  ``P * sqrt(3) / 2``), or a stride-``S`` node of a seeded region, is found whole: its
+  boundary is traced by crack propagation. Smaller components away from seeds are found only
+  as far as the Lipschitz bound holds for them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -97,29 +110,46 @@ def lowres_start(
     lowres_factor: int,
     seed_threshold: float,
     safety_band: int,
-) -> grid.Coords:
-    """Seed the coarsest level from a low-resolution occupancy map.
+    probe_stride: int = 0,
+) -> tuple[grid.Coords, int]:
+    """Seed the start of MISE from a low-resolution occupancy map, with a decoder probe lattice.
 
-    A coarse node takes the probability of the low-res cell containing it (nearest, i.e. the
-    cell's max-pool semantics: "some voxel of this cell is foreground"). Nodes with
-    probability ``>= seed_threshold`` are seeds; the seeds dilated by ``safety_band`` coarse
-    cells are evaluated; every other node keeps the low-res probability (below the seed
-    threshold, so below the decision threshold) as a surrogate.
+    The nodes of stride ``stride`` whose low-res cell (nearest: "some voxel of this cell is
+    foreground") has probability ``>= seed_threshold``, dilated by ``safety_band`` nodes, are
+    evaluated. With ``probe_stride`` (a power of two ``>= stride``), every node of that coarser
+    lattice is evaluated too and MISE starts there: the head only adds seeds, and what it misses
+    is still found within ``ossnet.inference.mise``'s guarantees. With ``probe_stride == 0`` the
+    unseeded stride-``stride`` nodes keep the low-res probability as a surrogate (below the seed
+    threshold): a confidently empty head then decodes nothing.
 
     Args:
         lowres_prob: ``(lx, ly, lz)`` sigmoid of the low-resolution head.
-        lowres_factor: full-resolution voxels per low-res cell along each axis.
+        lowres_factor: full-resolution voxels per low-res cell along each axis (``>= stride``).
     Returns:
-        The coordinates of the coarsest level.
+        ``(coords, start_stride)``: the coordinates of the level MISE refines from, and its stride.
     """
     coords = grid.level_nodes(state.shape, stride, state.device)
     surrogate = lowres_prob.float()
     for axis, c in enumerate(coords):
         surrogate = surrogate.index_select(axis, (c // lowres_factor).clamp(max=lowres_prob.shape[axis] - 1))
     region = grid.dilate(surrogate >= seed_threshold, safety_band)
-    grid.scatter(state.values, coords, surrogate)
-    state.evaluate_nodes(region.nonzero(), coords, stride)
-    return coords
+    if not probe_stride:
+        grid.scatter(state.values, coords, surrogate)
+        state.evaluate_nodes(region.nonzero(), coords, stride)
+        return coords, stride
+    probes = dense_start(state, probe_stride)
+    seeds = region & ~grid.gather(state.evaluated, coords)
+    state.evaluate_nodes(seeds.nonzero(), coords, stride)
+    return probes, probe_stride
+
+
+def safe_bounds(threshold: float, logit_margin: float) -> tuple[float, float]:
+    """Probabilities below ``low`` / from ``high`` on are safely outside / inside: the threshold
+    moved by ``logit_margin`` in logit space."""
+    if logit_margin <= 0:
+        return threshold, threshold
+    centre = math.log(threshold / (1.0 - threshold))
+    return 1.0 / (1.0 + math.exp(-(centre - logit_margin))), 1.0 / (1.0 + math.exp(-(centre + logit_margin)))
 
 
 def refine(
@@ -128,6 +158,7 @@ def refine(
     stride: int,
     dilation: int = 0,
     max_propagation_steps: int = 10_000,
+    margin: float = 0.0,
 ) -> None:
     """Run the levels from ``stride`` (whose nodes all have values) down to stride 1.
 
@@ -135,8 +166,10 @@ def refine(
         state: the shared value map; updated in place.
         coords: node coordinates at ``stride``.
         stride: the starting stride (power of two).
-        dilation: extra ring of cells, per level, refined around straddling cells.
+        dilation: extra ring of cells, per level, refined around active cells.
         max_propagation_steps: safety cap on crack-propagation rounds per level.
+        margin: recall margin in logits at ``stride`` (``m`` in the module's guarantee); a level
+            of stride ``h`` refines cells within ``margin * h / stride`` logits of the threshold.
     """
     state.propagate(coords, stride, max_propagation_steps)
     h = stride
@@ -144,7 +177,9 @@ def refine(
         fine_h = h // 2
         fine = grid.level_nodes(state.shape, fine_h, state.device)
         coarse_values = grid.gather(state.values, coords)
-        active = grid.dilate(grid.straddling_cells(coarse_values, state.threshold), dilation)
+        low, high = safe_bounds(state.threshold, margin * h / stride)
+        cells = grid.uncertain_cells(coarse_values, low, high)
+        active = grid.dilate(cells, dilation)
         done = grid.gather(state.evaluated, fine)
         filled = torch.where(done, grid.gather(state.values, fine), grid.interpolate(coarse_values, coords, fine))
         grid.scatter(state.values, fine, filled)

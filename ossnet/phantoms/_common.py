@@ -105,6 +105,8 @@ def blob(
 ) -> np.ndarray:
     """Implicit function of a perturbed ellipsoid on ``box``: ``(1 + a * noise)^2 - q`` (> 0 inside)."""
     sub = tuple(s.stop - s.start for s in box)
+    if min(sub) == 0:  # the box lies outside the grid (a vessel that walked off the volume)
+        return np.zeros(sub, dtype=np.float32)
     perturb = smooth_field(rng, sub, (cells, cells, cells))
     perturb *= np.float32(amplitude)
     perturb += np.float32(1.0)

@@ -108,6 +108,7 @@ def brats_hard(
     empty: bool = False,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     case_id: str | None = None,
+    lesions: str = "mixed",
 ) -> PhantomCase:
     """A skull-stripped four-modality brain whose lesions no single modality separates.
 
@@ -117,6 +118,9 @@ def brats_hard(
         empty: no lesion (empty label); the confounders (WMH, vessels) stay.
         spacing: voxel size in mm.
         case_id: defaults to ``"brats-hard-<seed>"``.
+        lesions: "mixed" (1-3 lesions of radius 3-10 voxels at 96x96x64, satellites in half of
+            the cases) or "small" (1-6 isolated nodules of radius 1.5-5 voxels whatever the
+            grid, at least 12 voxels apart, for MISE recall checks; ``small_lesions``).
 
     Returns:
         ``image`` (4, X, Y, Z) float32 (zero outside the brain), ``label`` (X, Y, Z) uint8.
@@ -170,11 +174,16 @@ def brats_hard(
             point = point + step * radius * 1.2
 
     label = np.zeros(shape, dtype=bool)
-    if not empty:
-        lesions = [(float(rng.uniform(3.0, 10.0)) * scale, False) for _ in range(int(rng.integers(1, 4)))]
+    if lesions not in LESION_SETS:
+        raise ValueError(f"lesions: must be one of {', '.join(LESION_SETS)}, got {lesions!r}")
+    if not empty and lesions == "small":
+        for where, radius in small_lesions(rng, center, radii):
+            _lesion(rng, image, label, tissue, shape, where, radius / 1.25, True)  # the rim is 1.25x the core
+    elif not empty:
+        mixed = [(float(rng.uniform(3.0, 10.0)) * scale, False) for _ in range(int(rng.integers(1, 4)))]
         if rng.random() < 0.5:
-            lesions += [(float(rng.uniform(2.0, 4.0)) * scale, True) for _ in range(int(rng.integers(1, 4)))]
-        for radius, small in lesions:
+            mixed += [(float(rng.uniform(2.0, 4.0)) * scale, True) for _ in range(int(rng.integers(1, 4)))]
+        for radius, small in mixed:
             where = _point_in(rng, center, radii, 0.75 if small else 0.6)
             _lesion(rng, image, label, tissue, shape, where, radius, small)
 
@@ -203,6 +212,29 @@ def brats_hard(
         affine=spacing_affine(spacing),
         modalities=BRATS_MODALITIES,
     )
+
+
+LESION_SETS: tuple[str, ...] = ("mixed", "small")
+
+
+def small_lesions(
+    rng: np.random.Generator, center: np.ndarray, radii: np.ndarray, min_gap: float = 12.0
+) -> list[tuple[np.ndarray, float]]:
+    """1-6 nodule centres inside the brain ellipsoid and their radii (1.5-5 voxels).
+
+    Centres are at least ``min_gap`` voxels apart (isolated components); half of the cases put
+    one nodule far (>= 3 * ``min_gap``) from every other, where no other lesion hints at it.
+    """
+    out: list[tuple[np.ndarray, float]] = []
+    far = rng.random() < 0.5
+    for k in range(int(rng.integers(1, 7))):
+        gap = 3 * min_gap if far and k == 1 else min_gap
+        for _ in range(200):
+            where = _point_in(rng, center, radii, 0.7)
+            if all(np.linalg.norm(where - c) >= gap for c, _ in out):
+                out.append((where, float(rng.uniform(1.5, 5.0))))
+                break
+    return out
 
 
 def _lesion(rng, image, label, tissue, shape, center, radius: float, small: bool) -> None:
@@ -473,4 +505,4 @@ def lits_hard(
     )
 
 
-__all__ = ["BRATS_HARD_REFERENCE", "brats_hard", "head_hard", "lits_hard"]
+__all__ = ["BRATS_HARD_REFERENCE", "LESION_SETS", "brats_hard", "head_hard", "lits_hard", "small_lesions"]

@@ -36,6 +36,8 @@ FLAGS: tuple[OverrideFlag, ...] = (
     OverrideFlag("--mode", "mode", str, f"inference mode: {', '.join(MODES)} (default: auto = low-res-start "
                  "MISE when the model has a low-res head, else dense-start MISE)"),
     OverrideFlag("--chunk-points", "chunk_points", int, "points per decoder pass; bounds memory (default: 16384)"),
+    OverrideFlag("--recall-margin", "recall_margin", float, "MISE also refines cells within this many logits of "
+                 "the threshold: more finds smaller, sharper structures, at more queries (default: 8)"),
     OverrideFlag("--actors", "actors", int, "predictor actors (default: 1)"),
     OverrideFlag("--gpus-per-actor", "gpus_per_actor", float, "GPUs per actor (default: 1 if the cluster has GPUs)"),
     OverrideFlag("--cpus-per-actor", "cpus_per_actor", float, "CPUs per actor (default: 1)"),

@@ -54,11 +54,16 @@ class InferJob:
         mode: "auto" (low-res-start MISE for models with a low-res head, else dense-start MISE),
             "dense", "mise" or "mise_lowres".
         chunk_points: points per decoder pass; bounds the inference memory.
+        recall_margin: MISE refines cells within this many logits of the threshold, not only
+            those straddling it (None: the library default, 8); more finds smaller, sharper
+            components at the cost of queries. See the README's "What MISE finds".
         actors: size of the predictor actor pool.
         gpus_per_actor: GPUs per predictor actor; None: 1 when the cluster has GPUs (shared
             fractionally when there are more actors than GPUs), else 0.
         cpus_per_actor: CPUs per predictor actor (also its torch thread count on CPU).
-        save_probabilities: also write float32 probability maps (NIfTI).
+        save_probabilities: also write float32 probability maps (NIfTI); decodes every voxel
+            (mode "auto" runs "dense"): off the surface MISE's map is an interpolation, not a
+            probability.
         save_zarr: also write masks (and probabilities) into ``predictions.zarr``.
         overwrite: redo every case, even those a previous run finished.
         storage_options: fsspec options for input and output URLs.
@@ -77,6 +82,7 @@ class InferJob:
     split: str | None = None
     mode: str = "auto"
     chunk_points: int = 2**14
+    recall_margin: float | None = None
     actors: int = 1
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
@@ -87,6 +93,11 @@ class InferJob:
     affine_atol: float = 1e-3
     report_every_s: float = 30.0
     progress_every: int = 0
+
+    @property
+    def predictor_mode(self) -> str:
+        """The mode the predictors get: "dense" when probability maps are saved under "auto"."""
+        return "dense" if self.save_probabilities and self.mode == "auto" else self.mode
 
     def validate(self) -> "InferJob":
         """Check every field; raise ``InferError`` naming the first bad one. Returns self."""
@@ -99,6 +110,8 @@ class InferJob:
             (self.split is None or self.split in SPLITS, "split",
              f"must be one of {', '.join(SPLITS)}, got {self.split!r}"),
             (int(self.chunk_points) >= 1, "chunk_points", f"must be >= 1, got {self.chunk_points}"),
+            (self.recall_margin is None or 0 <= float(self.recall_margin) <= 50, "recall_margin",
+             f"must be in [0, 50] logits, got {self.recall_margin}"),
             (int(self.actors) >= 1, "actors", f"must be >= 1, got {self.actors}"),
             (self.gpus_per_actor is None or float(self.gpus_per_actor) >= 0, "gpus_per_actor",
              f"must be >= 0, got {self.gpus_per_actor}"),
@@ -110,6 +123,9 @@ class InferJob:
         for ok, name, message in checks:
             if not ok:
                 raise InferError(f"infer.{name}: {message}")
+        if self.save_probabilities and self.mode not in ("auto", "dense"):
+            raise InferError(f"infer.save_probabilities: needs mode 'dense' or 'auto', not {self.mode!r} (MISE decodes "
+                             "only near the surface; elsewhere its map is an interpolation, not a probability)")
         if self.split is not None and self.layout not in ("auto", "zarr"):
             raise InferError(f"infer.split: only for Zarr store inputs, not layout {self.layout!r}")
         return self

@@ -94,7 +94,8 @@ def _pipeline(cases: list[InferCase], job: InferJob, ctx: Any, checkpoint: bytes
     ds = ds.map(read_case, fn_kwargs={"ctx": ctx}, num_cpus=1)
     ds = ds.map_batches(
         CasePredictor,
-        fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "mode": job.mode, "chunk_points": job.chunk_points,
+        fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "mode": job.predictor_mode, "chunk_points": job.chunk_points,
+                               "recall_margin": job.recall_margin,
                                "threads": max(1, int(job.cpus_per_actor))},
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
         batch_size=1,
@@ -166,7 +167,7 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
                       job.overwrite)
     for cid, why in sorted(plan.redo_reasons.items()):
         logger.debug("infer: redoing %s (%s)", cid, why)
-    mode = job.mode if job.mode != "auto" else ("mise_lowres" if has_head else "mise")
+    mode = job.predictor_mode if job.predictor_mode != "auto" else ("mise_lowres" if has_head else "mise")
     logger.info("infer: %d cases in %s (%s layout): %d to do, %d already done, %d unreadable; model %s, mode %s",
                 len(listing.cases), job.input, listing.layout, len(plan.todo), len(plan.skipped), len(invalid),
                 model_name, mode)

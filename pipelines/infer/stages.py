@@ -203,10 +203,11 @@ class CasePredictor:
             dense-start MISE), "dense", "mise" or "mise_lowres".
         chunk_points: points per decoder pass (bounds memory).
         threads: torch CPU threads when there is no GPU.
+        recall_margin: MISE's recall margin in logits (None: ``ossnet.inference``'s default).
     """
 
     def __init__(self, checkpoint: bytes | list[Any], mode: str = "auto", chunk_points: int = 2**14,
-                 threads: int = 1) -> None:
+                 threads: int = 1, recall_margin: float | None = None) -> None:
         import torch
 
         from ossnet.checkpoint import load_checkpoint
@@ -221,7 +222,8 @@ class CasePredictor:
             torch.set_num_threads(max(1, int(threads)))
         self.model, info = load_checkpoint(io.BytesIO(bytes(checkpoint)), map_location=self.device)
         self.inferer = make_inferer(self.model, mode=None if mode == "auto" else mode, device=self.device,
-                                    chunk_points=int(chunk_points), threshold=float(info.preprocess.threshold))
+                                    chunk_points=int(chunk_points), threshold=float(info.preprocess.threshold),
+                                    recall_margin=recall_margin)
         logger.info("infer: predictor ready on %s (variant %s, mode %s, %d points per pass)", self.device,
                     self.model.config.variant, self.inferer.mode, self.inferer.chunk_points)
 

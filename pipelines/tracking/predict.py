@@ -48,12 +48,14 @@ def default_mode(model: nn.Module) -> str:
 
 
 def make_inferer(model: nn.Module, *, mode: str | None = None, device: str = "cpu",
-                 chunk_points: int = 2**14, threshold: float = 0.5) -> Any:
-    """An ``ossnet.inference.Inferer`` with the model's default mode unless ``mode`` is given."""
+                 chunk_points: int = 2**14, threshold: float = 0.5, recall_margin: float | None = None) -> Any:
+    """An ``ossnet.inference.Inferer`` with the model's default mode unless ``mode`` is given
+    (``recall_margin`` None: the library default)."""
     from ossnet.inference import Inferer
 
+    extra = {} if recall_margin is None else {"recall_margin": float(recall_margin)}
     return Inferer(mode=mode or default_mode(model), device=device, chunk_points=chunk_points,
-                   threshold=threshold, seed_threshold=min(0.3, threshold))
+                   threshold=threshold, seed_threshold=min(0.3, threshold), **extra)
 
 
 def zscore_mask_of(preprocess: Any) -> str | None:

@@ -12,7 +12,8 @@ over ``params``).
 Params (a params schema is logged with the model, so ``predict(x, params={...})`` works):
 ``output`` ("mask" -> (X, Y, Z) uint8, "probability" -> float32, "both" -> dict of the two),
 ``mode`` ("" = mise_lowres when the model has a low-res head, else mise; or dense/mise/
-mise_lowres), ``device``, ``chunk_points``, ``threshold`` (0 = the checkpoint's own threshold),
+mise_lowres; a probability output always decodes densely: off the surface MISE's map is an
+interpolation, not a probability), ``device``, ``chunk_points``, ``threshold`` (0 = the checkpoint's own threshold),
 ``normalized`` (the input is already z-scored).
 """
 
@@ -94,13 +95,18 @@ class OssnetPyfuncModel(mlflow.pyfunc.PythonModel):
         output = str(opts["output"])
         if output not in OUTPUTS:
             raise ValueError(f"ossnet pyfunc: output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        mode = str(opts["mode"])
+        if output != "mask":  # off the surface, MISE's map is an interpolation, not a probability
+            if mode not in ("", "dense"):
+                raise ValueError(f"ossnet pyfunc: output {output!r} needs mode 'dense' (or none), got {mode!r}")
+            mode = "dense"
         device = str(opts["device"])
         if device != self._device:
             self._model.to(device)
             self._device = device
         spec = getattr(self._info, "preprocess", None)
         threshold = float(opts["threshold"]) or float(getattr(spec, "threshold", 0.5))
-        inferer = make_inferer(self._model, mode=str(opts["mode"]) or None, device=device,
+        inferer = make_inferer(self._model, mode=mode or None, device=device,
                                chunk_points=int(opts["chunk_points"]), threshold=threshold)
         result = predict_volume(self._model, np.asarray(image), inferer, preprocess=spec,
                                 normalized=bool(opts["normalized"]), affine=affine)

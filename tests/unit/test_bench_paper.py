@@ -24,8 +24,12 @@ def test_one_run_trains_and_scores_every_test_case(run: str) -> None:
     assert out["train_mb"] >= 0.0 and out["params"] > 0
     if run == "unet3d_patch":
         assert out["crop"] == [16, 16, 16]
-    # OSS-Net decodes a fraction of the voxels; the voxel networks evaluate all of them.
-    assert (out["queries"][0] < 32**3) == (run in ("onet", "C_border"))
+    # The voxel networks evaluate every voxel; OSS-Net decodes with MISE, which may decode all of
+    # them for a 2-step model whose logits are all near the threshold (within the recall margin).
+    if run in ("onet", "C_border"):
+        assert 0 < out["queries"][0] <= 32**3
+    else:
+        assert out["queries"][0] == 32**3
     json.dumps(out)  # the worker's result travels as JSON
 
 

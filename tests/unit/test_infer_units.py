@@ -356,6 +356,10 @@ def test_job_validation_and_cli_precedence(tmp_path: Path) -> None:
         InferJob("in", "out", mode="fast").validate()
     with pytest.raises(InferError, match="infer.split"):
         InferJob("in", "out", layout="nifti", split="val").validate()
+    with pytest.raises(InferError, match="infer.save_probabilities: needs mode 'dense' or 'auto', not 'mise'"):
+        InferJob("in", "out", mode="mise", save_probabilities=True).validate()
+    assert InferJob("in", "out", save_probabilities=True).validate().predictor_mode == "dense"
+    assert InferJob("in", "out").predictor_mode == "auto"
     job = InferJob("rel/in", "rel/out").normalized()
     assert Path(job.input).is_absolute() and Path(job.output).is_absolute()
     assert InferJob("s3://b/in", "s3://b/out/").normalized().output == "s3://b/out"
@@ -369,6 +373,9 @@ def test_job_validation_and_cli_precedence(tmp_path: Path) -> None:
     assert (job.input, job.mode, job.actors, job.chunk_points, job.save_zarr, job.model) == (
         "/data/in", "dense", 5, 1024, True, "models:/x@y")
     assert job_from_args(parser.parse_args(["/other", "--config", str(config)])).input == "/other"
+    assert job_from_args(parser.parse_args(["--config", str(config), "--recall-margin", "12"])).recall_margin == 12.0
+    with pytest.raises(InferError, match="infer.recall_margin: must be in"):
+        InferJob("in", "out", recall_margin=-1.0).validate()
     with pytest.raises(ConfigError, match="output"):
         job_from_args(parser.parse_args(["/in"]))
     with pytest.raises(SystemExit):

@@ -129,6 +129,12 @@ def test_cells_and_closed_membership_match_brute_force() -> None:
     for i, j, k in np.ndindex(*cells.shape):
         corners = v[i : i + 2, j : j + 2, k : k + 2]
         assert bool(cells[i, j, k]) == (corners.any() and not corners.all())
+    for low, high in ((0.5, 0.5), (0.3, 0.7)):
+        uncertain = grid.uncertain_cells(values, low, high)
+        for i, j, k in np.ndindex(*cells.shape):
+            corners = values.numpy()[i : i + 2, j : j + 2, k : k + 2]
+            safe = corners.max() < low or corners.min() >= high
+            assert bool(uncertain[i, j, k]) == (not safe)
     member = grid.in_closed_cells(cells, coarse, fine).numpy()
     c = [a.numpy() for a in coarse]
     for idx in np.ndindex(*member.shape):
@@ -223,7 +229,8 @@ def test_mise_other_coarse_strides(stride: int) -> None:
     for mode in ("mise", "mise_lowres"):
         result = Inferer(mode=mode, coarse_stride=stride)(model, image_for(cfg))
         assert dice(result.mask, dense.mask) >= 0.999
-        assert list(result.level_queries) == [stride >> k for k in range(stride.bit_length())]
+        start = stride if mode == "mise" else max(stride, 8)  # the low-res start probes at stride 8
+        assert sorted(result.level_queries, reverse=True) == [start >> k for k in range(start.bit_length())]
 
 
 def _lesion_case() -> tuple[BlobModel, np.ndarray, dict[str, tuple[int, ...]]]:
@@ -256,20 +263,103 @@ def test_mise_lowres_finds_small_lesions_the_head_hints_at() -> None:
     for center in [(72, 20, 24), (88, 70, 44), (20, 76, 12)]:
         assert result.mask[center], center
     assert result.n_queries * 10 <= dense_mask.size  # >10x fewer queries than dense
-    # The naive low-res start (threshold 0.5, no safety band) loses both hinted lesions.
-    naive = Inferer(mode="mise_lowres", seed_threshold=0.5, safety_band=0)(model, image)
+    # The naive low-res start (threshold 0.5, no safety band, no probes) loses both hinted lesions.
+    naive = Inferer(mode="mise_lowres", seed_threshold=0.5, safety_band=0, probe_stride=0, recall_margin=0)(model, image)
     assert not naive.mask[72, 20, 24] and not naive.mask[88, 70, 44]
     assert naive.mask[20, 76, 12]
 
 
-def test_mise_lowres_skips_confidently_empty_volumes() -> None:
+def test_mise_lowres_on_an_empty_volume_decodes_only_the_probe_lattice() -> None:
     cfg = fake_config((37, 41, 29), blocks=2)
     model = BlobModel(cfg, [[-50.0, -50.0, -50.0]], [[3.0, 3.0, 3.0]], lowres_prob=np.zeros(cfg.latent_shape))
     result = Inferer(mode="mise_lowres")(model, image_for(cfg))
-    assert result.n_queries == 0 and not result.mask.any()
+    assert result.n_queries == 6 * 6 * 5 and not result.mask.any()  # stride-8 nodes, far edges included
+    assert result.level_queries == {8: 180, 4: 0, 2: 0, 1: 0} and int(result.decoded.sum()) == 180
     assert float(result.probability.max()) < 0.5
+    no_probes = Inferer(mode="mise_lowres", probe_stride=0)(model, image_for(cfg))
+    assert no_probes.n_queries == 0 and not no_probes.mask.any()
     dense_start = Inferer(mode="mise")(model, image_for(cfg))
     assert not dense_start.mask.any() and dense_start.n_queries == 10 * 11 * 8
+
+
+# ------------------------------------------------------------------- recall guarantees
+
+def _small_balls(shape, rng: np.random.Generator, n: int, r_min: float, r_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """Isolated balls with centres between lattice nodes (no stride-4 node inside a ball of radius < 2)."""
+    centers = (rng.integers(1, np.asarray(shape) // 8 - 1, (n, 3)) * 8 + rng.uniform(2.5, 5.5, (n, 3)))
+    radii = rng.uniform(r_min, r_max, n)
+    return centers, np.repeat(radii[:, None], 3, axis=1)
+
+
+def _heads(cfg: ModelConfig, dense_mask: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Low-res heads: right, confidently empty, wrong (fires only where there is nothing), noise."""
+    truth = lowres_label(dense_mask, cfg.lowres_factor).astype(np.float32)
+    return {"right": truth, "empty": np.zeros_like(truth), "wrong": 1.0 - truth,
+            "noise": rng.uniform(0.0, 1.0, truth.shape).astype(np.float32)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mise_lowres_equals_dense_for_a_lipschitz_decoder_whatever_the_head(seed: int) -> None:
+    """The Lipschitz guarantee: a logit slope <= margin / (8 * sqrt(3) / 2) per voxel -> the
+    dense mask, small lesions between the nodes included, with a right, empty, wrong or random head."""
+    rng = np.random.default_rng(seed)
+    shape = (72, 64, 56)
+    cfg = fake_config(shape, blocks=2)
+    margin = 8.0
+    slope = margin / (8 * np.sqrt(3) / 2)  # the steepest logit the guarantee covers (1.15 per voxel)
+    centers, axes = _small_balls(shape, rng, 5, 1.5, 3.0)
+    model = BlobModel(cfg, centers, axes, sharpness=slope)  # logit = -sharpness * distance to the surface
+    dense = Inferer(mode="dense")(model, image_for(cfg))
+    assert dense.mask.sum() > 0
+    for name, head in _heads(cfg, dense.mask, rng).items():
+        model.lowres_prob = torch.from_numpy(head)
+        result = Inferer(mode="mise_lowres", recall_margin=margin)(model, image_for(cfg))
+        np.testing.assert_array_equal(result.mask, dense.mask, err_msg=name)
+        assert result.n_queries < dense.n_queries / 4, name
+        np.testing.assert_allclose(result.probability[result.decoded], dense.probability[result.decoded], atol=1e-6)
+    # Without the margin the lesions between the probes are lost when the head misses them.
+    model.lowres_prob = torch.zeros(cfg.latent_shape)
+    plain = Inferer(mode="mise_lowres", recall_margin=0.0)(model, image_for(cfg))
+    assert plain.mask.sum() < dense.mask.sum()
+
+
+def test_mise_lowres_lattice_guarantee_with_a_sharp_decoder() -> None:
+    """No assumption on the decoder: a component holding a probe node (a ball of radius >=
+    8 * sqrt(3) / 2) is found with any head; one holding a stride-4 node of a seeded cell is
+    found too; a small one away from seeds and probes is not guaranteed."""
+    shape = (72, 64, 56)
+    cfg = fake_config(shape, blocks=2)  # low-res cells of 8 voxels
+    big = ((20.3, 21.7, 19.2), 7.2)  # radius > 8 * sqrt(3) / 2: holds a stride-8 node wherever it lies
+    seeded = ((52.0, 44.0, 36.0), 2.5)  # holds the stride-4 node (52, 44, 36)
+    hidden = ((46.0, 14.0, 46.0), 1.5)  # no node of stride 4 inside, no seed, no probe
+    centers = [c for c, _ in (big, seeded, hidden)]
+    axes = [(r, r, r) for _, r in (big, seeded, hidden)]
+    model = BlobModel(cfg, centers, axes, sharpness=8.0)
+    dense = Inferer(mode="dense")(model, image_for(cfg))
+    head = np.zeros(cfg.latent_shape, dtype=np.float32)
+    head[52 // 8, 44 // 8, 36 // 8] = 0.9  # the head sees only the seeded lesion's cell
+    model.lowres_prob = torch.from_numpy(head)
+    result = Inferer(mode="mise_lowres", recall_margin=0.0)(model, image_for(cfg))
+    for center, radius in (big, seeded):
+        box = tuple(slice(int(c - radius) - 1, int(c + radius) + 2) for c in center)
+        np.testing.assert_array_equal(result.mask[box], dense.mask[box])
+    assert dense.mask[46, 14, 46] and not result.mask[46, 14, 46]
+    model.lowres_prob = torch.zeros(cfg.latent_shape)
+    empty_head = Inferer(mode="mise_lowres", recall_margin=0.0)(model, image_for(cfg))
+    assert empty_head.mask[20, 22, 19] and not empty_head.mask[52, 44, 36]
+
+
+def test_invalid_strides_are_refused() -> None:
+    cfg = fake_config((37, 41, 29), blocks=2)  # low-res cells of 8 voxels
+    model = BlobModel(cfg, [[18.0, 20.0, 14.0]], [[8.0, 7.0, 6.0]], lowres_prob=np.ones(cfg.latent_shape))
+    with pytest.raises(ValueError, match="inferer.coarse_stride: 16 exceeds the model's low-res cell of 8 voxels"):
+        Inferer(mode="mise_lowres", coarse_stride=16, probe_stride=16)(model, image_for(cfg))
+    with pytest.raises(ValueError, match="inferer.probe_stride"):
+        Inferer(probe_stride=6)
+    with pytest.raises(ValueError, match="inferer.probe_stride"):
+        Inferer(coarse_stride=8, probe_stride=4)
+    with pytest.raises(ValueError, match="inferer.recall_margin"):
+        Inferer(recall_margin=-0.1)
 
 
 def test_mise_lowres_falls_back_without_head(caplog: pytest.LogCaptureFixture) -> None:

@@ -174,6 +174,28 @@ def test_a_third_of_hard_brats_cases_have_small_satellite_lesions():
     assert max(radii) > 2 * min(radii)  # a spread of lesion sizes
 
 
+def test_small_lesion_cases_have_isolated_nodules_of_radius_1_5_to_5():
+    from ossnet.phantoms.hard import brats_hard
+
+    counts, far = [], 0
+    for seed in range(12):
+        case = brats_hard((120, 120, 80), seed=seed, lesions="small")
+        components, n = ndimage.label(case.label)
+        sizes = ndimage.sum_labels(np.ones(case.label.shape), components, index=np.arange(1, n + 1))
+        radii = np.cbrt(3 * sizes / (4 * np.pi))
+        assert 1 <= n <= 6 and radii.max() <= 6.0, (seed, radii)  # a rim of noise around radius <= 5
+        counts.append(n)
+        centres = np.array(ndimage.center_of_mass(case.label, components, range(1, n + 1)))
+        if n >= 2:
+            gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(n) * 1e9
+            far += bool((gaps.min(axis=1) >= 30).any())  # a nodule no other one hints at
+    assert min(counts) == 1 and max(counts) >= 4 and far >= 2
+    assert np.array_equal(brats_hard((64, 64, 48), seed=5, lesions="small").label,
+                          brats_hard((64, 64, 48), seed=5, lesions="small").label)
+    with pytest.raises(ValueError, match="lesions: must be one of mixed, small"):
+        brats_hard((64, 64, 48), lesions="tiny")
+
+
 def test_hard_head_is_a_skull_stripping_task():
     case = head_hard((64, 72, 80), seed=2)
     brain = case.label > 0

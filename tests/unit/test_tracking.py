@@ -213,6 +213,8 @@ def test_pyfunc_bundle_predicts_any_volume_size(bundle: SimpleNamespace, pyfunc:
     assert prob.shape == ODD and prob.dtype == np.float32
     assert 0.0 <= float(prob.min()) and float(prob.max()) <= 1.0
     np.testing.assert_array_equal(mask, (prob >= 0.5).astype(np.uint8))
+    with pytest.raises(ValueError, match="output 'probability' needs mode 'dense'"):
+        pyfunc.predict({"image": odd, "output": "probability", "mode": "mise"})
     # The same request through MLflow's params, and a second size through the default output.
     np.testing.assert_array_equal(pyfunc.predict(odd, params={"output": "probability"}), prob)
     cube = pyfunc.predict(_volume(CUBE, 2))
@@ -227,11 +229,15 @@ def test_library_loader_loads_the_same_bundle_with_identical_outputs(
     model, info = load_checkpoint_from_mlflow(bundle.info.model_uri, bundle.uri, dst_dir=tmp_path)
     for name, tensor in bundle.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    from pipelines.tracking.predict import make_inferer
+
     image = _volume(ODD, 1)
     ours = predict_volume(model, image, preprocess=info.preprocess)
-    theirs = pyfunc.predict(image, params={"output": "probability"})
-    np.testing.assert_array_equal(ours.probability, theirs)
-    assert ours.mode == "mise_lowres" and ours.probability.shape == ODD
+    np.testing.assert_array_equal(ours.mask, pyfunc.predict(image, params={"output": "mask"}))
+    assert ours.mode == "mise_lowres" and ours.mask.shape == ODD
+    # A probability output decodes densely (MISE's map is a probability only where it decoded).
+    dense = predict_volume(model, image, make_inferer(model, mode="dense"), preprocess=info.preprocess)
+    np.testing.assert_array_equal(dense.probability, pyfunc.predict(image, params={"output": "probability"}))
 
     # The run id, runs:/ URI and logged-model URI all lead to the same checkpoint bytes.
     digest = hashlib.sha256(bundle.ckpt.read_bytes()).hexdigest()
