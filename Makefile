@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml | $(PY)
 venv: $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m pipelines.cli quickstart
+	$(PY) -m ossnet_cli quickstart
 
-# One pytest process per tier: the ray tier's in-process Ray instance must be gone before the
-# e2e tier starts a multi-node cluster on the same host.
-test: $(STAMP)
+# Lint first (seconds), then one pytest process per tier: the ray tier's in-process Ray instance
+# must be gone before the e2e tier starts a multi-node cluster on the same host (tests/conftest.py
+# refuses a mixed run).
+test: lint
 	$(PY) -m pytest tests/unit -q
 	$(PY) -m pytest tests/ray -q
 	$(PY) -m pytest tests/e2e -q
@@ -50,7 +51,7 @@ bench: $(STAMP)
 	$(PY) -m bench.infer --quick
 
 lint: $(STAMP)
-	$(PY) -m compileall -q ossnet pipelines tune bench
+	$(PY) -m ruff check ossnet ossnet_cli pipelines tune bench tests
 
 clean:
 	rm -rf .ossnet build *.egg-info

@@ -59,7 +59,7 @@ import numpy as np
 from bench._common import emit_result, make_parser, pin_cpus, run_worker, setup_logging
 from ossnet.augment import apply_augment, sample_augment_params
 from ossnet.config import AugmentConfig, SamplingConfig, model_config
-from ossnet.phantoms import PhantomCase, brats_like
+from ossnet.phantoms import brats_like
 from ossnet.sampling import (
     border_band, downsample_image, extract_patches, lowres_label, normalize_points, sample_points, training_sample,
 )
@@ -213,7 +213,8 @@ def ray_worker(payload: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
-def _ray_run(store: str, grid: tuple[int, int, int], cpus: int, size: tuple[Any, ...], variant: str = "patches") -> dict[str, Any]:
+def _ray_run(store: str, grid: tuple[int, int, int], cpus: int, size: tuple[Any, ...],
+             variant: str = "patches") -> dict[str, Any]:
     _, _, spc, epochs = size
     payload = {"store": store, "grid": list(grid), "cpus": cpus, "samples_per_case": spc, "epochs": epochs,
                "object_store_mb": STREAM_OBJECT_STORE_MB, "variant": variant}

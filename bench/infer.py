@@ -50,11 +50,11 @@ MARGIN = (3, 1, 1)  # scans are this much smaller than the grid: odd sizes, padd
 
 
 def _train(grid: Sequence[int], steps: int, device: torch.device, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from bench.mise import _case, train
+    from bench.mise import phantom_case, train
     from ossnet.config import model_config
 
     cfg = model_config("C", "brats", volume_shape=tuple(int(s) for s in grid))
-    cases = [_case(grid, seed + 100 + i) for i in range(3)]
+    cases = [phantom_case(grid, seed + 100 + i) for i in range(3)]
     log.info("training variant C (brats preset, %s grid, %s) for %d steps", tuple(grid), device, steps)
     return train(cfg, cases, seconds=0.0, device=device, seed=seed, min_steps=steps)
 

@@ -227,7 +227,7 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver side
 
 
-def _measure(
+def measure_peak(
     model: str, shape: tuple[int, int, int], device: str, n_points: int, timeout: float, threads: int | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
@@ -350,7 +350,7 @@ def measure_device(
     runs = [("ossnet", shape), ("ossnet", large)] + [("unet3d", g) for g in probe_grids]
     threads = 1 if concurrent else None
     with ThreadPoolExecutor(max_workers=len(runs) if concurrent else 1) as pool:
-        results = list(pool.map(lambda run: _measure(run[0], run[1], device, n_points, timeout, threads), runs))
+        results = list(pool.map(lambda run: measure_peak(run[0], run[1], device, n_points, timeout, threads), runs))
     out["small_runs_concurrent"] = bool(concurrent)
     for key, res in zip(("ossnet_train_peak_mb", "ossnet_train_peak_mb_large"), results):
         if not record(key, res):
@@ -395,7 +395,7 @@ def measure_device(
 
     # 2. The U-Net at the base size, alone, if its estimate fits the memory budget.
     if gate("unet3d_train_peak_mb", shape):
-        record_unet("unet3d_train_peak_mb", shape, _measure("unet3d", shape, device, n_points, timeout))
+        record_unet("unet3d_train_peak_mb", shape, measure_peak("unet3d", shape, device, n_points, timeout))
 
     # 3. The crop-trained U-Net (nnU-Net / MONAI style): the largest cubic crop whose step needs no
     # more memory than OSS-Net's at the base size, measured alone. Its memory does not grow with
@@ -403,13 +403,13 @@ def measure_device(
     oss_mb = out.get("ossnet_train_peak_mb")
     if oss_mb:
         side = matching_crop(oss_mb, scaling, min(shape))
-        res = _measure("unet3d", (side, side, side), device, n_points, timeout)
+        res = measure_peak("unet3d", (side, side, side), device, n_points, timeout)
         out["unet3d_patch_crop"] = side
         record("unet3d_patch_train_peak_mb", res)
 
     # 4. The large U-Net, alone, if the fitted memory and step time allow.
     if gate("unet3d_train_peak_mb_large", large):
-        record_unet("unet3d_train_peak_mb_large", large, _measure("unet3d", large, device, n_points, timeout))
+        record_unet("unet3d_train_peak_mb_large", large, measure_peak("unet3d", large, device, n_points, timeout))
 
     for suffix in ("", "_large"):
         oss = out.get(f"ossnet_train_peak_mb{suffix}")

@@ -27,7 +27,8 @@ The last stdout line is one JSON object: ``surface_voxels`` (boundary voxels of 
 ``dense_queries``, ``mise_queries``, ``mise_lowres_queries``, ``seconds_dense``, ``seconds_mise``,
 ``seconds_mise_lowres``, ``agreement_dice_mise``, ``agreement_dice_mise_lowres``,
 ``component_recall_mise_lowres`` (own head; ``*_empty_head``, ``*_wrong_head``, ``*_margin16``,
-``*_no_margin``, ``*_no_probes`` too, each with its queries and agreement), ``queries_over_surface_limit`` (low-res-start queries over the dense mask's
+``*_no_margin``, ``*_no_probes`` too, each with its queries and agreement),
+``queries_over_surface_limit`` (low-res-start queries over the dense mask's
 surface voxels), ``seconds_unet3d_forward`` and ``ratio`` (MISE over U-Net seconds), the ratios,
 the goal checks (low-res start <= 1/50 of dense and <= 1/2 of dense-start MISE queries,
 agreement >= 0.999, recall >= 0.99, <= 3x the surface limit) and the training summary.
@@ -76,7 +77,8 @@ def bench_model_config(shape: Sequence[int]) -> ModelConfig:
     ).validate()
 
 
-def _case(shape: Sequence[int], seed: int, small: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def phantom_case(shape: Sequence[int], seed: int, small: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A z-scored ``(image (4, X, Y, Z), label)``: an easy BraTS-like case, or small nodules."""
     if small:
         case = brats_hard(tuple(shape), seed=seed, lesions="small")  # type: ignore[arg-type]
     else:
@@ -239,7 +241,7 @@ def _recall(model: torch.nn.Module, shape: Sequence[int], device: torch.device, 
     queries: dict[str, int] = {k: 0 for k in RECALL_RUNS}
     dense_queries, surface = 0, 0
     for i in range(n_cases):
-        image, label = _case(shape, seed + 100 + i, small=True)
+        image, label = phantom_case(shape, seed + 100 + i, small=True)
         dense = Inferer(mode="dense", chunk_points=CHUNK_POINTS, device=device)(model, image)
         dense_queries += dense.n_queries
         surface += _surface_voxels(dense.mask)
@@ -276,10 +278,10 @@ def run(
 ) -> dict[str, Any]:
     cfg = bench_model_config(shape)
     log.info("grid %s, low-res map %s (cells of %d voxels), device %s", tuple(shape), cfg.latent_shape, cfg.lowres_factor, device)
-    cases = [_case(shape, seed + 1 + i, small=i % 2 == 1) for i in range(n_train)]
+    cases = [phantom_case(shape, seed + 1 + i, small=i % 2 == 1) for i in range(n_train)]
     model, summary = train(cfg, cases, train_seconds, device, seed, min_steps, batch_size)
     summary["train_batch_size"] = batch_size
-    image, label = _case(shape, seed)  # held out
+    image, label = phantom_case(shape, seed)  # held out
     results = {}
     for mode in ("dense", "mise", "mise_lowres"):
         results[mode] = Inferer(mode=mode, chunk_points=CHUNK_POINTS, device=device)(model, image)
@@ -310,7 +312,8 @@ def run(
     # The query figures only mean something for a model that segments (not all/nothing).
     out["model_ok"] = out["dense_dice_vs_label"] >= 0.5
     if not out["model_ok"]:
-        log.warning("the briefly trained model segments poorly (Dice %.3f): query figures are not representative", out["dense_dice_vs_label"])
+        log.warning("the briefly trained model segments poorly (Dice %.3f): query figures are not representative",
+                    out["dense_dice_vs_label"])
     out.update(_recall(model, shape, device, seed, n_recall))
     out["queries_over_surface_limit"] = round(low.n_queries / max(out["surface_voxels"], 1), 2)
     unet_seconds = _unet_forward_seconds(shape, device)
@@ -343,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     shape = QUICK_SHAPE if args.quick else BRATS_SHAPE
     seconds = args.train_seconds if args.train_seconds is not None else (12.0 if args.quick else 60.0)
     start = time.perf_counter()

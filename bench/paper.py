@@ -21,7 +21,8 @@ inference seconds and decoder queries are per test case.
 
 ``--quick`` (at most 15 minutes on 2 CPUs): hard LiTS-like CT phantoms at 48^3 (12 training and
 4 test cases; ``--dataset brats`` uses 64x64x48, ``head`` 48x56x64), 300 steps of 2 volumes (2048
-points each for OSS-Net; 8 slices for the 2D U-Net), the "small" OSS-Net preset and U-Nets of half the paper's width (8-128 channels), no
+points each for OSS-Net; 8 slices for the 2D U-Net), the "small" OSS-Net preset and U-Nets of half the
+paper's width (8-128 channels), no
 augmentation, 3 seeds. The full run is sized for one GPU: hard BraTS-like phantoms at
 128x128x80 (48 + 12 cases), 4000 steps of 4 volumes with 2**14 points, the paper's model sizes
 and augmentation, the 2D U-Net on all three axes (the best one reported, as in the paper).
@@ -104,23 +105,23 @@ def calibrate_crop(plan: Plan, timeout: float) -> tuple[int, dict[str, Any]]:
     (``bench.memory``'s workers), the U-Net's memory is fitted as affine in the voxel count, and
     the largest crop (a multiple of 16) within C's figure is measured to confirm.
     """
-    from bench.memory import UNetScaling, _measure, matching_crop
+    from bench.memory import UNetScaling, matching_crop, measure_peak
 
     channels = 4 if plan.dataset == "brats" else 1
     unet = dict(in_channels=channels, channels=list(plan.unet_channels), batch_size=plan.batch)
-    c = _measure("ossnet", plan.shape, plan.device, plan.n_points, timeout, 1, preset=plan.preset,
+    c = measure_peak("ossnet", plan.shape, plan.device, plan.n_points, timeout, 1, preset=plan.preset,
                  in_channels=channels, batch_size=plan.batch)
     if not c["ok"]:
         raise RuntimeError(f"calibration: OSS-Net C step failed: {c['error']}")
     scaling = UNetScaling()
     table: dict[str, Any] = {"ossnet_C_step_mb": round(c["peak_mb"], 1)}
     for side in (16, 32):
-        res = _measure("unet3d", (side,) * 3, plan.device, plan.n_points, timeout, 1, **unet)
+        res = measure_peak("unet3d", (side,) * 3, plan.device, plan.n_points, timeout, 1, **unet)
         if res["ok"]:
             scaling.add((side,) * 3, res["peak_mb"], res["seconds"])
             table[f"unet3d_step_mb_crop{side}"] = round(res["peak_mb"], 1)
     side = matching_crop(c["peak_mb"], scaling, min(plan.shape))
-    res = _measure("unet3d", (side,) * 3, plan.device, plan.n_points, timeout, 1, **unet)
+    res = measure_peak("unet3d", (side,) * 3, plan.device, plan.n_points, timeout, 1, **unet)
     table.update(crop=side, unet3d_step_mb_crop=round(res.get("peak_mb") or math.nan, 1))
     log.info("crop-trained U-Net: crop %d^3 (step %.0f MiB vs OSS-Net C %.0f MiB)", side,
              res.get("peak_mb") or math.nan, c["peak_mb"])

@@ -226,7 +226,6 @@ def _unet3d(run: str, plan: dict[str, Any], train: list, test: list, rng: np.ran
 
 
 def _unet2d(run: str, plan: dict[str, Any], train: list, test: list, rng: np.random.Generator) -> dict[str, Any]:
-    import torch
 
     from ossnet.baselines import ResidualUNet2D, predict_volume_slicewise
 

@@ -272,7 +272,8 @@ def load_checkpoint(
     name = _source_name(source)
     data = _read(source, name)
     if not isinstance(data, dict) or data.get("format") != FORMAT_TAG:
-        hint = " (a bare state_dict?)" if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()) else ""
+        bare = isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values())
+        hint = " (a bare state_dict?)" if bare else ""
         raise CheckpointError(f"{name}: not an ossnet checkpoint: no '{FORMAT_TAG}' format tag{hint}")
     version = data.get("format_version")
     if version != FORMAT_VERSION:

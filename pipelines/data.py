@@ -199,7 +199,7 @@ def load_validation_case(store: Store | str, case_id: str) -> tuple[np.ndarray, 
         ``image`` (C, X, Y, Z) float32 normalised, ``label`` (X, Y, Z) uint8 {0, 1}.
     """
     if isinstance(store, str):
-        store = _cached_store(store)
+        store = cached_store(store)
     arrays = store.read_case(case_id, arrays=("image", "label"))
     return np.asarray(arrays["image"], dtype=np.float32), np.asarray(arrays["label"], dtype=np.uint8)
 
@@ -216,7 +216,7 @@ def collate_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torch.Te
 _STORES: dict[str, Store] = {}
 
 
-def _cached_store(url: str) -> Store:
+def cached_store(url: str) -> Store:
     """The store at ``url``, opened once per process (Ray reuses worker processes)."""
     store = _STORES.get(url)
     if store is None:
@@ -224,7 +224,7 @@ def _cached_store(url: str) -> Store:
     return store
 
 
-def _split_case_ids(store: Store, split: str | None, case_ids: Sequence[str] | None) -> list[str]:
+def split_case_ids(store: Store, split: str | None, case_ids: Sequence[str] | None) -> list[str]:
     """The complete cases to sample: ``case_ids`` (checked) or the split's, sorted.
 
     The manifest lists only complete cases; the completion flags are checked as well, so a
@@ -283,7 +283,7 @@ class CaseSampleDataset(torch.utils.data.Dataset):
         store = open_store(store_url)
         self.store_url = store_url
         self.spec = SampleSpec.for_store(store, model_cfg, sampling_cfg, augment_cfg, seed, samples_per_case)
-        self.case_ids = _split_case_ids(store, split, case_ids)
+        self.case_ids = split_case_ids(store, split, case_ids)
         self.epoch = 0
         self.set_epoch(epoch)
         self._store: Store | None = None
@@ -379,7 +379,7 @@ def _sample_batch(
     batch: dict[str, np.ndarray], *, store_url: str, spec: SampleSpec, epoch: int | EpochClock, row_fn: RowFn
 ) -> dict[str, np.ndarray]:
     """``map_batches`` body: read each case of the batch once, sample its rows, stack them."""
-    store = _cached_store(store_url)
+    store = cached_store(store_url)
     current = epoch.get() if isinstance(epoch, EpochClock) else int(epoch)
     rows: list[dict[str, np.ndarray]] = []
     for case_id in batch["case_id"]:
@@ -456,7 +456,7 @@ def build_training_dataset(
 
     store = open_store(store_url)
     spec = SampleSpec.for_store(store, model_cfg, sampling_cfg, augment_cfg, seed, samples_per_case)
-    ids = _split_case_ids(store, split, case_ids)
+    ids = split_case_ids(store, split, case_ids)
     log.info("training dataset: %d cases x %d samples from %s (split %s)", len(ids), samples_per_case, store_url, split)
     items = ray.data.from_items([{"case_id": c} for c in ids], override_num_blocks=len(ids))
     ds = items.map_batches(
@@ -479,10 +479,12 @@ __all__ = [
     "ROW_KEYS",
     "SampleSpec",
     "build_training_dataset",
+    "cached_store",
     "case_key",
     "collate_rows",
     "ingest_options",
     "load_validation_case",
     "sample_case_rows",
     "sample_rng",
+    "split_case_ids",
 ]

@@ -27,6 +27,25 @@ logger = logging.getLogger(__name__)
 TMP_SUFFIX = ".ossnet-tmp"
 
 
+def absolute_url(url: str) -> str:
+    """A job's path as every Ray worker must see it: local paths (and ``file://`` URLs) become
+    absolute, other URLs (``s3://``, ``memory://``...) stay as given; blanks are stripped."""
+    url = str(url).strip()
+    if not url:
+        return url
+    if url.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(url[len("file://"):]))
+    if "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def local_path(url: str) -> str:
+    """``absolute_url`` without a ``file://`` scheme (for APIs that take plain local paths)."""
+    url = absolute_url(url)
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
 def is_local(fs: Any) -> bool:
     """Whether an fsspec filesystem is the local disk."""
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
@@ -120,4 +139,5 @@ def remove_stale_temps(folders: Iterable[str], storage_options: Mapping[str, Any
     return removed
 
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "atomic_write_bytes", "is_local", "local_files", "remove_stale_temps"]
+__all__ = ["TMP_SUFFIX", "absolute_url", "atomic_write", "atomic_write_bytes", "is_local", "local_files", "local_path",
+           "remove_stale_temps"]

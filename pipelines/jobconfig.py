@@ -96,7 +96,8 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if is_dataclass(tp):
         return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _fail(path: str, message: str) -> ConfigError:
@@ -392,7 +393,8 @@ class OverrideFlag:
         return "override_" + self.key.replace(".", "__")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, flags: Sequence[OverrideFlag] = (), *, config_required: bool = False) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, flags: Sequence[OverrideFlag] = (), *,
+                         config_required: bool = False) -> None:
     """Add ``--config``, repeatable ``--set KEY=VALUE`` and the dedicated override ``flags``."""
     parser.add_argument("--config", "-c", metavar="YAML", required=config_required, help="job config file")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
@@ -419,7 +421,8 @@ def overrides_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] 
 
 #: The MLflow flags shared by ``ossnet train`` and ``ossnet tune`` (both take a training job).
 TRACKING_FLAGS: tuple[OverrideFlag, ...] = (
-    OverrideFlag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
+    OverrideFlag("--tracking-uri", "tracking.uri", str,
+                 "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
     OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
     OverrideFlag("--model-name", "tracking.model_name", str, "registered model name"),
 )

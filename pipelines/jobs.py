@@ -10,7 +10,7 @@ named by ``RAY_AUTH_TOKEN_PATH`` (Ray's own variables, printed by
 sent as an explicit header, so it never depends on process-global Ray state.
 
 The project travels to the cluster as a ``working_dir`` runtime_env (build outputs, stores,
-virtual environments and tracking data excluded); the job runs ``python -m pipelines.cli``
+virtual environments and tracking data excluded); the job runs ``python -m ossnet_cli``
 from it, so the cluster needs the project's dependencies but not the project installed.
 """
 
@@ -323,7 +323,7 @@ def without_address(argv: Sequence[str]) -> list[str]:
 
 def cli_entrypoint(argv: Sequence[str]) -> list[str]:
     """The argv a job runs for ``ossnet <argv>``: the CLI module, from the uploaded project."""
-    return ["python", "-m", "pipelines.cli", *argv]
+    return ["python", "-m", "ossnet_cli", *argv]
 
 
 def submit_cli_command(

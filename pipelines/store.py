@@ -41,13 +41,13 @@ from zarr.errors import NodeNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
 from ossnet.preprocess import PreprocessRecord
+from pipelines.constants import SPLITS
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 STORE_KEY = "ossnet_store"
 ARRAYS: tuple[str, ...] = ("image", "label", "border")
-SPLITS: tuple[str, ...] = ("train", "val", "test", "unassigned")
 # Store attributes that must agree between an existing store and a new ingest into it.
 COMPAT_FIELDS: tuple[str, ...] = (
     "format_version", "modalities", "volume_shape", "lowres_shape", "latent_shape", "band_width", "zscore_mask",
@@ -84,7 +84,7 @@ def validate_case_id(case_id: str) -> str:
     return case_id
 
 
-def _zarr_store(url: str, *, read_only: bool, storage_options: Mapping[str, Any] | None) -> Any:
+def zarr_store(url: str, *, read_only: bool = False, storage_options: Mapping[str, Any] | None = None) -> Any:
     """A zarr store for a local path, ``file://`` URL or any fsspec URL."""
     if url.startswith("file://"):
         return LocalStore(url[len("file://"):], read_only=read_only)
@@ -207,7 +207,7 @@ class Store:
         self.url = str(url)
         self.mode = mode
         self.storage_options = dict(storage_options or {})
-        zstore = _zarr_store(self.url, read_only=mode == "r", storage_options=self.storage_options)
+        zstore = zarr_store(self.url, read_only=mode == "r", storage_options=self.storage_options)
         try:
             self._root = zarr.open_group(zstore, mode=mode)
         except (NodeNotFoundError, FileNotFoundError) as exc:
@@ -424,7 +424,7 @@ def create_store(
             holds something that is not an ossnet store.
     """
     info = {**dict(info), "format_version": FORMAT_VERSION}
-    zstore = _zarr_store(str(url), read_only=False, storage_options=storage_options)
+    zstore = zarr_store(str(url), read_only=False, storage_options=storage_options)
     if not overwrite:
         try:
             existing = zarr.open_group(zstore, mode="r").attrs.asdict()
@@ -452,7 +452,8 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def iter_cases(store: Store, split: str | None = None, arrays: Sequence[str] = ("image", "label")) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+def iter_cases(store: Store, split: str | None = None,
+               arrays: Sequence[str] = ("image", "label")) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """Yield ``(case_id, arrays)`` for the published cases of ``split``."""
     for case_id in store.case_ids(split):
         yield case_id, store.read_case(case_id, arrays)
@@ -467,6 +468,7 @@ __all__ = [
     "Store",
     "StoreError",
     "chunk_layout",
+    "zarr_store",
     "create_store",
     "iter_cases",
     "open_store",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ossnet.config import ConfigError
+from pipelines.files import local_path
 from pipelines.jobconfig import apply_overrides, config_hash, constrained, load_yaml, parse_section, to_dict
 from pipelines.train.job import TrainJob
 from tune.space import SearchSpace
@@ -106,7 +107,7 @@ class TuneJob:
         if self.sweep.name:
             return self.sweep.name
         # Hash the absolute store so the name does not depend on the working directory.
-        anchored = replace(self, base=replace(self.base, store=_absolute(self.base.store)))
+        anchored = replace(self, base=replace(self.base, store=local_path(self.base.store)))
         return f"tune-{self.base.model.preset}-{self.base.model.variant}-{config_hash(anchored, _NAME_EXCLUDES)}"
 
     @property
@@ -122,16 +123,8 @@ class TuneJob:
         """A copy whose local paths are absolute and whose sweep name is fixed, so trials (which
         run in Tune's per-trial folders, maybe on other nodes) read the same store and state."""
         base = self.base.resolved()  # absolute store and Train storage; the run name is per trial
-        storage = _absolute(self.sweep.storage_path)
+        storage = local_path(self.sweep.storage_path)
         return replace(self, base=base, sweep=replace(self.sweep, name=self.name, storage_path=storage))
-
-
-def _absolute(url: str) -> str:
-    if "://" in url and not url.startswith("file://"):
-        return url
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    return os.path.abspath(os.path.expanduser(url))
 
 
 def tune_job_from_dict(data: Mapping[str, Any]) -> TuneJob:

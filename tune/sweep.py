@@ -33,6 +33,7 @@ from ossnet.config import ConfigError
 from pipelines.jobconfig import dump_yaml, to_dict
 from pipelines.train.job import TrainJob, check_against_store
 from pipelines.train.state import SCORE_METRIC
+from pipelines.tracking.tags import BEST_RUN_TAG, BEST_TRIAL_TAG
 from tune.job import TuneJob, tune_job_to_dict
 from tune.space import OptunaSpace
 from tune.summary import TrialSummary, best_trial, rank_trials, status_counts, summarize_trial, to_csv, to_markdown
@@ -246,7 +247,7 @@ def _log_parent(run: RunLogger, job: TuneJob, trials: tuple[TrialSummary, ...], 
     metrics = {f"trials_{k}": float(v) for k, v in counts.items()}
     if best is not None:
         metrics["best_val_dice"] = float(best.best_val_dice or 0.0)
-        run.set_tags({"ossnet.sweep.best_trial": best.trial_id, "ossnet.sweep.best_run": best.run_name})
+        run.set_tags({BEST_TRIAL_TAG: best.trial_id, BEST_RUN_TAG: best.run_name})
         run.log_params({f"best.{k}": v for k, v in best.settings.items()})
     run.log_metrics(metrics, step=0)
     for name in (SUMMARY_CSV, SUMMARY_MD):

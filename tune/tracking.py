@@ -20,7 +20,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.tracking import RUN_KEY_TAG, RunLogger, register_and_promote
-from pipelines.train.driver import MODEL_EPOCH_TAG, MODEL_VERSION_TAG
+from pipelines.tracking.tags import (
+    MODEL_EPOCH_TAG,
+    MODEL_URI_TAG,
+    MODEL_VERSION_TAG,
+    PARENT_RUN_TAG,
+    REGISTERED_TRIAL_TAG,
+    REGISTERED_URI_TAG,
+    REGISTERED_VERSION_TAG,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+    TRIAL_SETTINGS_TAG,
+    TRIAL_STATUS_TAG,
+)
 from pipelines.train.state import MODEL_FILE, SCORE_METRIC
 from tune.summary import TrialSummary
 
@@ -29,14 +41,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PARENT_RUN_TAG = "mlflow.parentRunId"
-TRIAL_ID_TAG = "ossnet.tune.trial_id"
-TRIAL_STATUS_TAG = "ossnet.tune.status"
-SWEEP_TAG = "ossnet.tune.sweep"
-MODEL_URI_TAG = "ossnet.model_uri"  # set by the training driver next to MODEL_EPOCH_TAG
-REGISTERED_TRIAL_TAG = "ossnet.sweep.registered_trial"
-REGISTERED_VERSION_TAG = "ossnet.sweep.model_version"
-REGISTERED_URI_TAG = "ossnet.sweep.model_uri"
 _END_STATUS = {"early_stopped": "KILLED", "failed": "FAILED"}
 
 
@@ -78,7 +82,7 @@ def finalize_child_runs(parent: RunLogger, trials: tuple[TrialSummary, ...]) -> 
             continue
         run_id = run.info.run_id
         tags = {TRIAL_ID_TAG: trial.trial_id, TRIAL_STATUS_TAG: trial.status, SWEEP_TAG: parent.run_key}
-        tags["ossnet.tune.settings"] = json.dumps(trial.settings, sort_keys=True)
+        tags[TRIAL_SETTINGS_TAG] = json.dumps(trial.settings, sort_keys=True)
         # Epochs the scheduler saw; a stopped trial's run may hold one more, trained between
         # ASHA's decision and its workers' shutdown, which the sweep does not count.
         tags["ossnet.tune.epochs"] = trial.epochs

@@ -276,4 +276,12 @@ class _ChunkedDecoder:
         return out.view(shape)
 
 
-__all__ = ["DEFAULT_COARSE_STRIDE", "DEFAULT_PROBE_STRIDE", "DEFAULT_RECALL_MARGIN", "DEFAULT_SEED_THRESHOLD", "InferenceResult", "Inferer", "MODES"]
+__all__ = [
+    "DEFAULT_COARSE_STRIDE",
+    "DEFAULT_PROBE_STRIDE",
+    "DEFAULT_RECALL_MARGIN",
+    "DEFAULT_SEED_THRESHOLD",
+    "InferenceResult",
+    "Inferer",
+    "MODES",
+]

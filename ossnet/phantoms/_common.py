@@ -6,7 +6,6 @@ Reproducibility: label geometry uses only uniform draws and element-wise float32
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np

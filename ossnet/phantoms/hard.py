@@ -288,7 +288,6 @@ def head_hard(
     shape = check_shape(shape)
     rng = np.random.default_rng(seed)
     dims = np.asarray(shape, dtype=np.float64)
-    full = tuple(slice(0, s) for s in shape)
     t = {name: float(v) * float(rng.uniform(0.95, 1.05)) for name, v in _HEAD.items()}
     image = np.zeros((1,) + shape, dtype=np.float32)
     head = image[0]
@@ -333,7 +332,7 @@ def head_hard(
     r_min = float(radii.min())
 
     def layer(fraction: float) -> np.ndarray:
-        return perturb - q / np.float32(fraction * fraction)
+        return perturb - q / np.float32(fraction * fraction)  # noqa: F821 - called before the del below
 
     thickness = rng.uniform(1.1, 1.4)
     scalp = layer(1.0)
@@ -414,7 +413,6 @@ def lits_hard(
     shape = check_shape(shape)
     rng = np.random.default_rng(seed)
     dims = np.asarray(shape, dtype=np.float64)
-    full = tuple(slice(0, s) for s in shape)
     hu = {name: v + float(rng.uniform(-4.0, 4.0)) if abs(v) < 200 else v for name, v in _CT.items()}
     image = np.full(shape, hu["air"], dtype=np.float32)
 
@@ -437,7 +435,7 @@ def lits_hard(
         box, s = _organ(rng, shape, center, radii, amplitude, cells)
         weight = soft(s, float(np.min(radii)))
         mix(image[box], value, weight)
-        image[box] += np.float32(grain) * texture[box] * weight
+        image[box] += np.float32(grain) * texture[box] * weight  # noqa: F821 - called before the del below
         return box, s
 
     for side in (-1.0, 1.0):

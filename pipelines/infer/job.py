@@ -6,16 +6,16 @@ Pure Python: no torch, Ray or MLflow here, so the CLI parser and the unit tests 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
+from pipelines.constants import SPLITS
+from pipelines.files import absolute_url
 from pipelines.tracking.registry import DEFAULT_MODEL_SPEC
 
 INPUT_LAYOUTS: tuple[str, ...] = ("auto", "nifti", "brats", "lits", "generic", "zarr")
 MODES: tuple[str, ...] = ("auto", "dense", "mise", "mise_lowres")  # "auto": mise_lowres if the model has a low-res head
 STATUSES: tuple[str, ...] = ("ok", "failed", "skipped")
-SPLITS: tuple[str, ...] = ("train", "val", "test", "unassigned")  # the store's split names
 REPORT_COLUMNS: tuple[str, ...] = (
     "case_id", "status", "error", "seconds", "predict_seconds", "n_queries", "foreground_ml", "dice", "iou", "mode",
     "model", "model_sha256", "mask",
@@ -24,14 +24,6 @@ REPORT_COLUMNS: tuple[str, ...] = (
 
 class InferError(ValueError):
     """The job cannot run at all (bad field, unreadable input, input/model mismatch); one line."""
-
-
-def _absolute(url: str) -> str:
-    """Local paths become absolute (Ray workers run elsewhere); URLs are kept as given."""
-    url = str(url).strip()
-    if not url or "://" in url:
-        return url
-    return os.path.abspath(os.path.expanduser(url))
 
 
 @dataclass(frozen=True)
@@ -133,8 +125,8 @@ class InferJob:
     def normalized(self) -> "InferJob":
         """Validated copy with local paths made absolute (what the workers receive)."""
         self.validate()
-        return replace(self, input=_absolute(self.input), output=_absolute(self.output).rstrip("/") or "/",
-                       labels=_absolute(self.labels) if self.labels else None)
+        return replace(self, input=absolute_url(self.input), output=absolute_url(self.output).rstrip("/") or "/",
+                       labels=absolute_url(self.labels) if self.labels else None)
 
 
 @dataclass(frozen=True)

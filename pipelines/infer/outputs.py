@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import fsspec
 import numpy as np
 
-from pipelines.files import TMP_SUFFIX, atomic_write_bytes, is_local, remove_stale_temps
+from pipelines.files import TMP_SUFFIX, atomic_write_bytes, remove_stale_temps
 from pipelines.infer.job import REPORT_COLUMNS, CaseResult
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ class OutputLayout:
         if save_zarr:
             import zarr
 
-            zarr.open_group(_zarr_store(self.zarr, self.storage_options), mode="a",
+            from pipelines.store import zarr_store
+
+            zarr.open_group(zarr_store(self.zarr, storage_options=self.storage_options), mode="a",
                             attributes={"ossnet_predictions": {"format_version": 1}})
 
     def existing(self, folder: str) -> set[str]:
@@ -98,8 +100,10 @@ class OutputLayout:
         """Case ids whose group in ``predictions.zarr`` is published (``complete: true``)."""
         import zarr
 
+        from pipelines.store import zarr_store
+
         try:
-            root = zarr.open_group(_zarr_store(self.zarr, self.storage_options), mode="r")
+            root = zarr.open_group(zarr_store(self.zarr, storage_options=self.storage_options), mode="r")
         except Exception:  # no copy yet
             return set()
         return {name for name, node in root.members(max_depth=0)
@@ -115,14 +119,6 @@ class OutputLayout:
         return done
 
 
-def _zarr_store(url: str, storage_options: Mapping[str, Any] | None) -> Any:
-    from zarr.storage import FsspecStore, LocalStore
-
-    if "://" in url and not url.startswith("file://"):
-        return FsspecStore.from_url(url, storage_options=dict(storage_options or {}))
-    return LocalStore(url[len("file://"):] if url.startswith("file://") else url)
-
-
 def write_zarr_case(layout: OutputLayout, case_id: str, mask: Any, probability: Any | None,
                     attrs: Mapping[str, Any]) -> None:
     """Write one case's group into ``predictions.zarr``; published by ``complete: true`` last.
@@ -136,7 +132,9 @@ def write_zarr_case(layout: OutputLayout, case_id: str, mask: Any, probability: 
     import zarr
     from zarr.codecs import BloscCodec
 
-    root = zarr.open_group(_zarr_store(layout.zarr, layout.storage_options), mode="a")
+    from pipelines.store import zarr_store
+
+    root = zarr.open_group(zarr_store(layout.zarr, storage_options=layout.storage_options), mode="a")
     group = root.create_group(case_id, overwrite=True, attributes={"complete": False})
     chunks = tuple(min(64, int(s)) for s in mask.shape)
     for name, data, dtype, shuffle in (("mask", mask, np.uint8, "bitshuffle"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 from pipelines.tracking.bundle import (
     CHECKPOINT_FILENAME,
     checkpoint_in_model_dir,
-    load_checkpoint_from_mlflow,
     log_model_bundle,
 )
 from pipelines.tracking.predict import VolumePrediction, make_inferer, predict_volume
@@ -30,6 +29,7 @@ from pipelines.tracking.registry import (
     DEFAULT_MODEL_SPEC,
     ModelLocation,
     ModelNotFoundError,
+    load_checkpoint_from_mlflow,
     locate_model,
     register_and_promote,
     resolve_model_uri,

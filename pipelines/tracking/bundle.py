@@ -9,7 +9,7 @@ Bundle layout (an MLflow model directory)::
     code/ossnet, code/pipelines  the source, so the bundle loads outside this checkout
     requirements.txt             torch, numpy, scipy, mlflow pins (no slow env inference)
 
-``mlflow.pyfunc.load_model(uri)`` and ``load_checkpoint_from_mlflow(uri)`` (the library's
+``mlflow.pyfunc.load_model(uri)`` and ``registry.load_checkpoint_from_mlflow(uri)`` (the library's
 loader on the downloaded checkpoint) both work on any ``models:/`` or ``runs:/`` URI.
 """
 
@@ -149,37 +149,9 @@ def checkpoint_in_model_dir(model_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_checkpoint_from_mlflow(
-    model_uri: str,
-    tracking_uri: str | None = None,
-    *,
-    map_location: str = "cpu",
-    dst_dir: str | os.PathLike[str] | None = None,
-) -> tuple[Any, Any]:
-    """Load a bundle's model with the library's loader: ``(OSSNet, checkpoint info)``.
-
-    Args:
-        model_uri: anything ``resolve_model_uri`` accepts (``models:/NAME@ALIAS``,
-            ``models:/NAME/VERSION``, ``models:/<model_id>``, ``runs:/<run_id>/<name>``, a run
-            id, a local checkpoint or bundle directory).
-        tracking_uri: tracking URI; default the resolved one.
-        map_location: torch device for the weights.
-        dst_dir: download cache directory (see ``resolve_model_uri``).
-
-    Raises:
-        ModelNotFoundError: the model, alias, version or run does not exist.
-    """
-    from ossnet.checkpoint import load_checkpoint
-    from pipelines.tracking.registry import resolve_model_uri
-
-    path = resolve_model_uri(model_uri, tracking_uri, dst_dir=dst_dir)
-    return load_checkpoint(str(path), map_location=map_location)
-
-
 __all__ = [
     "CHECKPOINT_FILENAME",
     "bundle_requirements",
     "checkpoint_in_model_dir",
-    "load_checkpoint_from_mlflow",
     "log_model_bundle",
 ]

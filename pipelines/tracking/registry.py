@@ -339,12 +339,39 @@ def register_and_promote(
     return version, promoted
 
 
+def load_checkpoint_from_mlflow(
+    model_uri: str,
+    tracking_uri: str | None = None,
+    *,
+    map_location: str = "cpu",
+    dst_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Any, Any]:
+    """Load a bundle's model with the library's loader: ``(OSSNet, checkpoint info)``.
+
+    Args:
+        model_uri: anything ``resolve_model_uri`` accepts (``models:/NAME@ALIAS``,
+            ``models:/NAME/VERSION``, ``models:/<model_id>``, ``runs:/<run_id>/<name>``, a run
+            id, a local checkpoint or bundle directory).
+        tracking_uri: tracking URI; default the resolved one.
+        map_location: torch device for the weights.
+        dst_dir: download cache directory (see ``resolve_model_uri``).
+
+    Raises:
+        ModelNotFoundError: the model, alias, version or run does not exist.
+    """
+    from ossnet.checkpoint import load_checkpoint
+
+    path = resolve_model_uri(model_uri, tracking_uri, dst_dir=dst_dir)
+    return load_checkpoint(str(path), map_location=map_location)
+
+
 __all__ = [
     "CHAMPION_ALIAS",
     "DEFAULT_MODEL_NAME",
     "DEFAULT_MODEL_SPEC",
     "ModelLocation",
     "ModelNotFoundError",
+    "load_checkpoint_from_mlflow",
     "locate_model",
     "register_and_promote",
     "resolve_model_uri",

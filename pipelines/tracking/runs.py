@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Mapping
 
+from pipelines.tracking.tags import PARENT_RUN_TAG, RUN_KEY_TAG
 from pipelines.tracking.uri import DEFAULT_EXPERIMENT, get_or_create_experiment, resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RUN_KEY_TAG = "ossnet.run_key"
-PARENT_RUN_TAG = "mlflow.parentRunId"
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,249}$")
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from ossnet.checkpoint import PreprocessSpec
 from ossnet.config import ConfigError
 from pipelines.jobconfig import dump_yaml, to_dict
+from pipelines.tracking.tags import BEST_VAL_DICE_TAG, MODEL_EPOCH_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG, PROMOTED_TAG
 from pipelines.train.job import StoreFacts, TrainJob, check_against_store
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.state import MODEL_FILE, SCORE_METRIC, LocalCheckpoints, read_metrics
@@ -40,8 +41,6 @@ logger = logging.getLogger(__name__)
 FAIL_AT_EPOCH_ENV = "OSSNET_FAIL_AT_EPOCH"
 FAIL_RANK_ENV = "OSSNET_FAIL_RANK"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL_EPOCH_TAG = "ossnet.model_epoch"
-MODEL_VERSION_TAG = "ossnet.model_version"
 
 
 @dataclass(frozen=True)
@@ -222,19 +221,19 @@ def _log_and_register(run: RunLogger, job: TrainJob, best: tuple[str, dict[str, 
     if tags.get(MODEL_EPOCH_TAG) == str(epoch) and (tags.get(MODEL_VERSION_TAG) or not job.tracking.register):
         logger.info("run %s already logged its best model (epoch %d); not logging it again", run.run_id, epoch)
         version = tags.get(MODEL_VERSION_TAG)
-        return {"model_uri": tags.get("ossnet.model_uri"), "model_version": int(version) if version else None,
+        return {"model_uri": tags.get(MODEL_URI_TAG), "model_version": int(version) if version else None,
                 "promoted": False}
     with _as_directory(checkpoint) as directory:
         info = run.log_model_bundle(directory / MODEL_FILE, name="model", step=epoch,
                                     metadata={SCORE_METRIC: val_dice, "epoch": epoch, "run_name": job.run_name})
     out: dict[str, Any] = {"model_uri": info.model_uri, "model_version": None, "promoted": False}
-    new_tags = {MODEL_EPOCH_TAG: epoch, "ossnet.model_uri": info.model_uri, "ossnet.best_val_dice": val_dice}
+    new_tags = {MODEL_EPOCH_TAG: epoch, MODEL_URI_TAG: info.model_uri, BEST_VAL_DICE_TAG: val_dice}
     if job.tracking.register:
         version, promoted = register_and_promote(info.model_uri, job.tracking.model_name, val_dice,
                                                  SCORE_METRIC, tracking_uri=run.tracking_uri,
                                                  tags={"ossnet.run_name": job.run_name, "epoch": epoch})
         out.update(model_version=version, promoted=promoted)
-        new_tags.update({MODEL_VERSION_TAG: version, "ossnet.promoted": promoted})
+        new_tags.update({MODEL_VERSION_TAG: version, PROMOTED_TAG: promoted})
     run.set_tags(new_tags)
     return out
 

@@ -22,7 +22,6 @@ same command with more epochs, resumes the same Ray Train run and the same MLflo
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from ossnet.config import (
 )
 from ossnet.inference import MODES
 from ossnet.training import OPTIMIZERS
+from pipelines.files import absolute_url
 from pipelines.jobconfig import config_hash, constrained, load_job
 
 if TYPE_CHECKING:
@@ -239,18 +239,9 @@ class TrainJob:
         run name fixed, so the job means the same thing wherever it is executed."""
         from dataclasses import replace
 
-        job = replace(self, store=_absolute(self.store))
-        run = replace(job.run, name=job.run_name, storage_path=_absolute(job.run.storage_path))
+        job = replace(self, store=absolute_url(self.store))
+        run = replace(job.run, name=job.run_name, storage_path=absolute_url(job.run.storage_path))
         return replace(job, run=run)
-
-
-def _absolute(url: str) -> str:
-    """Local paths become absolute; URLs (``s3://``, ``memory://``...) stay as they are."""
-    if "://" in url and not url.startswith("file://"):
-        return url
-    if url.startswith("file://"):
-        return "file://" + os.path.abspath(os.path.expanduser(url[len("file://"):]))
-    return os.path.abspath(os.path.expanduser(url))
 
 
 def load_train_job(path: str | Path | None = None, overrides: Iterable[str | tuple[str, Any]] = ()) -> TrainJob:
@@ -277,7 +268,7 @@ def check_against_store(job: TrainJob, store: Store | None = None) -> StoreFacts
     Raises:
         ConfigError: naming the store and the mismatch.
     """
-    from pipelines.data import _split_case_ids
+    from pipelines.data import split_case_ids
     from pipelines.store import StoreError, open_store
 
     try:
@@ -297,7 +288,7 @@ def check_against_store(job: TrainJob, store: Store | None = None) -> StoreFacts
     splits = {}
     for split in sorted({"train", job.validation.split}, reverse=True):
         try:
-            splits[split] = tuple(_split_case_ids(store, split, None))
+            splits[split] = tuple(split_case_ids(store, split, None))
         except ValueError:
             raise ConfigError(f"store: {job.store} has no complete cases in the {split!r} split") from None
     val = splits[job.validation.split]

@@ -22,14 +22,13 @@ from torch import nn
 from ossnet.inference import Inferer
 from ossnet.metrics import collapse_warning, dice, iou
 from ossnet.training import batch_to_device, evaluate_batch
-from pipelines.data import SampleSpec, _cached_store, collate_rows, sample_case_rows
+from pipelines.data import SampleSpec, cached_store, collate_rows, sample_case_rows
+from pipelines.tracking.tags import COLLAPSE_TAG
 
 logger = logging.getLogger(__name__)
 
 # Scalar keys of one case's scores (the loop averages each over all cases).
 CASE_KEYS = ("dice", "iou", "queries", "seconds", "loss", "point_loss", "aux_loss", "point_acc", "lowres_dice")
-COLLAPSE_TAG = "ossnet.collapse"
-"""MLflow run tag set when a validation predicts (almost) no foreground; its value says where."""
 
 
 @dataclass
@@ -68,7 +67,7 @@ class Validator:
         Returns:
             Per-case score dicts (``CASE_KEYS`` plus ``case_id``), and the PNGs written.
         """
-        store = _cached_store(self.store_url)
+        store = cached_store(self.store_url)
         scores: list[dict[str, Any]] = []
         pngs: list[Path] = []
         for index, case_id in enumerate(self.case_ids):

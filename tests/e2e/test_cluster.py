@@ -241,7 +241,7 @@ def test_submit_cli_command_runs_the_project_cli(local_cluster: LocalCluster,
             sys.exit(main())
         """
     )
-    project = _project(tmp_path, {"pipelines/__init__.py": "", "pipelines/cli.py": cli,
+    project = _project(tmp_path, {"ossnet_cli/__init__.py": "", "ossnet_cli/__main__.py": cli,
                                   ".venv/big.bin": "x" * 1000})
     env = {"MLFLOW_TRACKING_URI": "http://mlflow.example:5000"}
     out = io.StringIO()
@@ -317,7 +317,7 @@ def test_without_address_and_cli_entrypoint() -> None:
     argv = ["train", "--address", "http://h:8265", "--epochs", "3", "--address=http://x", "-v"]
     assert jobs.without_address(argv) == ["train", "--epochs", "3", "-v"]
     assert jobs.cli_entrypoint(["train", "--name", "a b"]) == [
-        "python", "-m", "pipelines.cli", "train", "--name", "a b"]
+        "python", "-m", "ossnet_cli", "train", "--name", "a b"]
 
 
 def test_build_runtime_env_carries_project_and_env(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from ossnet.checkpoint import PreprocessSpec, save_checkpoint
 from ossnet.config import model_config
 from ossnet.model import build_model
 from pipelines import jobs
-from pipelines.cli import parse_entrypoint
+from ossnet_cli import parse_entrypoint
 from pipelines.tracking import RunLogger, register_and_promote
 from pipelines.synthetic import ellipsoid_scan
 

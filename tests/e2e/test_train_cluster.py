@@ -56,7 +56,7 @@ def test_train_job_submitted_to_the_cluster_tracks_and_registers(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env.update(local_cluster.client_env, MLFLOW_TRACKING_URI=mlflow_server.uri)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config), "--address", local_cluster.address],
+        [sys.executable, "-m", "ossnet_cli", "train", "--config", str(config), "--address", local_cluster.address],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, check=False,
     )
     log = proc.stdout + proc.stderr

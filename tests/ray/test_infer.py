@@ -172,7 +172,7 @@ def test_masks_equal_the_library_dense_prediction_in_scan_geometry_and_a_rerun_s
 
 def test_an_unknown_model_or_alias_fails_before_any_work(registry: SimpleNamespace, scans: SimpleNamespace,
                                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from pipelines.cli import main
+    from ossnet_cli import main
 
     out = tmp_path / "never"
     job = InferJob(input=str(scans.root), output=str(out), model=f"models:/{MODEL_NAME}@nope",
@@ -199,7 +199,7 @@ def test_a_killed_cli_run_is_completed_by_a_rerun_without_partial_files(
     args = ["infer", str(tmp_path / "scans"), "--output", str(out), "--model", registry.spec, "--tracking-uri",
             registry.uri, "--mode", "dense", "--chunk-points", "1024", "--actors", "1", "--report-every", "0.001"]
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, stdout=log, stderr=log,
+    proc = subprocess.Popen([sys.executable, "-m", "ossnet_cli", *args], env=env, stdout=log, stderr=log,
                             cwd=tmp_path)
     deadline = time.monotonic() + 300
     try:

@@ -142,7 +142,7 @@ def test_job_is_checked_against_the_store_before_anything_starts(store_url: str,
 
 
 def test_cli_dry_run_prints_the_resolved_job(store_url: str, tmp_path: Path) -> None:
-    from pipelines.cli import main
+    from ossnet_cli import main
 
     config = tmp_path / "job.yaml"
     config.write_text(f"store: {store_url}\nmodel: {{preset: tiny}}\ntracking: {{enabled: false}}\n")

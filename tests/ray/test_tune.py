@@ -129,7 +129,7 @@ def sweep_run(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Swe
     config_path = root / "sweep.yaml"
     config_path.write_text(yaml.safe_dump(config))
     experiment_path = root / "tune" / SWEEP
-    cmd = [sys.executable, "-m", "pipelines.cli", "tune", "--config", str(config_path)]
+    cmd = [sys.executable, "-m", "ossnet_cli", "tune", "--config", str(config_path)]
     env = _env(ray_session)
     log = (root / "first.log").open("w")
     start = time.monotonic()

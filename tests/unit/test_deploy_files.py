@@ -28,7 +28,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from pipelines.cli import dry_run, parse_entrypoint
+from ossnet_cli import dry_run, parse_entrypoint
 from tune.sweep import trial_actor_resources
 
 try:
@@ -415,7 +415,7 @@ def test_resource_check_rejects_a_cluster_that_is_too_small(monkeypatch: pytest.
 
 
 def test_parse_entrypoint_accepts_the_cli_prefixes_and_rejects_others() -> None:
-    for prefix in ("ossnet", "/home/ray/anaconda3/bin/ossnet", "python -m pipelines.cli"):
+    for prefix in ("ossnet", "/home/ray/anaconda3/bin/ossnet", "python -m ossnet_cli"):
         args = parse_entrypoint(f"{prefix} infer 'in dir' --output out --actors 3")
         assert (args.command, args.input, args.override_actors, args.raw_argv[0]) == ("infer", "in dir", 3, "infer")
     with pytest.raises(ValueError, match="not an ossnet command"):
@@ -442,7 +442,7 @@ def test_dry_run_starts_nothing() -> None:
     # A fresh interpreter: the dry run must not import Ray or MLflow, let alone start them.
     code = (
         "import sys\n"
-        "from pipelines.cli import main\n"
+        "from ossnet_cli import main\n"
         "rc = main(['--dry-run', 'train', '--config', 'configs/brats2020.yaml', '--store', 's3://b/x.zarr',"
         " '--num-workers', '4', '--use-gpu'])\n"
         "print('RC', rc, sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))\n"

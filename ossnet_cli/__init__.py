@@ -1,6 +1,7 @@
 """The ``ossnet`` command line: one thin subcommand per pipeline stage.
 
-Every subcommand parses strictly (an unknown flag is an error) and calls a Python API
+This package sits above ``pipelines`` and ``tune`` and is the only one importing both: the
+registry below names their CLI modules. Every subcommand parses strictly (an unknown flag is an error) and calls a Python API
 function that the tests call directly. Heavy imports happen inside the handlers so that
 ``ossnet --help`` stays fast. ``ossnet --dry-run COMMAND ...`` parses and validates a command
 without running it (:func:`dry_run`; the deployment tests run it on every RayJob entrypoint).
@@ -97,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 #: Command prefixes :func:`parse_entrypoint` accepts before the subcommand.
 ENTRYPOINT_PREFIXES: tuple[tuple[str, ...], ...] = (
     ("ossnet",),
-    ("python", "-m", "pipelines.cli"),
-    ("python3", "-m", "pipelines.cli"),
+    ("python", "-m", "ossnet_cli"),
+    ("python3", "-m", "ossnet_cli"),
 )
 
 
@@ -106,7 +107,7 @@ def parse_entrypoint(command: str) -> argparse.Namespace:
     """Parse a shell command line such as a RayJob ``entrypoint`` with the ``ossnet`` parser.
 
     Args:
-        command: ``ossnet <subcommand> ...`` or ``python -m pipelines.cli <subcommand> ...``
+        command: ``ossnet <subcommand> ...`` or ``python -m ossnet_cli <subcommand> ...``
             (``ossnet`` may be given as a path), quoted as a POSIX shell would read it.
 
     Returns:
@@ -124,7 +125,7 @@ def parse_entrypoint(command: str) -> argparse.Namespace:
             argv = words[len(prefix):]
             break
     else:
-        raise ValueError(f"{command!r}: not an ossnet command (expected 'ossnet ...' or 'python -m pipelines.cli ...')")
+        raise ValueError(f"{command!r}: not an ossnet command (expected 'ossnet ...' or 'python -m ossnet_cli ...')")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
@@ -198,7 +199,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dry_run(args)
     handler: Handler = args.handler
     return int(handler(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
