@@ -55,7 +55,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("quickstart", "pipelines.quickstart",
                "synthetic NIfTI -> Zarr store -> Ray Train -> MLflow registry -> batch MISE inference, on this machine",
                "configure_parser", "run_cli"),
-    Subcommand("ingest", "pipelines.ingest",
+    Subcommand("ingest", "pipelines.ingest.cli",
                "validate NIfTI archives (BraTS 2020, LiTS, generic) and write them into a Zarr store",
                "configure_ingest_parser", "run_ingest_cli", "job_from_args"),
     Subcommand("train", "pipelines.train.cli",

@@ -1,7 +1,7 @@
 """List the cases of an inference input, with channels in the model's order.
 
 NIfTI archives in the BraTS, LiTS and generic (``images/`` + ``labels/``, or CSV) layouts are
-listed by ``pipelines.ingest_sources.discover`` (labels optional: when present they become the
+listed by ``pipelines.ingest.sources.discover`` (labels optional: when present they become the
 reference for Dice/IoU). This module adds what inference needs on top:
 
 * the ``nifti`` layout: a flat folder, a glob, or a single file of single-channel NIfTI volumes,
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pipelines.infer.job import InferError
-from pipelines.ingest_sources import IngestError, detect_layout, discover, source_fs
+from pipelines.ingest.sources import IngestError, detect_layout, discover, source_fs
 
 logger = logging.getLogger(__name__)
 

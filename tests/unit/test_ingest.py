@@ -26,7 +26,7 @@ from pipelines.ingest import (
     run_ingest_cli,
     seeded_split,
 )
-from pipelines.ingest_sources import detect_layout, parse_split_file, source_fs
+from pipelines.ingest.sources import detect_layout, parse_split_file, source_fs
 from pipelines.store import CaseNotFoundError, open_store
 
 SHAPE = (37, 41, 29)  # odd: crops x and y, pads z on the grid below

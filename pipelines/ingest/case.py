@@ -31,7 +31,7 @@ import numpy as np
 
 from pipelines import nifti, volumes
 from pipelines.files import local_files
-from pipelines.ingest_sources import CaseSpec, LayoutInfo
+from pipelines.ingest.sources import CaseSpec, LayoutInfo
 from pipelines.nifti import one_line
 from pipelines.store import open_store
 
