@@ -21,7 +21,6 @@ checkpoint, and the search continues from the restored Optuna study.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from pipelines.tracking.tags import BEST_RUN_TAG, BEST_TRIAL_TAG
 from tune.job import TuneJob, tune_job_to_dict
 from tune.space import OptunaSpace
 from tune.summary import TrialSummary, best_trial, rank_trials, status_counts, summarize_trial, to_csv, to_markdown
-from tune.trial import FAIL_TRIAL_ENV, TRIAL_RUNS_DIR, run_trial, trial_run_name
+from tune.trial import TRIAL_RUNS_DIR, TrialHook, run_trial, trial_run_name
 
 if TYPE_CHECKING:
     from pipelines.tracking import RunLogger
@@ -156,26 +155,12 @@ def _check_state(job: TuneJob, resume: bool) -> None:
                           "pass --resume to continue it, or set another sweep.name")
 
 
-def _injected_failure() -> dict[str, Any] | None:
-    raw = os.environ.get(FAIL_TRIAL_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        settings = json.loads(raw)
-    except json.JSONDecodeError:
-        settings = None
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{FAIL_TRIAL_ENV}: expected a JSON mapping of settings, got {raw!r}")
-    logger.warning("%s is set: trials with %s will fail on purpose", FAIL_TRIAL_ENV, settings)
-    return settings
-
-
-def _trainable(job: TuneJob, parent_run_id: str | None) -> Any:
+def _trainable(job: TuneJob, parent_run_id: str | None, trial_hook: TrialHook | None) -> Any:
     import ray.tune
 
     fn = ray.tune.with_parameters(
         run_trial, base=job.base, sweep_name=job.name, parent_run_id=parent_run_id,
-        storage_path=os.path.join(job.experiment_path, TRIAL_RUNS_DIR), fail_trial=_injected_failure(),
+        storage_path=os.path.join(job.experiment_path, TRIAL_RUNS_DIR), trial_hook=trial_hook,
     )
     return ray.tune.with_resources(fn, trial_actor_resources(job.base, job.sweep.trial_cpus))
 
@@ -263,6 +248,7 @@ def run_sweep(
     retry_failed: bool = False,
     config_path: str | os.PathLike[str] | None = None,
     verbose: int = 1,
+    trial_hook: TrialHook | None = None,
 ) -> SweepResult:
     """Run (or resume) a hyperparameter sweep.
 
@@ -273,6 +259,7 @@ def run_sweep(
         retry_failed: with ``resume``, run failed trials again (from their last checkpoint).
         config_path: the YAML the job came from, logged to the parent run.
         verbose: Tune's console verbosity (0 silent, 1 status tables, 2 every result).
+        trial_hook: called in each trial's actor before it trains (``tune.trial.TrialHook``).
 
     Returns:
         A :class:`SweepResult` (trials best first).
@@ -307,7 +294,7 @@ def run_sweep(
             parent.log_params({"space": to_dict(job.space), "sweep": to_dict(job.sweep),
                                "scheduler": to_dict(job.scheduler)})
             parent.log_dict(tune_job_to_dict(job), "config/tune.resolved.yaml")
-        trainable = _trainable(job, parent_id)
+        trainable = _trainable(job, parent_id, trial_hook)
         if resume:
             logger.info("resuming sweep %s from %s", job.name, job.experiment_path)
             tuner = Tuner.restore(job.experiment_path, trainable=trainable, resume_unfinished=True,

@@ -25,6 +25,8 @@ from pipelines.tracking.tags import (
     MODEL_URI_TAG,
     MODEL_VERSION_TAG,
     PARENT_RUN_TAG,
+    PROMOTED_TAG,
+    REGISTERED_PROMOTED_TAG,
     REGISTERED_TRIAL_TAG,
     REGISTERED_URI_TAG,
     REGISTERED_VERSION_TAG,
@@ -137,7 +139,9 @@ def register_best(
     if tags.get(REGISTERED_TRIAL_TAG) == best.trial_id and tags.get(REGISTERED_URI_TAG):
         version = tags.get(REGISTERED_VERSION_TAG)
         logger.info("sweep %s already registered trial %s (version %s)", parent.run_key, best.trial_id, version)
-        return Registration(tags[REGISTERED_URI_TAG], int(version) if version else None, False)
+        # A resumed sweep whose first run got as far as registering reports what that run did.
+        promoted_before = tags.get(REGISTERED_PROMOTED_TAG) == "True"
+        return Registration(tags[REGISTERED_URI_TAG], int(version) if version else None, promoted_before)
     if best.mlflow_run_id is None:
         logger.warning("best trial %s has no MLflow run; nothing to register", best.trial_id)
         return Registration()
@@ -153,9 +157,9 @@ def register_best(
                   TRIAL_ID_TAG: best.trial_id},
         )
         client.set_tag(best.mlflow_run_id, MODEL_VERSION_TAG, str(version))
-        client.set_tag(best.mlflow_run_id, "ossnet.promoted", str(promoted))
+        client.set_tag(best.mlflow_run_id, PROMOTED_TAG, str(promoted))
     parent.set_tags({REGISTERED_TRIAL_TAG: best.trial_id, REGISTERED_URI_TAG: model_uri,
-                     REGISTERED_VERSION_TAG: "" if version is None else version, "ossnet.sweep.promoted": promoted})
+                     REGISTERED_VERSION_TAG: "" if version is None else version, REGISTERED_PROMOTED_TAG: promoted})
     return Registration(model_uri, version, promoted)
 
 

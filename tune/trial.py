@@ -11,8 +11,7 @@ the same MLflow child run. Trials never register a model; the sweep registers th
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from pipelines.jobconfig import apply_overrides, parse_section, to_dict
 from pipelines.train.job import TrainJob
@@ -21,14 +20,10 @@ from tune.space import trial_overrides
 logger = logging.getLogger(__name__)
 
 TRIAL_RUNS_DIR = "trials"
-#: Fault injection for tests: the sweep driver reads this variable, a JSON mapping of settings
-#: (e.g. ``{"lr": 0.0123}``), and every trial whose sampled settings include them raises before
-#: it trains (pair it with ``sweep.points_to_evaluate`` to fail one known trial).
-FAIL_TRIAL_ENV = "OSSNET_TUNE_FAIL_TRIAL"
 
-
-class InjectedTrialFailure(RuntimeError):
-    """The failure a test asked for with ``OSSNET_TUNE_FAIL_TRIAL``."""
+TrialHook = Callable[[Mapping[str, Any], str], None]
+"""Called in the trial's actor with ``(sampled settings, trial id)`` before it trains; an
+exception fails the trial (the sweep records it and goes on). Pickled to the actors."""
 
 
 def trial_run_name(sweep_name: str, trial_id: str) -> str:
@@ -53,12 +48,6 @@ def trial_job(base: TrainJob, config: Mapping[str, Any], *, run_name: str, stora
     return parse_section(TrainJob, apply_overrides(to_dict(base), overrides))
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
-    return a == b
-
-
 def run_trial(
     config: dict[str, Any],
     *,
@@ -66,7 +55,7 @@ def run_trial(
     sweep_name: str,
     storage_path: str,
     parent_run_id: str | None,
-    fail_trial: Mapping[str, Any] | None = None,
+    trial_hook: TrialHook | None = None,
 ) -> None:
     """Tune's function trainable: train one sampled configuration, reporting every epoch.
 
@@ -76,8 +65,7 @@ def run_trial(
         sweep_name: the sweep's name (prefix of the trial's run name).
         storage_path: the sweep's trial-runs folder (absolute).
         parent_run_id: the sweep's MLflow run; the trial's run becomes its child.
-        fail_trial: fault injection: a trial whose settings include these raises
-            ``InjectedTrialFailure`` (see :data:`FAIL_TRIAL_ENV`).
+        trial_hook: called with ``(config, trial id)`` before training (see :data:`TrialHook`).
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -85,12 +73,12 @@ def run_trial(
     from pipelines.train.driver import train
 
     trial_id = ray.tune.get_context().get_trial_id()
-    if fail_trial and all(_same(config.get(k), v) for k, v in fail_trial.items()):
-        raise InjectedTrialFailure(f"{FAIL_TRIAL_ENV}: injected failure of trial {trial_id}")
+    if trial_hook is not None:
+        trial_hook(dict(config), trial_id)
     job = trial_job(base, config, run_name=trial_run_name(sweep_name, trial_id), storage_path=storage_path)
     logger.info("trial %s: %s", trial_id, ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
     result = train(job, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
     logger.info("trial %s finished: best val_dice %s at epoch %s", trial_id, result.best_val_dice, result.best_epoch)
 
 
-__all__ = ["FAIL_TRIAL_ENV", "InjectedTrialFailure", "TRIAL_RUNS_DIR", "run_trial", "trial_job", "trial_run_name"]
+__all__ = ["TRIAL_RUNS_DIR", "TrialHook", "run_trial", "trial_job", "trial_run_name"]

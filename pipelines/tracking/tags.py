@@ -25,6 +25,7 @@ SWEEP_TAG = "ossnet.tune.sweep"
 REGISTERED_TRIAL_TAG = "ossnet.sweep.registered_trial"
 REGISTERED_VERSION_TAG = "ossnet.sweep.model_version"
 REGISTERED_URI_TAG = "ossnet.sweep.model_uri"
+REGISTERED_PROMOTED_TAG = "ossnet.sweep.promoted"
 BEST_TRIAL_TAG = "ossnet.sweep.best_trial"
 BEST_RUN_TAG = "ossnet.sweep.best_run"
 
@@ -38,6 +39,7 @@ __all__ = [
     "MODEL_VERSION_TAG",
     "PARENT_RUN_TAG",
     "PROMOTED_TAG",
+    "REGISTERED_PROMOTED_TAG",
     "REGISTERED_TRIAL_TAG",
     "REGISTERED_URI_TAG",
     "REGISTERED_VERSION_TAG",

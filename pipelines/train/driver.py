@@ -30,7 +30,7 @@ from ossnet.config import ConfigError
 from pipelines.jobconfig import dump_yaml, to_dict
 from pipelines.tracking.tags import BEST_VAL_DICE_TAG, MODEL_EPOCH_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG, PROMOTED_TAG
 from pipelines.train.job import StoreFacts, TrainJob, check_against_store
-from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.loop import EpochHook, train_loop_per_worker
 from pipelines.train.state import MODEL_FILE, SCORE_METRIC, LocalCheckpoints, read_metrics
 
 if TYPE_CHECKING:
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FAIL_AT_EPOCH_ENV = "OSSNET_FAIL_AT_EPOCH"
-FAIL_RANK_ENV = "OSSNET_FAIL_RANK"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -244,6 +242,7 @@ def train(
     config_path: str | os.PathLike[str] | None = None,
     callbacks: Sequence[Any] = (),
     parent_run_id: str | None = None,
+    epoch_hooks: Sequence[EpochHook] = (),
 ) -> TrainResult:
     """Train OSS-Net with Ray Train and track it in MLflow.
 
@@ -253,6 +252,8 @@ def train(
         callbacks: extra ``ray.train.UserCallback`` objects (e.g. Tune's ``TuneReportCallback``);
             in local mode (no workers) the loop calls their ``after_report`` itself.
         parent_run_id: MLflow parent run (a sweep).
+        epoch_hooks: callables run on every worker with an ``EpochEnd`` after each epoch is
+            logged and before it is checkpointed (``pipelines.train.loop``); pickled to the workers.
 
     Returns:
         A :class:`TrainResult`.
@@ -287,8 +288,7 @@ def train(
     loop_config = {
         "job": job, "facts": facts, "clock": clock, "tracking_uri": uri, "parent_run_id": parent_run_id,
         "local_mode": local_mode, "run_dir": str(run_dir), "preprocess": preprocess,
-        "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH_ENV) or 0),
-        "fail_rank": int(os.environ.get(FAIL_RANK_ENV) or 0),
+        "epoch_hooks": tuple(epoch_hooks),
         "local_callbacks": list(callbacks) if local_mode else [],
         "local_dataset": dataset if local_mode else None,
     }
@@ -354,4 +354,4 @@ def train(
     return out
 
 
-__all__ = ["FAIL_AT_EPOCH_ENV", "TrainResult", "ensure_ray", "preflight", "train"]
+__all__ = ["TrainResult", "ensure_ray", "preflight", "train"]

@@ -32,6 +32,7 @@ from ossnet.config import (
     CBN_NORMS,
     ENCODER_NORMS,
     PRESETS,
+    VARIANTS,
     AugmentConfig,
     ConfigError,
     ModelConfig,
@@ -65,7 +66,7 @@ _MODEL_FIELDS = {
 class ModelSection:
     """Which OSS-Net to train (see ``ossnet.config.model_config``)."""
 
-    variant: str = constrained("C", choices=("onet", "A", "B", "C", "D"), help="paper variant")
+    variant: str = constrained("C", choices=VARIANTS, help="paper variant")
     preset: str = constrained("brats", choices=PRESETS, help="dataset preset (grid, widths)")
     activation: str = constrained("leaky_relu", choices=ACTIVATIONS)
     patch_size: int | None = constrained(None, ge=1, help="patch edge (odd); default the variant's 7")

@@ -16,10 +16,10 @@ ossnet's own checkpoint folder) at the next epoch. The
 MLflow run is resumed by its key and skips (metric, epoch) pairs it already holds, so an epoch
 repeated after a crash appears once.
 
-Fault injection for tests: the driver passes ``fail_at_epoch`` (from ``OSSNET_FAIL_AT_EPOCH``);
-rank ``fail_rank`` raises after logging that epoch and before checkpointing it, the worst
-moment, unless the marker file in the run folder says it already did (so the restarted attempt
-goes on).
+Epoch hooks (``train(..., epoch_hooks=...)``): callables run on every worker with an
+``EpochEnd`` after an epoch is logged and before it is checkpointed, e.g. to export metrics or,
+in the fault-tolerance tests, to kill a worker at the worst moment. They travel to the workers
+pickled (cloudpickle), so closures work.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import torch
 
@@ -43,11 +43,17 @@ from pipelines.train.state import LocalCheckpoints, checkpoint_dir_name, restore
 
 logger = logging.getLogger(__name__)
 
-FAILURE_MARKER = ".ossnet-injected-failure"
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What an epoch hook is told: the epoch just logged (1-based), the worker's rank, the run folder."""
+
+    epoch: int
+    rank: int
+    run_dir: Path
 
 
-class InjectedFailure(RuntimeError):
-    """The failure a test asked for with ``OSSNET_FAIL_AT_EPOCH``."""
+EpochHook = Callable[[EpochEnd], None]
 
 
 class _TimedBatches:
@@ -169,16 +175,9 @@ def _device(job: TrainJob, local_mode: bool) -> torch.device:
     return device[0] if isinstance(device, list) else device
 
 
-def _maybe_fail(config: Mapping[str, Any], epoch: int, rank: int) -> None:
-    fail_at = int(config.get("fail_at_epoch") or 0)
-    if fail_at != epoch or rank != int(config.get("fail_rank") or 0):
-        return
-    marker = Path(config["run_dir"]) / FAILURE_MARKER
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"failure injected at epoch {epoch} on rank {rank}\n")
-    raise InjectedFailure(f"OSSNET_FAIL_AT_EPOCH={fail_at}: injected failure in epoch {epoch} on rank {rank}")
+def _run_epoch_hooks(config: Mapping[str, Any], epoch: int, rank: int) -> None:
+    for hook in config.get("epoch_hooks") or ():
+        hook(EpochEnd(epoch=epoch, rank=rank, run_dir=Path(config["run_dir"])))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     Keys: ``job`` (a resolved TrainJob), ``facts`` (StoreFacts), ``clock`` (EpochClock),
     ``tracking_uri`` (None: no MLflow), ``parent_run_id``, ``local_mode``, ``run_dir``,
-    ``preprocess`` (PreprocessSpec), ``fail_at_epoch``, ``fail_rank``; in local mode also
+    ``preprocess`` (PreprocessSpec), ``epoch_hooks``; in local mode also
     ``local_dataset`` (the training dataset) and ``local_callbacks`` (``ray.train.UserCallback``
     objects whose ``after_report`` the loop calls after each epoch).
 
@@ -293,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 for png in pngs:
                     log_figure_png(png, f"validation/{png.parent.name}/{png.name}", run_id=run_logger.run_id,
                                    tracking_uri=config["tracking_uri"])
-            _maybe_fail(config, epoch, rank)
+            _run_epoch_hooks(config, epoch, rank)
 
             if job.train.is_checkpoint_epoch(epoch):
                 _report_checkpoint(session, config, metrics, epoch, bare, optimizer, scheduler, scaler, local)
@@ -330,4 +329,4 @@ def _report_checkpoint(
         session.report(metrics, Checkpoint.from_directory(tmp), name)
 
 
-__all__ = ["FAILURE_MARKER", "InjectedFailure", "train_loop_per_worker"]
+__all__ = ["EpochEnd", "EpochHook", "train_loop_per_worker"]

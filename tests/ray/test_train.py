@@ -21,7 +21,6 @@ from ossnet.training import make_optimizer, make_scheduler
 from pipelines.jobconfig import load_job
 from pipelines.synthetic import write_phantom_store
 from pipelines.train import TrainJob
-from pipelines.train.loop import FAILURE_MARKER
 from pipelines.train.state import LocalCheckpoints, ResumeError, restore_checkpoint, write_checkpoint
 
 pytestmark = pytest.mark.ray
@@ -205,17 +204,23 @@ def test_local_mode_trains_tracks_registers_and_reruns_idempotently(
 
 
 def test_worker_crash_restarts_from_checkpoint_and_rerun_resumes(
-    ray_session: Any, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_session: Any, store_url: str, tmp_path: Path
 ) -> None:
     from pipelines.train import train
 
     job = make_job(store_url, tmp_path, "crash", **{"scaling.max_failures": 1, "tracking.model_name": "crash"})
-    monkeypatch.setenv("OSSNET_FAIL_AT_EPOCH", "2")
-    result = train(job)
-    monkeypatch.delenv("OSSNET_FAIL_AT_EPOCH")
+
+    def crash_once_in_epoch_2(end: Any) -> None:  # pickled by value to the workers
+        marker = end.run_dir / ".injected-failure"
+        if end.epoch == 2 and end.rank == 0 and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("crashed once\n")
+            raise RuntimeError("injected failure in epoch 2")
+
+    result = train(job, epoch_hooks=[crash_once_in_epoch_2])
     # The first attempt logged epoch 2 to MLflow, then crashed before checkpointing it; the
     # restarted worker group resumed from epoch 1's checkpoint and ran epoch 2 again.
-    assert (Path(result.run_dir) / FAILURE_MARKER).is_file()
+    assert (Path(result.run_dir) / ".injected-failure").is_file()
     assert result.epochs == 2 and result.executed_epochs == (2,) and result.extra["start_epoch"] == 2
     client = _client(job)
     for metric in ("train_loss", "val_dice", "epoch_seconds"):

@@ -11,7 +11,7 @@ kills that driver once Tune has recorded a finished trial, then resumes the swee
 - the four trials are ``sweep.points_to_evaluate``: two with a high learning rate learn within
   the first epoch; the third (learning rate 1e-5) does not, so ASHA, comparing it with the
   first two at epoch 1, stops it (also after the resume: the rungs are rebuilt); the fourth
-  fails (``OSSNET_TUNE_FAIL_TRIAL``) and the sweep goes on;
+  fails (a trial hook, ``failing_trial_sweep.py``) and the sweep goes on;
 - the trial that had finished before the kill is not run again;
 - the printed and saved summary, the MLflow parent and child runs and the registry agree,
   and ``champion`` points to the best trial's model.
@@ -37,7 +37,6 @@ import pytest
 import yaml
 
 from pipelines.synthetic import write_phantom_store
-from tune.trial import FAIL_TRIAL_ENV
 
 pytestmark = pytest.mark.ray
 
@@ -92,7 +91,6 @@ def _env(ray_session: Any) -> dict[str, str]:
     env = dict(os.environ)
     env.update(RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p))
-    env[FAIL_TRIAL_ENV] = json.dumps({"lr": FAILING_LR})
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -129,7 +127,8 @@ def sweep_run(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Swe
     config_path = root / "sweep.yaml"
     config_path.write_text(yaml.safe_dump(config))
     experiment_path = root / "tune" / SWEEP
-    cmd = [sys.executable, "-m", "ossnet_cli", "tune", "--config", str(config_path)]
+    cmd = [sys.executable, str(Path(__file__).with_name("failing_trial_sweep.py")), repr(FAILING_LR), "tune",
+           "--config", str(config_path)]
     env = _env(ray_session)
     log = (root / "first.log").open("w")
     start = time.monotonic()
