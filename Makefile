@@ -52,6 +52,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check ossnet ossnet_cli pipelines tune bench tests
+	$(PY) -m mypy
 
 clean:
 	rm -rf .ossnet build *.egg-info

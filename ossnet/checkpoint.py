@@ -23,7 +23,7 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Mapping, Union
+from typing import IO, Any, Mapping, Union, cast
 
 import torch
 from torch import nn
@@ -102,7 +102,7 @@ class PreprocessSpec:
     @classmethod
     def for_model(cls, config: ModelConfig, modalities: tuple[str, ...], **kwargs: Any) -> "PreprocessSpec":
         """The spec for a model: its grid, the given channel names, other fields as given."""
-        return cls(modalities=tuple(modalities), volume_shape=tuple(config.volume_shape), **kwargs)
+        return cls(modalities=tuple(modalities), volume_shape=config.volume_shape, **kwargs)
 
     def check_model(self, config: ModelConfig) -> None:
         """Raise ``ValueError`` if the spec does not fit the model (channels, grid)."""
@@ -181,7 +181,7 @@ def checkpoint_payload(model: nn.Module, preprocess: PreprocessSpec, extra: Mapp
         ValueError: the spec does not fit the model, or ``extra`` is not JSON-compatible.
     """
     bare = _bare(model)
-    config: ModelConfig = bare.config
+    config = cast(ModelConfig, bare.config)
     preprocess.check_model(config)
     extra_dict = dict(extra or {})
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 VARIANTS: tuple[str, ...] = ("onet", "A", "B", "C", "D")
 ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "relu", "silu", "elu", "gelu")
@@ -264,7 +264,7 @@ def model_config(
         size = int(patch_size)
     cfg = ModelConfig(
         variant=key,
-        volume_shape=tuple(volume_shape) if volume_shape is not None else p["volume_shape"],
+        volume_shape=cast("tuple[int, int, int]", tuple(volume_shape) if volume_shape is not None else p["volume_shape"]),
         encoder=EncoderConfig(
             in_channels=in_channels if in_channels is not None else p["in_channels"],
             channels=tuple(p["channels"]),
@@ -351,7 +351,7 @@ def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
     try:
         cfg = ModelConfig(
             variant=data["variant"],
-            volume_shape=tuple(int(s) for s in data["volume_shape"]),
+            volume_shape=cast("tuple[int, int, int]", tuple(int(s) for s in data["volume_shape"])),
             encoder=EncoderConfig(**{**data["encoder"], "channels": tuple(data["encoder"]["channels"])}),
             patch=PatchConfig(**data["patch"]),
             decoder=DecoderConfig(**data["decoder"]),

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 
@@ -237,7 +237,7 @@ def crop_or_pad(
 
 def undo_crop_or_pad(volume: np.ndarray, original_shape: Sequence[int], box: Box, *, fill: float = 0) -> np.ndarray:
     """Inverse of ``crop_or_pad``: ``(..., X', Y', Z')`` back to ``(..., *original_shape)``."""
-    box = tuple(tuple(int(v) for v in b) for b in box)  # type: ignore[assignment]
+    box = cast(Box, tuple(tuple(int(v) for v in b) for b in box))
     return np.ascontiguousarray(undo_box(volume, box, original_shape[-3:], fill))
 
 
@@ -331,10 +331,11 @@ class PreprocessRecord:
                     math.isfinite(float(s)) and float(s) > 0 for s in target_spacing):
                 raise ValueError(f"target_spacing: need three positive spacings in mm for resample 'spacing', "
                                  f"got {None if target_spacing is None else list(target_spacing)}")
-            spacing_target = tuple(float(s) for s in target_spacing)  # type: ignore[assignment]
+            tx, ty, tz = (float(s) for s in target_spacing)
+            spacing_target = (tx, ty, tz)
             zooms = np.asarray(voxel_spacing(original_affine))
             ras_zooms = [float(zooms[int(np.flatnonzero(o[:, 0] == j)[0])]) for j in range(3)]
-            resampled = tuple(max(1, int(round(n * z / t))) for n, z, t in zip(ras_shape, ras_zooms, spacing_target))
+            resampled = tuple(max(1, int(round(n * z / t))) for n, z, t in zip(ras_shape, ras_zooms, (tx, ty, tz)))
         voxels = math.prod(resampled)
         if voxels > max_voxels:
             raise ValueError(f"resample: the resampled grid {'x'.join(map(str, resampled))} ({voxels:.3g} voxels) "
@@ -500,7 +501,7 @@ class PreprocessRecord:
                 original_affine=_tuple2(data["original_affine"]),
                 orientation=tuple((int(a), int(f)) for a, f in data["orientation"]),
                 volume_shape=tuple(int(v) for v in data["volume_shape"]),  # type: ignore[arg-type]
-                box=tuple(tuple(int(v) for v in b) for b in data["box"]),  # type: ignore[arg-type]
+                box=cast(Box, tuple(tuple(int(v) for v in b) for b in data["box"])),
                 zscore_mask=str(data.get("zscore_mask", "nonzero")),
                 means=tuple(float(v) for v in data.get("means", ())),
                 stds=tuple(float(v) for v in data.get("stds", ())),

@@ -38,8 +38,8 @@ def _pair(pred: Mask, ref: Mask) -> tuple[Mask, Mask]:
         r = ref if isinstance(ref, torch.Tensor) else torch.from_numpy(np.asarray(ref))
         r = r.to(p.device)
         return (p if p.dtype == torch.bool else p != 0), (r if r.dtype == torch.bool else r != 0)
-    p, r = np.asarray(pred), np.asarray(ref)
-    return (p if p.dtype == np.bool_ else p != 0), (r if r.dtype == np.bool_ else r != 0)
+    pa, ra = np.asarray(pred), np.asarray(ref)
+    return (pa if pa.dtype == np.bool_ else pa != 0), (ra if ra.dtype == np.bool_ else ra != 0)
 
 
 def _count(mask: Mask) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 import torch
@@ -167,7 +167,7 @@ def pool_volume(volume: ArrayLike) -> ArrayLike:
     Returns:
         (C, X + 1, Y + 1, Z + 1) of the same kind and device (float32 for integer input).
     """
-    v = volume
+    v: Any = volume  # numpy or torch throughout, as given
     if isinstance(v, torch.Tensor) and not v.is_floating_point():
         v = v.to(torch.float32)
     elif not isinstance(v, torch.Tensor) and not np.issubdtype(v.dtype, np.floating):
@@ -175,6 +175,7 @@ def pool_volume(volume: ArrayLike) -> ArrayLike:
     for axis in (1, 2, 3):
         shape = list(v.shape)
         shape[axis] += 1
+        acc: Any
         if isinstance(v, torch.Tensor):
             acc = torch.zeros(shape, dtype=v.dtype, device=v.device)
         else:
@@ -240,7 +241,7 @@ def extract_patches(
     patches = _gather(vol, pts - size // 2, size, 1)
     if multiscale:
         if pooled is None:
-            pooled_t = pool_volume(vol)
+            pooled_t = _as_tensor(pool_volume(vol))
         else:
             pooled_t = _as_tensor(pooled).to(vol.device)
             expected = (vol.shape[0],) + tuple(s + 1 for s in vol.shape[1:])
@@ -288,7 +289,7 @@ def downsample_image(image: ArrayLike, lowres_shape: tuple[int, int, int]) -> Ar
     if image.ndim != 4:
         raise ValueError(f"image: expected shape (C, X, Y, Z), got {tuple(image.shape)}")
     is_numpy = not isinstance(image, torch.Tensor)
-    tensor = _as_tensor(np.asarray(image, dtype=np.float32) if is_numpy else image.to(torch.float32))
+    tensor = _as_tensor(np.asarray(image, dtype=np.float32)) if is_numpy else cast(torch.Tensor, image).float()
     size = tuple(int(s) for s in lowres_shape)
     out = F.interpolate(tensor[None], size=size, mode="trilinear", align_corners=False)[0]
     return out.numpy() if is_numpy else out
@@ -357,16 +358,17 @@ def training_sample(
 
     params = sample_augment_params(augment_cfg, image, rng)
     voxels = sample_points(label, sampling_cfg.n_points, sampling_cfg.border_ratio, rng, sampling_cfg.band_width, band)
-    image_aug, label_aug, _, voxels = apply_augment(params, image, label, points=voxels)
-    assert label_aug is not None and voxels is not None
+    image_aug, label_aug, _, moved = apply_augment(params, image, label, points=voxels)
+    assert label_aug is not None and moved is not None
+    voxels = moved
 
     row: dict[str, np.ndarray] = {
-        "image_lowres": downsample_image(image_aug, model_cfg.lowres_input_shape),
-        "points": normalize_points(voxels, shape),
+        "image_lowres": np.asarray(downsample_image(image_aug, model_cfg.lowres_input_shape)),
+        "points": np.asarray(normalize_points(voxels, shape)),
     }
     if model_cfg.patch.enabled:
         patches = extract_patches(image_aug, voxels, model_cfg.patch.size, model_cfg.patch.multiscale)
-        row["patches"] = patches.astype(np.float32, copy=False)
+        row["patches"] = np.asarray(patches, dtype=np.float32)
     row["labels"] = (label_aug[voxels[:, 0], voxels[:, 1], voxels[:, 2]] > 0).astype(np.float32)
     label_low = lowres_label(label_aug, model_cfg.lowres_factor)
     if label_low.shape != tuple(model_cfg.latent_shape):

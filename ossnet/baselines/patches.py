@@ -41,17 +41,17 @@ def random_crop_starts(
     Returns:
         ``(n, 3)`` int64 start corners, each crop inside the volume.
     """
-    shape = np.asarray(shape, dtype=np.int64)
-    crop = np.asarray(crop, dtype=np.int64)
-    if np.any(crop > shape) or np.any(crop < 1):
-        raise ValueError(f"crop {tuple(crop)} must fit the volume {tuple(shape)}")
-    high = shape - crop + 1
+    dims = np.asarray(shape, dtype=np.int64)
+    box = np.asarray(crop, dtype=np.int64)
+    if np.any(box > dims) or np.any(box < 1):
+        raise ValueError(f"crop {tuple(box)} must fit the volume {tuple(dims)}")
+    high = dims - box + 1
     starts = rng.integers(0, high, size=(n, 3))
     foreground = np.argwhere(np.asarray(label) > 0)
     n_fg = int(round(n * foreground_fraction)) if len(foreground) else 0
     if n_fg:
         centres = foreground[rng.integers(0, len(foreground), size=n_fg)]
-        starts[:n_fg] = np.clip(centres - crop // 2, 0, high - 1)
+        starts[:n_fg] = np.clip(centres - box // 2, 0, high - 1)
     return starts[rng.permutation(n)]
 
 

@@ -13,12 +13,13 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Union, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from ossnet.config import ModelConfig
 from ossnet.inference import mise
 from ossnet.sampling import downsample_image, extract_patches, normalize_points, pool_volume
 
@@ -172,21 +173,21 @@ class Inferer:
         Returns:
             An ``InferenceResult`` at full resolution.
         """
-        model = getattr(model, "module", model)  # DDP / DataParallel wrappers: use the bare network
-        cfg = model.config
+        net: Any = getattr(model, "module", model)  # DDP / DataParallel wrappers: use the bare network
+        cfg = cast(ModelConfig, net.config)
         device = torch.device(self.device)
         expected = (cfg.encoder.in_channels, *cfg.volume_shape)
         if tuple(image.shape) != tuple(expected):
             raise ValueError(f"image: expected shape {expected} (C, X, Y, Z), got {tuple(image.shape)}")
-        param = next(model.parameters(), None)
+        param = next(net.parameters(), None)
         if param is not None and param.device.type != device.type:
             raise ValueError(f"inferer.device: model is on {param.device}, inferer computes on {device}")
         start = time.perf_counter()
-        with _eval_mode(model), torch.inference_mode():
+        with _eval_mode(net), torch.inference_mode():
             volume = torch.as_tensor(image).to(device=device, dtype=torch.float32)
             # The same resampling as training (sampling.downsample_image), on the compute device.
-            encoding = model.encode(downsample_image(volume, cfg.lowres_input_shape)[None])
-            oracle = _ChunkedDecoder(model, volume, encoding, self.chunk_points)
+            encoding = net.encode(downsample_image(volume, cfg.lowres_input_shape)[None])
+            oracle = _ChunkedDecoder(net, volume, encoding, self.chunk_points)
             mode = self.mode
             if mode == "mise_lowres" and encoding.lowres_logits is None:
                 logger.warning("variant %s has no low-resolution head: mode 'mise_lowres' runs 'mise'", cfg.variant)
@@ -234,8 +235,8 @@ class _ChunkedDecoder:
     """Point oracle: voxel indices ``(K, 3)`` int64 -> probabilities ``(K,)`` float32, chunk by chunk."""
 
     def __init__(self, model: nn.Module, volume: torch.Tensor, encoding: Any, chunk_points: int) -> None:
-        cfg = model.config
-        self.model = model
+        cfg = cast(ModelConfig, model.config)
+        self.model: Any = model  # anything with OSSNet's decode
         self.volume = volume
         self.encoding = encoding
         self.chunk = chunk_points
@@ -252,7 +253,7 @@ class _ChunkedDecoder:
             patches = extract_patches(
                 self.volume, points, size=self.patch_size, multiscale=self.multiscale, pooled=self.pooled
             )[None]
-        coords = normalize_points(points, self.shape).to(self.volume.dtype)[None]
+        coords = torch.as_tensor(normalize_points(points, self.shape)).to(self.volume.dtype)[None]
         logits = self.model.decode(coords, patches, self.encoding)
         return torch.sigmoid(logits[0].float())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -82,8 +84,9 @@ class PatchEncoder(nn.Module):
         """``[C_out * size**3, C_in * size**3]`` matrix equal to ``conv`` on one patch."""
         c_out, c_in = conv.weight.shape[:2]
         v = self.size**3
-        taps = conv.weight.reshape(c_out, c_in, -1)[:, :, self._tap]  # [C_out, C_in, V_out, V_in]
-        taps = taps * self._valid.to(taps.dtype)
+        tap, valid = cast(Tensor, self._tap), cast(Tensor, self._valid)  # buffers
+        taps = conv.weight.reshape(c_out, c_in, -1)[:, :, tap]  # [C_out, C_in, V_out, V_in]
+        taps = taps * valid.to(taps.dtype)
         return taps.permute(0, 2, 1, 3).reshape(c_out * v, c_in * v)
 
     def forward(self, patches: Tensor) -> Tensor:
@@ -96,7 +99,8 @@ class PatchEncoder(nn.Module):
             return out.reshape(b, n, k**3)
         x = patches.reshape(b * n, -1)
         v = k**3
-        for conv, act in ((self.net[0], self.net[1]), (self.net[2], self.net[3])):
+        for layer, act in ((self.net[0], self.net[1]), (self.net[2], self.net[3])):
+            conv = cast(nn.Conv3d, layer)
             bias = conv.bias.repeat_interleave(v) if conv.bias is not None else None
             x = act(F.linear(x, self._conv_matrix(conv).to(x.dtype), None if bias is None else bias.to(x.dtype)))
         return x.reshape(b, n, v)

@@ -15,7 +15,7 @@ anisotropic spacing, made by averaging thin slices, so edges carry true partial 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 
@@ -113,7 +113,7 @@ def phantom_dataset(
         raise ValueError(f"n: must be >= 0, got {n}")
     if empty_every < 0:
         raise ValueError(f"empty_every: must be >= 0, got {empty_every}")
-    shape = tuple(shape) if shape is not None else _DEFAULT_SHAPES[kind]  # type: ignore[assignment]
+    grid: tuple[int, int, int] = cast("tuple[int, int, int]", tuple(shape)) if shape is not None else _DEFAULT_SHAPES[kind]
     sx, sy, sz = _DEFAULT_SPACING[kind]
     spacing = (sx, sy, sz * slice_factor)
     prefix = kind if level == "easy" else f"{kind}-hard"
@@ -121,9 +121,9 @@ def phantom_dataset(
     for i in range(n):
         case_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1, dtype=np.uint64)[0])
         empty = empty_every > 0 and (i + 1) % empty_every == 0
-        cases.append(thick_slices(make, shape, slice_factor, seed=case_seed, empty=empty, spacing=spacing,
+        cases.append(thick_slices(make, grid, slice_factor, seed=case_seed, empty=empty, spacing=spacing,
                                   case_id=f"{prefix}-{seed}-{i:04d}"))
-    logger.debug("generated %d %s/%s phantoms of shape %s", n, kind, level, shape)
+    logger.debug("generated %d %s/%s phantoms of shape %s", n, kind, level, grid)
     return cases
 
 

@@ -21,38 +21,16 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import math
-import os
 import time
 from typing import Any, Callable, Iterable
 
 from pipelines.infer.cases import CaseListing, InferCase, list_cases
 from pipelines.infer.job import CaseResult, InferJob, InferReport
 from pipelines.infer.outputs import OutputLayout, plan_cases, read_report, remove_stale_temps, write_report
+from pipelines.progress import CaseProgress
+from pipelines.raystart import ensure_ray
 
 logger = logging.getLogger(__name__)
-
-
-class _Progress:
-    """Progress lines: cases done / failed, throughput and ETA, every ``every`` cases or 15 s."""
-
-    def __init__(self, total: int, every: int) -> None:
-        self.total = total
-        self.every = every if every > 0 else max(1, math.ceil(total / 20))
-        self.done = self.failed = 0
-        self.t0 = time.perf_counter()
-        self._last_log = self.t0
-
-    def update(self, result: CaseResult) -> None:
-        self.done += 1
-        self.failed += result.status == "failed"
-        now = time.perf_counter()
-        if self.done % self.every == 0 or self.done == self.total or now - self._last_log > 15.0:
-            self._last_log = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            logger.info("infer: %d/%d cases done (%d failed), %.3f cases/s, eta %.0f s", self.done, self.total,
-                        self.failed, rate, eta)
 
 
 def _model(job: InferJob) -> tuple[str, bytes]:
@@ -69,16 +47,6 @@ def _model(job: InferJob) -> tuple[str, bytes]:
         name = str(path)
     with open(path, "rb") as fh:
         return name, fh.read()
-
-
-def _ensure_ray() -> bool:
-    """Connect to (or start) Ray; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-    return True
 
 
 def _pipeline(cases: list[InferCase], job: InferJob, ctx: Any, checkpoint: bytes, gpus: float) -> Iterable[dict]:
@@ -143,7 +111,6 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
         InferError: bad job field, unreadable input, or input channels that do not fit the model.
     """
     from ossnet.checkpoint import load_checkpoint
-
     from pipelines.infer.stages import StageContext
 
     t_start = time.perf_counter()
@@ -188,17 +155,18 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
     if plan.todo:
         import ray
 
-        started = _ensure_ray()
+        # the read tasks, the predictor actors and the write stage's tasks
+        started = ensure_ray(min_cpus=int(job.actors) * float(job.cpus_per_actor) + 2, dashboard=False)
         try:
             actors = min(int(job.actors), len(plan.todo))
             gpus = _gpus_per_actor(job.gpus_per_actor, float(ray.cluster_resources().get("GPU", 0.0)), actors)
-            tracker = _Progress(len(plan.todo), job.progress_every)
+            tracker = CaseProgress("infer", len(plan.todo), job.progress_every)
             t0 = last_flush = time.perf_counter()
             try:
                 for row in _pipeline([valid[c] for c in plan.todo], job, ctx, checkpoint, gpus):
                     result = CaseResult.from_row(row)
                     results[result.case_id] = result
-                    tracker.update(result)
+                    tracker.update(result.status == "failed")
                     if progress is not None:
                         progress(result)
                     if time.perf_counter() - last_flush > job.report_every_s:

@@ -10,9 +10,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from ossnet import __version__
 from ossnet.config import ConfigError, model_config, preset_resample
 from pipelines.ingest.case import CaseContext, CaseReport, one_line
-from pipelines.ingest.executors import choose_executor, log_progress, run_process, run_ray, run_serial
+from pipelines.ingest.executors import choose_executor, run_process, run_ray, run_serial
 from pipelines.ingest.job import IngestJob, IngestReport
 from pipelines.ingest.sources import CaseSpec, IngestError, discover, parse_split_file, source_fs
+from pipelines.progress import CaseProgress
 from pipelines.store import ARRAYS, StoreError, create_store
 
 logger = logging.getLogger(__name__)
@@ -143,17 +144,14 @@ def ingest(job: IngestJob, progress: Callable[[CaseReport], None] | None = None)
                 sum(r.status == "failed" for r in reports), executor, job.workers)
     runner = {"serial": lambda: run_serial(todo, ctx), "process": lambda: run_process(todo, ctx, job.workers),
               "ray": lambda: run_ray(todo, ctx, job.workers)}[executor]
-    t_run = time.perf_counter()
-    n_failed = 0
-    for i, rep in enumerate(runner(), start=1):
+    tracker = CaseProgress("ingest", len(todo))
+    for rep in runner():
         reports.append(rep)
-        n_failed += rep.status == "failed"
         if rep.status == "failed":
             logger.warning("ingest: %s failed: %s", rep.case_id, rep.message)
         if progress is not None:
             progress(rep)
-        if i == len(todo) or i % max(1, len(todo) // 20) == 0:
-            log_progress(i, len(todo), n_failed, t_run)
+        tracker.update(rep.status == "failed")
 
     complete = sorted(cid for cid, a in store.scan_cases().items() if a.get("complete") is True)
     splits, split_info = _assign_splits(job, complete)

@@ -6,22 +6,15 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Iterator, Sequence
 
 from pipelines.ingest.case import CaseContext, CaseReport, ingest_case, one_line
 from pipelines.ingest.job import IngestJob
 from pipelines.ingest.sources import CaseSpec, IngestError
+from pipelines.raystart import ensure_ray
 
 logger = logging.getLogger(__name__)
-
-
-def log_progress(done: int, total: int, failed: int, t0: float) -> None:
-    elapsed = time.perf_counter() - t0
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else float("nan")
-    logger.info("ingest: %d/%d cases (%d failed), %.2f cases/s, eta %.0f s", done, total, failed, rate, eta)
 
 
 def run_serial(specs: Sequence[CaseSpec], ctx: CaseContext) -> Iterator[CaseReport]:
@@ -50,8 +43,7 @@ def _case_memory_bytes(volume_shape: Sequence[int]) -> int:
 def run_ray(specs: Sequence[CaseSpec], ctx: CaseContext, workers: int) -> Iterator[CaseReport]:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    ensure_ray(min_cpus=workers, dashboard=False, log_to_driver=False)
     memory = _case_memory_bytes(ctx.volume_shape)
     cluster_memory = ray.cluster_resources().get("memory", 0.0)
     if cluster_memory:
@@ -90,4 +82,4 @@ def choose_executor(job: IngestJob, n_todo: int) -> str:
     return "process"
 
 
-__all__ = ["choose_executor", "log_progress", "run_process", "run_ray", "run_serial"]
+__all__ = ["choose_executor", "run_process", "run_ray", "run_serial"]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ossnet.checkpoint import PreprocessSpec
 from ossnet.config import ConfigError
+from pipelines import raystart
 from pipelines.jobconfig import dump_yaml, to_dict
 from pipelines.tracking.tags import BEST_VAL_DICE_TAG, MODEL_EPOCH_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG, PROMOTED_TAG
 from pipelines.train.job import StoreFacts, TrainJob, check_against_store
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
     from pipelines.tracking import RunLogger
 
 logger = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -77,44 +76,11 @@ class TrainResult:
 
 
 def ensure_ray(job: TrainJob) -> None:
-    """Join the running Ray (inside a Ray job or Tune trial, or ``RAY_ADDRESS``), else start a
-    private local instance with enough logical CPUs for the workers plus the data tasks."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        # A Ray job (its runtime_env already carries the project) or an explicit cluster.
-        ray.init(configure_logging=False)
-        return
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    """Join or start Ray (``pipelines.raystart``) with enough logical CPUs for the workers plus
+    the data tasks, the job's object store and the dashboard (Train V2's placement-group cleaner
+    polls its State API)."""
     workers = job.scaling.num_workers * job.scaling.worker_resources()["CPU"]
-    # A 2-worker TorchTrainer deadlocks when the workers hold every CPU slot: the Ray Data
-    # sampling tasks need their own (logical CPUs, so this may exceed the cores).
-    num_cpus = max(os.cpu_count() or 1, math.ceil(workers + job.data.cpus_per_task) + 1)
-    object_store = (job.data.object_store_mb + 256) << 20
-    logger.info("starting a local Ray instance (%d logical CPUs, %d MiB object store)", num_cpus, object_store >> 20)
-    # The dashboard serves the State API that Train V2's placement-group cleaner polls.
-    for attempt in range(3):
-        try:
-            ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store, include_dashboard=True,
-                     dashboard_host="127.0.0.1", dashboard_port=_free_port(), runtime_env={"env_vars": env},
-                     configure_logging=False)
-            return
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            # On a saturated host the raylet can miss its agents' start-up deadline; retry.
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            logger.warning("Ray start-up timed out (attempt %d of 3); retrying", attempt + 1)
-            ray.shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    raystart.ensure_ray(min_cpus=workers + job.data.cpus_per_task, object_store_mb=job.data.object_store_mb + 256)
 
 
 def _tracking_uri(job: TrainJob) -> str | None:

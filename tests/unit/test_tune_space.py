@@ -63,8 +63,12 @@ def test_defaults_search_all_five_parameters_with_the_documented_ranges() -> Non
 
 def test_shipped_quickstart_sweep_parses_and_round_trips(tmp_path: Path) -> None:
     job = load_tune_job(CONFIGS / "quickstart-tune.yaml")
-    assert job.base.model.preset == "small" and job.sweep.num_samples == 6 and job.base.scaling.num_workers == 0
-    assert job.scheduler.reduction_factor == 2.0 and job.base.train.validate_every == 1
+    # What the quickstart needs, not the file's numbers: trials train inside their Tune actors (no
+    # extra workers on a laptop), there is something to compare, and ASHA gets a score every epoch
+    # early enough to stop the weak trials.
+    assert job.base.scaling.num_workers == 0 and job.sweep.num_samples >= 2
+    assert job.base.train.validate_every == 1 and job.scheduler.reduction_factor > 1
+    assert job.scheduler.grace_period < job.max_t
     again = tune_job_from_dict(tune_job_to_dict(job))
     assert again == job
     path = tmp_path / "t.yaml"

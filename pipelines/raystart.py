@@ -1,0 +1,77 @@
+"""One policy for joining or starting Ray: ingest, training, sweeps and batch inference use it.
+
+1. Ray already initialised in this process (a Ray job's driver, a Tune trial, a test session):
+   use it.
+2. ``RAY_ADDRESS`` set (a cluster, or a Ray job whose runtime environment carries the project):
+   connect to it.
+3. Otherwise start a private local instance: logical CPUs enough for the caller's tasks plus one
+   for the controller (a 2-worker TorchTrainer deadlocks when its workers hold every CPU slot),
+   the project on the workers' ``PYTHONPATH``, the dashboard on 127.0.0.1 when asked for (Train
+   V2's placement-group cleaner polls its State API), and up to three attempts when the raylet
+   misses its start-up deadline on a saturated host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_ray(*, min_cpus: float = 1.0, object_store_mb: int | None = None, dashboard: bool = True,
+               log_to_driver: bool = True) -> bool:
+    """Join or start Ray by the module's policy.
+
+    Args:
+        min_cpus: logical CPUs the caller's tasks and actors hold at once (local start only).
+        object_store_mb: object store size of a local start (None: Ray's default).
+        dashboard: start the dashboard with a local instance.
+        log_to_driver: forward task output to this process.
+
+    Returns:
+        True if this call connected or started Ray (the caller may ``ray.shutdown()`` when done),
+        False if Ray was already initialised.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(configure_logging=False, log_to_driver=log_to_driver)
+        return True
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus) + 1)
+    options: dict = {"address": "local", "num_cpus": num_cpus, "runtime_env": {"env_vars": env},
+                     "configure_logging": False, "log_to_driver": log_to_driver, "include_dashboard": dashboard}
+    if object_store_mb is not None:
+        options["object_store_memory"] = int(object_store_mb) << 20
+    logger.info("starting a local Ray instance (%d logical CPUs%s)", num_cpus,
+                f", {object_store_mb} MiB object store" if object_store_mb is not None else "")
+    for attempt in range(3):
+        if dashboard:
+            options.update(dashboard_host="127.0.0.1", dashboard_port=free_port())
+        try:
+            ray.init(**options)
+            return True
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            logger.warning("Ray start-up timed out (attempt %d of 3); retrying", attempt + 1)
+            ray.shutdown()
+    return True
+
+
+__all__ = ["REPO_ROOT", "ensure_ray", "free_port"]

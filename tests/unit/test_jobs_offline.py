@@ -1,0 +1,82 @@
+"""``ossnet jobs`` and the local-cluster script without a cluster: argument handling, runtime
+environments, auth tokens and settings validation (the e2e tier runs them against a cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipelines import jobs
+
+CLUSTER_SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "local-cluster.sh"
+
+
+def _jobs_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ossnet jobs")
+    jobs.configure_jobs_parser(parser)
+    return parser
+
+
+def test_cluster_script_rejects_bad_settings(tmp_path: Path) -> None:
+    env = {**os.environ, "OSSNET_CLUSTER_STATE_DIR": str(tmp_path), "OSSNET_CLUSTER_AUTH": "none"}
+    proc = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert proc.returncode == 1
+    assert "OSSNET_CLUSTER_AUTH must be 'token' or 'disabled'" in proc.stderr
+    env["OSSNET_CLUSTER_AUTH"] = "token"
+    env["OSSNET_CLUSTER_CPUS"] = "two"
+    proc = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert proc.returncode == 1
+    assert "OSSNET_CLUSTER_CPUS must be a non-negative integer, got 'two'" in proc.stderr
+
+
+def test_without_address_and_cli_entrypoint() -> None:
+    argv = ["train", "--address", "http://h:8265", "--epochs", "3", "--address=http://x", "-v"]
+    assert jobs.without_address(argv) == ["train", "--epochs", "3", "-v"]
+    assert jobs.cli_entrypoint(["train", "--name", "a b"]) == [
+        "python", "-m", "ossnet_cli", "train", "--name", "a b"]
+
+
+def test_build_runtime_env_carries_project_and_env(tmp_path: Path) -> None:
+    env = jobs.build_runtime_env(tmp_path, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert env["working_dir"] == str(tmp_path.resolve())
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
+    assert {".venv/", ".git/", ".ossnet/", "*.zarr"} <= set(env["excludes"])
+    with pytest.raises(ValueError, match="not a directory"):
+        jobs.build_runtime_env(tmp_path / "missing")
+    with pytest.raises(ValueError, match="EPOCHS"):
+        jobs.build_runtime_env(tmp_path, {"EPOCHS": 3})  # type: ignore[dict-item]
+
+
+def test_auth_token_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert jobs.resolve_auth_token() is None
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert jobs.resolve_auth_token() == "from-file"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert jobs.resolve_auth_token() == "from-env"
+    assert jobs.resolve_auth_token("explicit") == "explicit"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    token_file.write_text("")
+    with pytest.raises(jobs.JobError, match="token file is empty"):
+        jobs.resolve_auth_token()
+
+
+def test_jobs_parser_is_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8275")
+    parser = _jobs_parser()
+    args = parser.parse_args(["logs", "raysubmit_1", "--follow"])
+    assert (args.address, args.jobs_command, args.job_id, args.follow) == (
+        "http://127.0.0.1:8275", "logs", "raysubmit_1", True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["stop"])  # JOB is required
+    with pytest.raises(SystemExit):
+        parser.parse_args(["list", "--bogus"])
