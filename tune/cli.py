@@ -22,9 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from ossnet.config import ConfigError
 from pipelines.jobconfig import (
@@ -34,6 +33,7 @@ from pipelines.jobconfig import (
     add_submission_arguments,
     config_from_args,
 )
+from pipelines.jobrunner import JobCommand, run_job_command
 
 logger = logging.getLogger(__name__)
 
@@ -101,52 +101,48 @@ def _print_result(result, job, out: TextIO) -> None:  # result: SweepResult, job
         out.write("the sweep stopped early: continue it with the same command and --resume\n")
 
 
-def run_tune_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Handler of ``ossnet tune``: 0 when the sweep finished and a trial scored, 1 when none did
-    (or the sweep failed), 2 for a bad config, 130 when it was interrupted (``--resume`` continues)."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    job = None
-    try:
-        job = job_from_args(args)
-        if args.dry_run:
-            from tune.sweep import describe, prepare
+def _dry_run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
+    from tune.sweep import describe, prepare
 
-            resolved, uri = prepare(job)
-            out.write(describe(resolved))
-            out.write(f"# tracking: {uri or 'off'}\n")
-            return 0
-        if args.address:
-            from pipelines import jobs
-            from tune.job import tune_job_to_dict
+    resolved, uri = prepare(job)
+    out.write(describe(resolved))
+    out.write(f"# tracking: {uri or 'off'}\n")
+    return 0
 
-            resolved = job.resolved()
-            argv = ["tune", "--config-json", json.dumps(tune_job_to_dict(resolved))]
-            argv += ["--resume"] if args.resume else []
-            argv += ["--retry-failed"] if args.retry_failed else []
-            out.write(f"submitting sweep {resolved.name} to {args.address}\n")
-            out.flush()
-            return jobs.submit_cli_command(args.address, argv, out=out)
-        from tune.sweep import run_sweep
 
-        result = run_sweep(job, resume=args.resume, retry_failed=args.retry_failed, config_path=args.config)
-    except ConfigError as exc:
-        hint = _store_hint(job) if job is not None and str(exc).startswith("store") else ""
-        err.write(f"error: {exc}{hint}\n")
-        return 2
-    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure in one line
-        from pipelines.jobs import JobError
+def _submit_argv(args: argparse.Namespace, job: Any, out: TextIO) -> list[str]:
+    from tune.job import tune_job_to_dict
 
-        if isinstance(exc, JobError):
-            err.write(f"error: {exc}\n")
-            return 2
-        logger.exception("sweep failed")
-        err.write(f"error: sweep failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n")
-        return 1
+    resolved = job.resolved()
+    argv = ["tune", "--config-json", json.dumps(tune_job_to_dict(resolved))]
+    argv += ["--resume"] if args.resume else []
+    argv += ["--retry-failed"] if args.retry_failed else []
+    out.write(f"submitting sweep {resolved.name} to {args.address}\n")
+    return argv
+
+
+def _run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
+    import tune.sweep
+
+    result = tune.sweep.run_sweep(job, resume=args.resume, retry_failed=args.retry_failed, config_path=args.config)
     _print_result(result, job, out)
     if result.counts["unfinished"]:
         return 130
     return 0 if result.counts["completed"] + result.counts["early_stopped"] else 1
+
+
+def _hint(job: Any, exc: BaseException) -> str:
+    return _store_hint(job) if str(exc).startswith("store") else ""
+
+
+TUNE_COMMAND = JobCommand(what="sweep", build=job_from_args, run=_run, submit_argv=_submit_argv, dry_run=_dry_run,
+                          hint=_hint)
+
+
+def run_tune_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Handler of ``ossnet tune``: 0 when the sweep finished and a trial scored, 1 when none did
+    (or the sweep failed), 2 for a bad config, 130 when it was interrupted (``--resume`` continues)."""
+    return run_job_command(TUNE_COMMAND, args, out, err)
 
 
 __all__ = ["OVERRIDE_FLAGS", "configure_tune_parser", "job_from_args", "run_tune_cli"]

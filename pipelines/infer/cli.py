@@ -12,15 +12,13 @@ model or alias, unreadable input, bad setting).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
 import sys
-import threading
-from typing import Any, Iterator, Sequence, TextIO
+from typing import TextIO
 
 from pipelines.infer.job import INPUT_LAYOUTS, MODES, InferError, InferJob
-from pipelines.jobconfig import ConfigError, OverrideFlag, add_config_arguments, load_job, overrides_from_args
+from pipelines.jobconfig import OverrideFlag, add_config_arguments, load_job, overrides_from_args
+from pipelines.jobrunner import JobCommand, run_job_command
 
 logger = logging.getLogger(__name__)
 
@@ -67,70 +65,35 @@ def job_from_args(args: argparse.Namespace) -> InferJob:
     return load_job(InferJob, args.config, overrides).validate()
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``ray job stop``, ``kill``) raises KeyboardInterrupt, so the report is flushed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _submitted_argv(argv: Sequence[str] | None) -> list[str]:
+def _submit_argv(args: argparse.Namespace, job: InferJob, out: TextIO) -> list[str]:
     """``infer ...`` as typed (from ``sys.argv``), minus ``--address``, for the cluster job."""
     from pipelines.jobs import without_address
 
-    if argv is None:
-        raw = list(sys.argv[1:])
-        argv = raw[raw.index("infer"):] if "infer" in raw else ["infer", *raw]
-    return without_address(argv)
+    raw = list(sys.argv[1:])
+    return without_address(raw[raw.index("infer"):] if "infer" in raw else ["infer", *raw])
 
 
-def run_infer_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None,
-                  argv: Sequence[str] | None = None) -> int:
-    """Run ``ossnet infer``: print failed cases and the summary; returns the exit code.
-
-    Args:
-        args: parsed ``configure_infer_parser`` arguments.
-        out, err: streams (default stdout / stderr).
-        argv: the command (``["infer", ...]``) to submit with ``--address`` (default: ``sys.argv``).
-    """
-    from pipelines.tracking.registry import ModelNotFoundError
-
-    out = out or sys.stdout
-    err = err or sys.stderr
-    try:
-        job = job_from_args(args)
-    except (ConfigError, InferError) as exc:
-        err.write(f"error: {exc}\n")
-        return 2
-    if args.address:
-        from pipelines.jobs import JobError, submit_cli_command
-
-        try:
-            return submit_cli_command(args.address, _submitted_argv(argv))
-        except JobError as exc:
-            err.write(f"error: {exc}\n")
-            return 2
+def _run(args: argparse.Namespace, job: InferJob, out: TextIO) -> int:
     from pipelines.infer.run import run_inference
 
-    try:
-        with _sigterm_as_interrupt():
-            report = run_inference(job)
-    except (ModelNotFoundError, ValueError) as exc:  # InferError, ConfigError, bad model URIs
-        err.write(f"error: {exc}\n")
-        return 2
+    report = run_inference(job)
     out.write(report.table() + "\n")
     out.flush()
     return 0 if report.ok else 1
+
+
+def _bad_input() -> tuple[type[BaseException], ...]:
+    from pipelines.tracking.registry import ModelNotFoundError
+
+    return (InferError, ModelNotFoundError, ValueError)  # bad fields, unknown models, bad model URIs
+
+
+def run_infer_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run ``ossnet infer``: print failed cases and the summary; returns the exit code (0 all cases
+    segmented, 1 some failed or the run did, 2 bad input)."""
+    command = JobCommand(what="inference", build=job_from_args, run=_run, submit_argv=_submit_argv,
+                         bad_input=_bad_input())
+    return run_job_command(command, args, out, err)
 
 
 __all__ = ["FLAGS", "configure_infer_parser", "job_from_args", "run_infer_cli"]

@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from typing import TextIO
+from typing import Any, TextIO
 
-from ossnet.config import ConfigError
 from pipelines.jobconfig import (
     TRACKING_FLAGS,
     OverrideFlag,
@@ -34,6 +32,7 @@ from pipelines.jobconfig import (
     parse_section,
     to_dict,
 )
+from pipelines.jobrunner import JobCommand, run_job_command
 
 logger = logging.getLogger(__name__)
 
@@ -81,43 +80,26 @@ def mlflow_ui_command(uri: str | None) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
-def run_train_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Handler of ``ossnet train``: 0 on success, 1 when training failed, 2 for a bad config."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    try:
-        job = job_from_args(args)
-        if args.dry_run:
-            from pipelines.train.driver import preflight
+def _dry_run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
+    from pipelines.train.driver import preflight
 
-            resolved, facts, uri = preflight(job)
-            out.write(dump_yaml(resolved))
-            out.write(f"# run name: {resolved.run_name}\n# train cases: {len(facts.train_cases)}, "
-                      f"val cases: {len(facts.val_cases)}, tracking: {uri or 'off'}\n")
-            return 0
-        if args.address:
-            from pipelines import jobs
+    resolved, facts, uri = preflight(job)
+    out.write(dump_yaml(resolved))
+    out.write(f"# run name: {resolved.run_name}\n# train cases: {len(facts.train_cases)}, "
+              f"val cases: {len(facts.val_cases)}, tracking: {uri or 'off'}\n")
+    return 0
 
-            resolved = job.resolved()
-            argv = ["train", "--config-json", json.dumps(to_dict(resolved))]
-            out.write(f"submitting run {resolved.run_name} to {args.address}\n")
-            out.flush()
-            return jobs.submit_cli_command(args.address, argv, out=out)
-        from pipelines.train.driver import train
 
-        result = train(job, config_path=args.config)
-    except ConfigError as exc:
-        err.write(f"error: {exc}\n")
-        return 2
-    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure in one line
-        from pipelines.jobs import JobError
+def _submit_argv(args: argparse.Namespace, job: Any, out: TextIO) -> list[str]:
+    resolved = job.resolved()
+    out.write(f"submitting run {resolved.run_name} to {args.address}\n")
+    return ["train", "--config-json", json.dumps(to_dict(resolved))]
 
-        if isinstance(exc, JobError):
-            err.write(f"error: {exc}\n")
-            return 2
-        logger.exception("training failed")
-        err.write(f"error: training failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n")
-        return 1
+
+def _run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
+    from pipelines.train.driver import train
+
+    result = train(job, config_path=args.config)
     out.write(f"run {result.run_name}: {result.epochs} epochs "
               f"({len(result.executed_epochs)} run now), checkpoints in {result.run_dir}\n")
     if result.best_val_dice is not None:
@@ -132,6 +114,14 @@ def run_train_cli(args: argparse.Namespace, out: TextIO | None = None, err: Text
 
         out.write(f"MLflow UI: {mlflow_ui_command(resolve_tracking_uri(job.tracking.uri))}\n")
     return 0
+
+
+TRAIN_COMMAND = JobCommand(what="training", build=job_from_args, run=_run, submit_argv=_submit_argv, dry_run=_dry_run)
+
+
+def run_train_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Handler of ``ossnet train``: 0 on success, 1 when training failed, 2 for a bad config."""
+    return run_job_command(TRAIN_COMMAND, args, out, err)
 
 
 __all__ = ["OVERRIDE_FLAGS", "configure_train_parser", "job_from_args", "mlflow_ui_command", "run_train_cli"]

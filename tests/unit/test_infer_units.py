@@ -387,7 +387,8 @@ def test_address_submits_the_same_command_as_a_cluster_job(monkeypatch: pytest.M
     from pipelines.infer.cli import run_infer_cli
 
     calls = []
-    monkeypatch.setattr(pipelines.jobs, "submit_cli_command", lambda address, argv: calls.append((address, argv)) or 0)
+    monkeypatch.setattr(pipelines.jobs, "submit_cli_command",
+                        lambda address, argv, **kw: calls.append((address, argv)) or 0)
     argv = ["infer", "s3://b/in", "--output", "s3://b/out", "--address", "http://127.0.0.1:8275", "--actors", "4"]
     monkeypatch.setattr("sys.argv", ["ossnet", "-v", *argv])
     args = configure_infer_parser(argparse.ArgumentParser()).parse_args(argv[1:])
