@@ -24,7 +24,7 @@ import argparse
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,30 @@ def _overlay_png(heldout: Path, report: Any, out_dir: Path) -> Path | None:
     return slice_overlay_png(image, reference, mask, out_dir / f"{case.case_id}.png", title=title)
 
 
+def ingest_own_store(job: Any) -> Any:
+    """``ingest(job)`` into a store that holds only data the quickstart generates: a store an
+    older ossnet wrote (another format or preprocessing) is rebuilt, with a warning, not refused.
+
+    Args:
+        job: the ``IngestJob``. Returns its ``IngestReport``.
+    """
+    from pipelines.ingest import IngestError, ingest
+    from pipelines.store import StoreError
+
+    try:
+        return ingest(job)
+    except IngestError as exc:
+        if not isinstance(exc.__cause__, StoreError):
+            raise
+        logger.warning("quickstart: rebuilding %s (%s)", job.store, exc)
+        return ingest(replace(job, overwrite=True))
+
+
 def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     """Run all four stages; returns what each produced."""
     from pipelines.infer.job import InferJob
     from pipelines.infer.run import run_inference
-    from pipelines.ingest import IngestJob, ingest
+    from pipelines.ingest import IngestJob
     from pipelines.tracking import resolve_tracking_uri
     from pipelines.train import load_train_job, train
 
@@ -132,8 +151,8 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     archive, heldout, window = _write_archives(opts, shape)  # type: ignore[arg-type]
 
     logger.info("[2/4] ingest into %s", store)
-    ingested = ingest(IngestJob(source=str(archive), store=store, layout="brats", preset=job.model.preset,
-                                val_fraction=0.15, split_seed=opts.seed, executor="serial"))
+    ingested = ingest_own_store(IngestJob(source=str(archive), store=store, layout="brats", preset=job.model.preset,
+                                          val_fraction=0.15, split_seed=opts.seed, executor="serial"))
     if not ingested.ok:
         raise RuntimeError("quickstart: ingestion failed:\n" + ingested.table())
 
