@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger("bench")
 
@@ -62,6 +62,23 @@ def emit_result(result: dict[str, Any]) -> None:
     """Print ``result`` as one JSON object on the last line of stdout."""
     sys.stdout.write(json.dumps(_clean(result), default=_json_default, sort_keys=False) + "\n")
     sys.stdout.flush()
+
+
+def serve_worker(work: Callable[[dict[str, Any]], dict[str, Any]], payload: str, log: logging.Logger,
+                 traceback_level: int = logging.ERROR) -> int:
+    """The ``--worker PAYLOAD`` side of ``run_worker``: run ``work`` on the JSON payload and emit
+    its result, or an ``{"error": ...}`` object (traceback logged at ``traceback_level``).
+
+    Returns:
+        The worker process's exit code: 0, or 1 when ``work`` raised.
+    """
+    try:
+        emit_result(work(json.loads(payload)))
+    except Exception as exc:  # the driver reads the error from the result line and goes on
+        log.log(traceback_level, "worker failed", exc_info=True)
+        emit_result({"error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    return 0
 
 
 def parse_result_line(stdout: str) -> dict[str, Any]:
@@ -257,5 +274,6 @@ __all__ = [
     "round_mb",
     "rss_mb",
     "run_worker",
+    "serve_worker",
     "setup_logging",
 ]

@@ -26,7 +26,6 @@ scan's, scaling from 1 to 2 CPUs >= 1.6).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import resource
 import shutil
@@ -37,7 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench._common import emit_result, make_parser, pin_cpus, round_mb, run_worker, setup_logging
+from bench._common import emit_result, make_parser, pin_cpus, round_mb, run_worker, serve_worker, setup_logging
 
 log = logging.getLogger("bench.ingest")
 
@@ -188,13 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     if args.worker is not None:
-        try:
-            emit_result(worker(json.loads(args.worker)))
-        except Exception as exc:
-            log.exception("worker failed")
-            emit_result({"error": f"{type(exc).__name__}: {exc}"})
-            return 1
-        return 0
+        return serve_worker(worker, args.worker, log)
 
     shape = QUICK_LARGE if args.quick else LARGE
     n_cases = args.cases

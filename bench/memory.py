@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import time
@@ -58,6 +57,7 @@ from bench._common import (
     mem_available_mb,
     round_mb,
     run_worker,
+    serve_worker,
     setup_logging,
 )
 
@@ -450,14 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    if args.worker is not None:
-        try:
-            emit_result(worker(json.loads(args.worker)))
-        except Exception as exc:  # the driver reports it and goes on with the other sizes
-            log.debug("worker failed", exc_info=True)
-            emit_result({"error": f"{type(exc).__name__}: {exc}"})
-            return 1
-        return 0
+    if args.worker is not None:  # the driver reports a failed size and goes on with the others
+        return serve_worker(worker, args.worker, log, traceback_level=logging.DEBUG)
     if args.points < 1:
         parser.error(f"--points: must be >= 1, got {args.points}")
 

@@ -38,7 +38,6 @@ unet2d, unet3d_patch, plus ``dice_C_border`` (and its other figures), ``trivial_
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -49,7 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench._common import emit_result, make_parser, run_worker, setup_logging
+from bench._common import emit_result, make_parser, run_worker, serve_worker, setup_logging
 
 log = logging.getLogger("bench.paper")
 
@@ -307,13 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker is not None:
         from bench.paper_runs import run_one
 
-        try:
-            emit_result(run_one(json.loads(args.worker)))
-        except Exception as exc:  # the driver records the failure and goes on
-            log.exception("worker failed")
-            emit_result({"error": f"{type(exc).__name__}: {exc}"})
-            return 1
-        return 0
+        return serve_worker(run_one, args.worker, log)  # the driver records a failure and goes on
     if args.seeds < 1 or args.jobs < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--seeds, --jobs and --steps must be >= 1")
 
