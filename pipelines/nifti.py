@@ -241,30 +241,38 @@ def write_volume(
     qform_code: int = 1,
     compress: bool = True,
     storage_options: Mapping[str, Any] | None = None,
-) -> None:
+) -> int:
     """Write ``volume`` ``(X, Y, Z)`` (NumPy or dask) as a NIfTI-1 file, slab by slab, atomically.
 
     Only one z-slab is computed and held at a time, so writing a scan-sized output needs memory
     for a slab, not for the scan. ``dtype`` defaults to the volume's.
+
+    Returns:
+        The number of nonzero voxels written (a mask's foreground), counted slab by slab so that
+        a lazy volume need not be computed again for it.
     """
     dtype = np.dtype(dtype or volume.dtype)
     shape = tuple(int(s) for s in volume.shape)
     header = nifti_header(shape, dtype, affine, sform_code, qform_code)
     step = slab_chunks(shape, dtype.itemsize)[2]
+    nonzero = 0
 
     def stream(fh: BinaryIO) -> None:
+        nonlocal nonzero
         out: Any = gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1, mtime=0) if compress else fh
         try:
             out.write(header.binaryblock)
             out.write(b"\x00" * 4)  # no extensions
             for z in range(0, shape[2], step):
                 slab = np.asarray(volume[:, :, z : z + step]).astype(dtype.newbyteorder("<"), copy=False)
+                nonzero += int(np.count_nonzero(slab))
                 out.write(slab.tobytes(order="F"))
         finally:
             if compress:
                 out.close()
 
     atomic_write(url, stream, storage_options)
+    return nonzero
 
 
 __all__ = [

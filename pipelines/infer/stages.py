@@ -312,8 +312,8 @@ def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
             grid_probability = np.asarray(row["probability"], dtype=np.float32)
             mask = volumes.scan_mask(grid_probability, record, ctx.threshold)
             codes = {"sform_code": int(meta.get("sform_code", 1)), "qform_code": int(meta.get("qform_code", 1))}
-            nifti.write_volume(ctx.outputs.mask(case_id), mask, affine, dtype=np.uint8, **codes,
-                               storage_options=ctx.outputs.storage_options)
+            n_foreground = nifti.write_volume(ctx.outputs.mask(case_id), mask, affine, dtype=np.uint8, **codes,
+                                              storage_options=ctx.outputs.storage_options)
             probability = None
             if ctx.save_probabilities:
                 probability = volumes.scan_view(grid_probability, record, order=1)
@@ -323,7 +323,7 @@ def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
                 write_zarr_case(ctx.outputs, case_id, mask, probability,
                                 {"affine": affine.tolist(), "model": ctx.model, "model_sha256": ctx.model_sha256})
             voxel_ml = float(np.prod(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))) / 1000.0
-            foreground = int(mask.sum().compute()) * voxel_ml
+            foreground = n_foreground * voxel_ml
         except Exception as exc:  # a failed write fails this case only
             if not isinstance(exc, (ValueError, OSError, MemoryError)):
                 logger.warning("infer: writing %s failed unexpectedly", case_id, exc_info=True)

@@ -138,7 +138,7 @@ def predict_volume(
         result = inferer(model, grid)
         grid_probability = np.asarray(result.probability, dtype=np.float32)
         probability = np.ascontiguousarray(volumes.scan_view(grid_probability, record, order=1).compute())
-        mask = np.ascontiguousarray(volumes.scan_mask(grid_probability, record, inferer.threshold).compute())
+        mask = (probability >= np.float32(inferer.threshold)).astype(np.uint8)  # scan_mask, from the computed map
     logger.debug("predicted %s volume on grid %s: %d queries", tuple(arr.shape[1:]), cfg.volume_shape, result.n_queries)
     return VolumePrediction(probability=probability, mask=mask, n_queries=int(result.n_queries),
                             seconds=float(result.seconds), mode=str(result.mode))

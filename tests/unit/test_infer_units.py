@@ -290,7 +290,9 @@ def test_streamed_nifti_keeps_geometry_codes_dtype_and_every_slab(tmp_path: Path
     monkeypatch.setattr(nifti, "SLAB_BYTES", 5 * 6 * 2)  # two planes per slab: several slabs, a ragged last one
     mask = (np.arange(5 * 6 * 7).reshape(5, 6, 7) % 3 == 0).astype(np.uint8)
     for data in (mask, da.from_array(mask, chunks=(5, 6, 3))):
-        nifti.write_volume(str(tmp_path / name), data, AFFINE, sform_code=1, qform_code=2, compress=name.endswith(".gz"))
+        written = nifti.write_volume(str(tmp_path / name), data, AFFINE, sform_code=1, qform_code=2,
+                                     compress=name.endswith(".gz"))
+        assert written == np.count_nonzero(mask)  # the foreground, counted while streaming
         img = nib.load(str(tmp_path / name))
         assert img.get_data_dtype() == np.uint8 and np.allclose(img.affine, AFFINE)
         assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 2
