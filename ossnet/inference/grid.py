@@ -60,9 +60,7 @@ def straddling_cells(values: torch.Tensor, threshold: float) -> torch.Tensor:
     Returns:
         ``(mx - 1, my - 1, mz - 1)`` bool.
     """
-    # The mean of 8 indicator values is exact in float32: 0 or 1 iff the corners agree.
-    frac = F.avg_pool3d((values >= threshold).float()[None, None], kernel_size=2, stride=1)[0, 0]
-    return (frac > 0) & (frac < 1)
+    return uncertain_cells(values, threshold, threshold)
 
 
 def uncertain_cells(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
