@@ -120,14 +120,25 @@ def check_case(imgs: Mapping[str, Any], names: Mapping[str, str], affine_atol: f
     except ValueError as exc:
         raise NiftiError(str(exc)) from None
     for key in keys[1:]:
-        kind = "label" if key == "label" else "image"
-        other = validate_spatial_shape(imgs[key].shape, names[key])
-        if other != shape:
-            raise NiftiError(f"{names[key]}: {kind} shape {other} != {names[first]} shape {shape}")
-        diff = float(np.abs(np.asarray(imgs[key].affine) - affine).max())
-        if not np.isfinite(diff) or diff > affine_atol:
-            raise NiftiError(f"{names[key]}: affine differs from {names[first]} (max difference {diff:.4g})")
+        check_same_grid(imgs[key], names[key], "label" if key == "label" else "image", shape, affine, names[first],
+                        affine_atol)
     return shape, affine
+
+
+def check_same_grid(img: Any, name: str, kind: str, shape: Sequence[int], affine: Any, reference: str,
+                    affine_atol: float) -> None:
+    """Check that ``img`` (the ``kind`` file ``name``) lies on the reference grid ``shape``/``affine``
+    of the file ``reference``, within ``affine_atol`` mm.
+
+    Raises:
+        NiftiError: a 2D/4D image, another shape, or an affine further than ``affine_atol`` away.
+    """
+    other = validate_spatial_shape(img.shape, name)
+    if other != tuple(shape):
+        raise NiftiError(f"{name}: {kind} shape {other} != {reference} shape {tuple(shape)}")
+    diff = float(np.abs(np.asarray(img.affine) - np.asarray(affine)).max())
+    if not np.isfinite(diff) or diff > affine_atol:
+        raise NiftiError(f"{name}: affine differs from {reference} (max difference {diff:.4g})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +291,7 @@ __all__ = [
     "IN_MEMORY_BYTES",
     "SLAB_BYTES",
     "check_case",
+    "check_same_grid",
     "header_codes",
     "lazy_volume",
     "load",

@@ -270,8 +270,6 @@ def _reference_counts(case_id: str, label: str, record: Any, mask: Any, ctx: Sta
     """Confusion counts of the scan-geometry mask against the reference label, chunk by chunk."""
     import contextlib
 
-    from ossnet.preprocess import validate_spatial_shape
-
     if label == "store":
         from pipelines.store import open_store
 
@@ -279,16 +277,18 @@ def _reference_counts(case_id: str, label: str, record: Any, mask: Any, ctx: Sta
         return volumes.mask_counts(mask, volumes.scan_view(np.asarray(grid), record, order=0))
     with local_files([label], ctx.source_options) as local, contextlib.ExitStack() as stack:
         img = nifti.load(stack.enter_context(nifti.seekable(local[label], label)), label)
-        shape = validate_spatial_shape(img.shape, label)
-        if shape != tuple(record.original_shape):
-            raise nifti.NiftiError(f"{label}: label shape {shape} != image shape {tuple(record.original_shape)}")
-        diff = float(np.abs(np.asarray(img.affine) - np.asarray(record.original_affine)).max())
-        if not np.isfinite(diff) or diff > ctx.affine_atol:
-            raise nifti.NiftiError(f"{label}: label affine differs from the image's (max difference {diff:.4g})")
+        nifti.check_same_grid(img, label, "label", record.original_shape, record.original_affine, "the image",
+                              ctx.affine_atol)
         ref = nifti.lazy_volume(img, label, dtype=None)
-        if np.issubdtype(ref.dtype, np.floating) and not bool(np.isfinite(ref).all().compute()):
-            raise nifti.NiftiError(f"{label}: non-finite voxels (NaN or Inf)")
+        if np.issubdtype(ref.dtype, np.floating):  # checked in the same pass that counts
+            ref = ref.map_blocks(_finite_block, label, dtype=ref.dtype)
         return volumes.mask_counts(mask, ref > 0)
+
+
+def _finite_block(block: np.ndarray, name: str) -> np.ndarray:
+    if not np.isfinite(block).all():
+        raise nifti.NiftiError(f"{name}: non-finite voxels (NaN or Inf)")
+    return block
 
 
 def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:

@@ -396,3 +396,26 @@ def test_address_submits_the_same_command_as_a_cluster_job(monkeypatch: pytest.M
     args = configure_infer_parser(argparse.ArgumentParser()).parse_args(argv[1:])
     assert run_infer_cli(args) == 0
     assert calls == [("http://127.0.0.1:8275", ["infer", "s3://b/in", "--output", "s3://b/out", "--actors", "4"])]
+
+
+def test_a_bad_reference_label_leaves_the_prediction_and_says_why(tmp_path: Path, tiny_model) -> None:
+    """The mask is written either way; the Dice is missing, with a one-line note naming the file."""
+    _, ckpt, spec = tiny_model
+    shape = (23, 17, 11)
+    image = _save(tmp_path / "in" / "s.nii.gz", _scan(shape, 5))
+    nan_label = np.zeros(shape, np.float32)
+    nan_label[3, 3, 3] = np.nan
+    cases = {
+        "nan": (_save(tmp_path / "nan.nii.gz", nan_label), "nan.nii.gz: non-finite voxels (NaN or Inf)"),
+        "shape": (_save(tmp_path / "shape.nii.gz", np.zeros((23, 17, 12), np.uint8)),
+                  "shape.nii.gz: label shape (23, 17, 12) != the image shape (23, 17, 11)"),
+        "affine": (_save(tmp_path / "affine.nii.gz", np.zeros(shape, np.uint8), AFFINE + np.eye(4) * 0.5),
+                   "affine.nii.gz: affine differs from the image"),
+    }
+    predictor = CasePredictor(ckpt, mode="dense", chunk_points=1024)
+    for name, (label, message) in cases.items():
+        ctx = _ctx(spec, tmp_path / f"out-{name}")
+        result = process_case(InferCase("s", images=(("t1", image),), label=label), ctx, predictor)
+        assert result.status == "ok" and Path(result.mask).is_file(), name
+        assert math.isnan(result.dice) and message in result.error, (name, result.error)
+        assert "\n" not in result.error
