@@ -6,6 +6,24 @@ in ``mise``; the rectilinear-grid helpers in ``grid``.
 
 from __future__ import annotations
 
-from ossnet.inference.inferer import DEFAULT_COARSE_STRIDE, DEFAULT_SEED_THRESHOLD, MODES, InferenceResult, Inferer
+from ossnet.inference.inferer import (
+    DEFAULT_COARSE_STRIDE,
+    DEFAULT_PROBE_STRIDE,
+    DEFAULT_RECALL_MARGIN,
+    DEFAULT_SEED_THRESHOLD,
+    MAX_RECALL_MARGIN,
+    MODES,
+    InferenceResult,
+    Inferer,
+)
 
-__all__ = ["DEFAULT_COARSE_STRIDE", "DEFAULT_SEED_THRESHOLD", "InferenceResult", "Inferer", "MODES"]
+__all__ = [
+    "DEFAULT_COARSE_STRIDE",
+    "DEFAULT_PROBE_STRIDE",
+    "DEFAULT_RECALL_MARGIN",
+    "DEFAULT_SEED_THRESHOLD",
+    "MAX_RECALL_MARGIN",
+    "InferenceResult",
+    "Inferer",
+    "MODES",
+]

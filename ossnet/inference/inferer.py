@@ -30,6 +30,7 @@ DEFAULT_COARSE_STRIDE = 4
 DEFAULT_SEED_THRESHOLD = 0.3
 DEFAULT_PROBE_STRIDE = 8
 DEFAULT_RECALL_MARGIN = 8.0
+MAX_RECALL_MARGIN = 50.0  # logits; beyond this every cell of a float32 sigmoid is "uncertain"
 Array = Union[np.ndarray, torch.Tensor]
 
 
@@ -146,8 +147,9 @@ class Inferer:
         if self.probe_stride and (not _is_power_of_two(self.probe_stride) or self.probe_stride < self.stride):
             raise ValueError(f"inferer.probe_stride: must be 0 or a power of two >= coarse_stride={self.stride}, "
                              f"got {self.probe_stride}")
-        if not 0.0 <= self.recall_margin <= 50.0:
-            raise ValueError(f"inferer.recall_margin: must be in [0, 50] (logits), got {self.recall_margin}")
+        if not 0.0 <= self.recall_margin <= MAX_RECALL_MARGIN:
+            raise ValueError(f"inferer.recall_margin: must be in [0, {MAX_RECALL_MARGIN:g}] (logits), "
+                             f"got {self.recall_margin}")
         if self.safety_band < 0 or self.dilation < 0:
             raise ValueError(f"inferer.safety_band/dilation: must be >= 0, got {self.safety_band}/{self.dilation}")
         if self.probability_dtype not in ("float32", "float16"):
@@ -282,6 +284,7 @@ __all__ = [
     "DEFAULT_PROBE_STRIDE",
     "DEFAULT_RECALL_MARGIN",
     "DEFAULT_SEED_THRESHOLD",
+    "MAX_RECALL_MARGIN",
     "InferenceResult",
     "Inferer",
     "MODES",

@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import TextIO
 
+from ossnet.inference import DEFAULT_RECALL_MARGIN
 from pipelines.infer.job import INPUT_LAYOUTS, MODES, InferError, InferJob
 from pipelines.jobconfig import OverrideFlag, add_config_arguments, load_job, overrides_from_args
 from pipelines.jobrunner import JobCommand, run_job_command
@@ -35,7 +36,8 @@ FLAGS: tuple[OverrideFlag, ...] = (
                  "MISE when the model has a low-res head, else dense-start MISE)"),
     OverrideFlag("--chunk-points", "chunk_points", int, "points per decoder pass; bounds memory (default: 16384)"),
     OverrideFlag("--recall-margin", "recall_margin", float, "MISE also refines cells within this many logits of "
-                 "the threshold: more finds smaller, sharper structures, at more queries (default: 8)"),
+                 "the threshold: more finds smaller, sharper structures, at more queries "
+                 f"(default: {DEFAULT_RECALL_MARGIN:g})"),
     OverrideFlag("--actors", "actors", int, "predictor actors (default: 1)"),
     OverrideFlag("--gpus-per-actor", "gpus_per_actor", float, "GPUs per actor (default: 1 if the cluster has GPUs)"),
     OverrideFlag("--cpus-per-actor", "cpus_per_actor", float, "CPUs per actor (default: 1)"),

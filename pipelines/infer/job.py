@@ -9,12 +9,14 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
+from ossnet.inference import MAX_RECALL_MARGIN
+from ossnet.inference import MODES as INFERENCE_MODES
 from pipelines.constants import SPLITS
 from pipelines.files import absolute_url
 from pipelines.tracking.registry import DEFAULT_MODEL_SPEC
 
 INPUT_LAYOUTS: tuple[str, ...] = ("auto", "nifti", "brats", "lits", "generic", "zarr")
-MODES: tuple[str, ...] = ("auto", "dense", "mise", "mise_lowres")  # "auto": mise_lowres if the model has a low-res head
+MODES: tuple[str, ...] = ("auto", *INFERENCE_MODES)  # "auto": mise_lowres if the model has a low-res head
 STATUSES: tuple[str, ...] = ("ok", "failed", "skipped")
 REPORT_COLUMNS: tuple[str, ...] = (
     "case_id", "status", "error", "seconds", "predict_seconds", "n_queries", "foreground_ml", "dice", "iou", "mode",
@@ -102,8 +104,8 @@ class InferJob:
             (self.split is None or self.split in SPLITS, "split",
              f"must be one of {', '.join(SPLITS)}, got {self.split!r}"),
             (int(self.chunk_points) >= 1, "chunk_points", f"must be >= 1, got {self.chunk_points}"),
-            (self.recall_margin is None or 0 <= float(self.recall_margin) <= 50, "recall_margin",
-             f"must be in [0, 50] logits, got {self.recall_margin}"),
+            (self.recall_margin is None or 0 <= float(self.recall_margin) <= MAX_RECALL_MARGIN, "recall_margin",
+             f"must be in [0, {MAX_RECALL_MARGIN:g}] logits, got {self.recall_margin}"),
             (int(self.actors) >= 1, "actors", f"must be >= 1, got {self.actors}"),
             (self.gpus_per_actor is None or float(self.gpus_per_actor) >= 0, "gpus_per_actor",
              f"must be >= 0, got {self.gpus_per_actor}"),
