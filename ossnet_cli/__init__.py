@@ -135,14 +135,13 @@ def parse_entrypoint(command: str) -> argparse.Namespace:
 
 
 def _describe(job: Any) -> str:
-    """YAML of a validated job dataclass (its run name too when it has one)."""
-    if not (dataclasses.is_dataclass(job) and not isinstance(job, type)):
+    """YAML of a validated job (its run name too when it has one)."""
+    to_dict = getattr(job, "to_dict", None)
+    if not callable(to_dict):
         return f"{job!r}\n"
     import yaml
 
-    from pipelines.jobconfig import to_dict
-
-    text = yaml.safe_dump(to_dict(job), sort_keys=False, default_flow_style=False)
+    text = yaml.safe_dump(to_dict(), sort_keys=False, default_flow_style=False)
     # Derived names (TrainJob.run_name, TuneJob.name) decide what a re-run resumes: show them.
     for attr, label in (("run_name", "run name"), ("name", "name")):
         if isinstance(getattr(type(job), attr, None), property):

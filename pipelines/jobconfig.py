@@ -1,21 +1,22 @@
-"""Job configuration: YAML files and command-line overrides parsed into frozen dataclasses.
+"""Job configuration: YAML files and command-line overrides parsed into frozen pydantic models.
 
-Generic over the job class (``TrainJob``, ``TuneJob``, ``InferJob``...): a job is a frozen
-dataclass whose fields are plain values or nested frozen dataclasses ("sections"). Parsing
-checks everything once, before any work starts, and every error names the offending field by
-its dotted path, e.g. ``train.epochs: must be >= 1, got 0``:
-
-- unknown keys, missing required fields and wrongly typed values (by the field annotations:
-  ``int``, ``float``, ``bool``, ``str``, ``X | None``, ``Literal[...]``, ``tuple[int, ...]``,
-  ``tuple[int, int, int]``, ``dict[str, float]``, nested dataclasses);
-- bounds and choices declared on the field (:func:`constrained`);
-- cross-field rules in the class's own ``validate()`` method (called after construction).
+Every job (``IngestJob``, ``TrainJob``, ``TuneJob``, ``InferJob``) is a :class:`JobModel`: a
+frozen pydantic v2 model whose fields are plain values, nested models ("sections") or the plain
+``ossnet.config`` dataclasses (:data:`Checked` runs their ``validate()``). Pydantic checks
+types, bounds (``Field(ge=...)``), choices (``Literal[...]`` built from the tuples in
+``ossnet.config`` and ``ossnet.inference``) and unknown keys; cross-field rules are
+``model_validator(mode="after")`` methods that raise :class:`ConfigError` naming the field
+relative to their model; a plain ``ValueError`` (from a field validator, or a model validator
+about its whole model) carries the message only and is named by where it was raised.
+Whatever fails, the job raises one line naming the field by its dotted
+path, e.g. ``train.epochs: must be >= 1, got 0`` (:func:`describe_error`).
 
 Overrides are ``key=value`` strings whose value is read as YAML (``train.epochs=3``,
 ``train.milestones=[20, 30]``, ``run.name=null``); dedicated flags such as ``--epochs`` map onto
 the same keys (:class:`OverrideFlag`). Typical use::
 
     job = load_job(TrainJob, "configs/brats2020.yaml", ["train.epochs=3", "scaling.num_workers=2"])
+    trial = job.updated({"train.alpha": 0.3, "run.name": "trial-1"})   # validated again
 """
 
 from __future__ import annotations
@@ -25,20 +26,19 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
-import types
+import os
+import re
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from ossnet.config import ConfigError
 
-T = TypeVar("T")
-
-_MISSING = dataclasses.MISSING
+M = TypeVar("M", bound="JobModel")
 
 
 class _NoConst:
@@ -51,230 +51,222 @@ class _NoConst:
 NO_CONST = _NoConst()
 
 
-def constrained(
-    default: Any = _MISSING,
-    *,
-    default_factory: Any = _MISSING,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    choices: Sequence[Any] | None = None,
-    item_ge: float | None = None,
-    help: str = "",
-) -> Any:
-    """A dataclass field with bounds/choices that :func:`parse_section` checks (None is exempt).
+# --------------------------------------------------------------------------- models
 
-    Args:
-        default / default_factory: as for ``dataclasses.field``.
-        ge, gt, le, lt: numeric bounds on the value.
-        choices: allowed values.
-        item_ge: lower bound on every item of a tuple value.
-        help: one-line description (used by generated docs and ``--help``).
+
+class JobModel(BaseModel):
+    """Base of every job and section: frozen, unknown keys refused, NaN/inf refused, and numbers
+    accepted where text is expected (a YAML ``name: 2024`` is the string "2024").
+
+    A job sets ``error_type`` (the exception its callers catch) and ``error_prefix`` (``"ingest."``
+    for flat jobs whose fields are command-line flags): :meth:`parse` raises it with one line
+    naming the first bad field. Jobs built from keywords derive from :class:`Job`.
     """
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, item_ge=item_ge).items() if v is not None}
-    meta["help"] = help
-    if default_factory is not _MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True,
+                              revalidate_instances="always")
+    error_type: ClassVar[type[Exception]] = ConfigError
+    error_prefix: ClassVar[str] = ""
 
-# --------------------------------------------------------------------------- type coercion
+    @classmethod
+    def parse(cls: type[M], data: Mapping[str, Any] | None) -> M:
+        """The job a mapping describes (None: all defaults).
 
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return "null"
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (tuple, list):
-        return "a list"
-    if origin in (dict, Mapping) or tp is dict:
-        return "a mapping"
-    if is_dataclass(tp):
-        return "a mapping"
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _fail(path: str, message: str) -> ConfigError:
-    return ConfigError(f"{path}: {message}" if path else message)
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    """``value`` converted to annotation ``tp``; ConfigError naming ``path`` when impossible."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if is_dataclass(tp) and isinstance(tp, type):
-        return parse_section(tp, value, path)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _fail(path, f"must not be null (expected {_type_name(tp)})")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        raise _fail(path, f"expected {_type_name(tp)}, got {value!r}")
-    if value is None:
-        raise _fail(path, f"must not be null (expected {_type_name(tp)})")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise _fail(path, f"must be {_type_name(tp)}, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _fail(path, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not value.is_integer()
-        ):
-            raise _fail(path, f"expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise _fail(path, f"expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(path, f"expected a number, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise _fail(path, f"must be finite, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise _fail(path, f"expected a string, got {value!r}")
-        return str(value)
-    if origin in (tuple, list):
-        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
-            raise _fail(path, f"expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise _fail(path, f"expected a list of {len(args)} items, got {len(value)}")
-            return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        items = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise _fail(path, f"expected a mapping, got {value!r}")
-        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        return {_coerce(key_tp, k, path): _coerce(val_tp, v, f"{path}.{k}") for k, v in value.items()}
-    if isinstance(tp, type):
-        if not isinstance(value, tp):
-            raise _fail(path, f"expected {_type_name(tp)}, got {value!r}")
-        return value
-    raise TypeError(f"{path}: unsupported annotation {tp!r}")
-
-
-def _check_constraints(meta: Mapping[str, Any], value: Any, path: str) -> None:
-    if value is None:
-        return
-    if "choices" in meta and value not in meta["choices"]:
-        raise _fail(path, f"must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-    bounds = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
-              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
-    for key, sign, ok in bounds:
-        if key in meta and not ok(value, meta[key]):
-            raise _fail(path, f"must be {sign} {meta[key]}, got {value!r}")
-    if "item_ge" in meta and any(v < meta["item_ge"] for v in value):
-        raise _fail(path, f"every item must be >= {meta['item_ge']}, got {list(value)}")
-
-
-def _prefix_error(exc: ConfigError, path: str) -> ConfigError:
-    """Make a ``validate()`` message (which names the field relative to its own section) absolute."""
-    message = str(exc)
-    parent = path.rpartition(".")[0]
-    if path and not message.startswith(path) and parent:
-        return ConfigError(f"{parent}.{message}")
-    return exc
-
-
-def parse_section(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, checking keys, types, constraints and ``validate()``.
-
-    Args:
-        cls: a dataclass (nested dataclass fields are parsed recursively).
-        data: the mapping (None means all defaults).
-        path: dotted path of this section, used in error messages ("" for the top level).
-
-    Raises:
-        ConfigError: the first problem found, naming the field by its dotted path.
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise _fail(path, f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        raise _fail(where, f"unknown field; expected one of: {', '.join(known)}")
-    kwargs: dict[str, Any] = {}
-    for name, f in known.items():
-        sub = f"{path}.{name}" if path else name
-        if name in data:
-            value = _coerce(hints[name], data[name], sub)
-        elif is_dataclass(hints[name]) and f.default is _MISSING and f.default_factory is _MISSING:
-            value = parse_section(hints[name], None, sub)
-        elif f.default is _MISSING and f.default_factory is _MISSING:
-            raise _fail(sub, "required field is missing")
-        else:
-            continue
-        _check_constraints(f.metadata, value, sub)
-        kwargs[name] = value
-    try:
-        obj = cls(**kwargs)
-    except ConfigError as exc:
-        raise _prefix_error(exc, path) from None
-    except (TypeError, ValueError) as exc:
-        raise _fail(path, str(exc)) from None
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
+        Raises:
+            ``error_type``: the first problem, naming the field by its dotted path.
+        """
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise cls.error_type(f"expected a mapping of sections, got {type(data).__name__}")
         try:
-            validate()
-        except ConfigError as exc:
-            raise _prefix_error(exc, path) from None
-    return obj
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise cls.error_type(describe_error(exc, cls, cls.error_prefix)) from None
+
+    def updated(self: M, changes: Mapping[str, Any]) -> M:
+        """A copy with each dotted key of ``changes`` set (``{"train.alpha": 0.3}``), validated
+        again as a whole, so cross-field rules see the new values.
+
+        Raises:
+            ``error_type``: an unknown key or an invalid result, naming the field.
+        """
+        root: Any = self
+        for key, value in changes.items():
+            root = _set_path(root, key.split("."), value, key)
+        return type(self).parse(dict(root))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain form (sections -> dicts, tuples -> lists), for YAML, JSON and MLflow."""
+        return self.model_dump(mode="json")
 
 
-def to_dict(obj: Any) -> Any:
-    """Nested plain form of a config (dataclasses -> dicts, tuples -> lists), for YAML/JSON."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+class Job(JobModel):
+    """A top-level job: constructing it from keywords (``IngestJob(source=..., store=...)``)
+    raises ``error_type`` with one line, like :meth:`parse`. Sections stay plain
+    :class:`JobModel`: pydantic calls a custom ``__init__`` for nested models too, and their
+    errors must reach the job whole to be named by their full path."""
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise type(self).error_type(describe_error(exc, type(self), type(self).error_prefix)) from None
 
 
-def dump_yaml(obj: Any) -> str:
-    """A config as YAML text, in field order."""
-    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None)
+def _set_path(node: Any, parts: list[str], value: Any, key: str) -> Any:
+    name, rest = parts[0], parts[1:]
+    if isinstance(node, BaseModel):
+        names = type(node).model_fields
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        names = {f.name: f for f in dataclasses.fields(node)}
+    elif isinstance(node, Mapping) and rest == []:
+        return {**node, name: value}
+    else:
+        names = {}
+    if name not in names:
+        raise ConfigError(f"{key}: unknown field")
+    new = _set_path(getattr(node, name), rest, value, key) if rest else value
+    if isinstance(node, BaseModel):
+        return node.model_copy(update={name: new})
+    return dataclasses.replace(node, **{name: new})
 
 
-def config_hash(obj: Any, exclude: Iterable[str] = (), length: int = 8) -> str:
-    """A short stable hash of a config, leaving out the dotted keys (or sections) in ``exclude``."""
-    data = to_dict(obj)
+def _text(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+#: A required text field (a path, URL or name): ``os.PathLike`` accepted, blank refused.
+NonBlank = Annotated[str, BeforeValidator(_text), AfterValidator(_not_blank)]
+
+
+def safe_name(max_length: int) -> Any:
+    """The type of a name used in paths and run keys: 1 to ``max_length`` letters, digits, '.',
+    '_' or '-', starting with a letter or digit."""
+    pattern = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{max_length - 1}}}$")
+
+    def check(name: str) -> str:
+        if not pattern.match(name):
+            raise ValueError(f"{name!r} must be 1-{max_length} letters, digits, '.', '_' or '-'")
+        return name
+
+    return Annotated[str, AfterValidator(check)]
+
+
+def _checked(config: Any) -> Any:
+    config.validate()
+    return config
+
+
+T = TypeVar("T")
+#: An ``ossnet.config`` dataclass (``SamplingConfig``, ``AugmentConfig``) as a job section:
+#: pydantic checks its field types, then its own ``validate()`` runs.
+Checked = Annotated[T, AfterValidator(_checked)]
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+def _loc_text(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _field_names(cls: Any, loc: Sequence[int | str]) -> list[str]:
+    """Field names of the model or dataclass found by following ``loc`` from ``cls``."""
+    for part in loc:
+        if isinstance(part, int):
+            cls = next(iter(typing.get_args(cls)), None)
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            info = cls.model_fields.get(part)
+            cls = info.annotation if info is not None else None
+        elif dataclasses.is_dataclass(cls):
+            cls = typing.get_type_hints(cls).get(part)
+        else:
+            return []
+        while typing.get_origin(cls) is not None and typing.get_origin(cls) is not tuple:
+            cls = next((a for a in typing.get_args(cls) if a is not type(None)), None)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return []
+
+
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+           "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+_EXPECTED = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+    "tuple": "a list", "list": "a list", "dict": "a mapping", "model": "a mapping", "dataclass": "a mapping",
+}
+
+
+def _message(error: Mapping[str, Any], root: Any) -> tuple[str, str]:
+    """``(path, message)`` of one pydantic error."""
+    kind, loc, value, ctx = error["type"], tuple(error["loc"]), error.get("input"), error.get("ctx") or {}
+    path = _loc_text(loc)
+    if kind in ("value_error", "assertion_error") and isinstance(ctx.get("error"), ConfigError):
+        # A model validator's ConfigError names its field from that model ("milestones: ..."),
+        # or from the job's top (ossnet.config's own "sampling.n_points: ...").
+        text = str(ctx["error"])
+        if not path or text.startswith((path + ".", path + ":", path + "[")):
+            return "", text
+        return "", f"{path}.{text}"
+    if kind == "value_error" and "error" in ctx:  # a field validator's ValueError: the message only
+        return path, str(ctx["error"])
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        names = _field_names(root, loc[:-1])
+        return path, "unknown field" + (f"; expected one of: {', '.join(names)}" if names else "")
+    if kind in ("missing", "missing_argument"):
+        if loc and isinstance(loc[-1], int):
+            return _loc_text(loc[:-1]), f"too few items: item [{loc[-1]}] is missing"
+        return path, "required field is missing"
+    if kind == "too_long":
+        return path, f"expected a list of at most {ctx.get('max_length')} items, got {ctx.get('actual_length')}"
+    if kind in _BOUNDS:
+        sign, key = _BOUNDS[kind]
+        return path, f"must be {sign} {ctx.get(key)}, got {value!r}"
+    if kind == "literal_error":
+        return path, f"must be one of {ctx.get('expected')}, got {value!r}"
+    if kind == "finite_number":
+        return path, f"must be finite, got {value!r}"
+    if kind == "int_from_float":
+        return path, f"expected an integer, got {value!r}"
+    head = kind.split("_")[0]
+    if head in _EXPECTED and kind.endswith(("_type", "_parsing")):
+        return path, f"expected {_EXPECTED[head]}, got {value!r}"
+    return path, str(error.get("msg", kind))
+
+
+def describe_error(exc: ValidationError, root: Any = None, prefix: str = "") -> str:
+    """One line for the first error of a pydantic ``ValidationError``: ``dotted.path: message``."""
+    path, text = _message(exc.errors(include_url=False)[0], root)
+    if path:
+        return f"{prefix}{path}: {text}"
+    return text if text.startswith(prefix) else f"{prefix}{text}"
+
+
+# --------------------------------------------------------------------------- dumps, hashes
+
+
+def dump_yaml(job: JobModel) -> str:
+    """A job as YAML text, in field order."""
+    return yaml.safe_dump(job.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def config_hash(job: JobModel | Mapping[str, Any], exclude: Iterable[str] = (), length: int = 8) -> str:
+    """A short stable hash of a job (or its plain form), leaving out the dotted keys (or
+    sections) in ``exclude``."""
+    data = job.to_dict() if isinstance(job, JobModel) else copy.deepcopy(dict(job))
     for key in exclude:
         node = data
         *parents, last = key.split(".")
@@ -341,12 +333,12 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str | tuple[str
 
 
 def load_job(
-    cls: type[T],
+    cls: type[M],
     path: str | Path | None = None,
     overrides: Iterable[str | tuple[str, Any]] = (),
     *,
     base: Mapping[str, Any] | None = None,
-) -> T:
+) -> M:
     """Parse a job: ``base`` (a mapping), then the YAML file at ``path``, then ``overrides``.
 
     Raises:
@@ -356,7 +348,7 @@ def load_job(
     if path is not None:
         data = _merge(data, load_yaml(path))
     data = apply_overrides(data, overrides)
-    return parse_section(cls, data)
+    return cls.parse(data)
 
 
 def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -457,20 +449,23 @@ def config_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] = (
 
 
 __all__ = [
-    "TRACKING_FLAGS",
-    "add_submission_arguments",
-    "config_from_args",
+    "Checked",
     "ConfigError",
+    "Job",
+    "JobModel",
+    "NonBlank",
     "OverrideFlag",
+    "TRACKING_FLAGS",
     "add_config_arguments",
+    "add_submission_arguments",
     "apply_overrides",
+    "config_from_args",
     "config_hash",
-    "constrained",
+    "describe_error",
     "dump_yaml",
     "load_job",
     "load_yaml",
     "overrides_from_args",
     "parse_override",
-    "parse_section",
-    "to_dict",
+    "safe_name",
 ]

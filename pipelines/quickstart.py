@@ -24,7 +24,7 @@ import argparse
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,7 @@ def ingest_own_store(job: Any) -> Any:
         if not isinstance(exc.__cause__, StoreError):
             raise
         logger.warning("quickstart: rebuilding %s (%s)", job.store, exc)
-        return ingest(replace(job, overwrite=True))
+        return ingest(job.updated({"overwrite": True}))
 
 
 def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:

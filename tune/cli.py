@@ -65,11 +65,11 @@ def configure_tune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def job_from_args(args: argparse.Namespace):  # -> TuneJob
     """The ``TuneJob`` a parsed command line describes (validated)."""
-    from tune.job import tune_job_from_dict
+    from tune.job import TuneJob
 
     if args.retry_failed and not args.resume:
         raise ConfigError("--retry-failed: only with --resume")
-    return tune_job_from_dict(config_from_args(args, OVERRIDE_FLAGS))
+    return TuneJob.parse(config_from_args(args, OVERRIDE_FLAGS))
 
 
 def _store_hint(job) -> str:  # job: TuneJob
@@ -111,10 +111,8 @@ def _dry_run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
 
 
 def _submit_argv(args: argparse.Namespace, job: Any, out: TextIO) -> list[str]:
-    from tune.job import tune_job_to_dict
-
     resolved = job.resolved()
-    argv = ["tune", "--config-json", json.dumps(tune_job_to_dict(resolved))]
+    argv = ["tune", "--config-json", json.dumps(resolved.to_dict())]
     argv += ["--resume"] if args.resume else []
     argv += ["--retry-failed"] if args.retry_failed else []
     out.write(f"submitting sweep {resolved.name} to {args.address}\n")

@@ -1,4 +1,4 @@
-"""The search space of a sweep: YAML -> validated frozen dataclasses -> Optuna define-by-run.
+"""The search space of a sweep: YAML -> validated frozen models -> Optuna define-by-run.
 
 Five parameters can be searched; each has a default range, and ``null`` takes it out of the
 search (the training config's own value is then used by every trial)::
@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+
+from pydantic import Field, model_validator
 
 from ossnet.config import ConfigError, ModelConfig
-from pipelines.jobconfig import constrained
+from pipelines.jobconfig import JobModel
 
 if TYPE_CHECKING:
     import optuna
@@ -42,55 +44,47 @@ _SINGLE = {"A": "A", "B": "A", "C": "C", "D": "C"}
 _MULTI = {"A": "B", "B": "B", "C": "D", "D": "D"}
 
 
-def _check_range(path: str, low: float, high: float) -> None:
-    if not low < high:
-        raise ConfigError(f"{path}: empty range: low ({low:g}) must be < high ({high:g}); to keep one value, "
-                          "set the parameter to null and put the value in the training config")
+class _Range(JobModel):
+    """A numeric range ``[low, high]`` with ``low < high``."""
+
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "_Range":
+        if not self.low < self.high:
+            raise ValueError(f"empty range: low ({self.low:g}) must be < high ({self.high:g}); to keep one "
+                              "value, set the parameter to null and put the value in the training config")
+        return self
 
 
-@dataclass(frozen=True)
-class AlphaSpace:
+class AlphaSpace(_Range):
     """Auxiliary-loss weight: log-uniform in [low, high], plus alpha = 0 when ``zero``."""
 
-    low: float = constrained(0.01, gt=0.0, help="smallest non-zero alpha (log-uniform)")
-    high: float = constrained(1.0, gt=0.0, help="largest alpha")
-    zero: bool = constrained(True, help="also try alpha = 0 (no auxiliary loss)")
-
-    def validate(self) -> None:
-        _check_range("space.alpha", self.low, self.high)
+    low: float = Field(0.01, gt=0.0, description="smallest non-zero alpha (log-uniform)")
+    high: float = Field(1.0, gt=0.0, description="largest alpha")
+    zero: bool = Field(True, description="also try alpha = 0 (no auxiliary loss)")
 
 
-@dataclass(frozen=True)
-class BorderRatioSpace:
+class BorderRatioSpace(_Range):
     """Fraction of training points drawn from the border band: uniform in [low, high]."""
 
-    low: float = constrained(0.0, ge=0.0, le=1.0)
-    high: float = constrained(0.9, ge=0.0, le=1.0)
-
-    def validate(self) -> None:
-        _check_range("space.border_ratio", self.low, self.high)
+    low: float = Field(0.0, ge=0.0, le=1.0)
+    high: float = Field(0.9, ge=0.0, le=1.0)
 
 
-@dataclass(frozen=True)
-class BandWidthSpace:
+class BandWidthSpace(_Range):
     """Half-width in voxels of the border band: an integer in [low, high] (both included)."""
 
-    low: int = constrained(2, ge=0)
-    high: int = constrained(8, ge=0)
-
-    def validate(self) -> None:
-        _check_range("space.band_width", self.low, self.high)
+    low: int = Field(2, ge=0)
+    high: int = Field(8, ge=0)
 
 
-@dataclass(frozen=True)
-class LrSpace:
+class LrSpace(_Range):
     """Learning rate: log-uniform in [low, high]."""
 
-    low: float = constrained(1e-4, gt=0.0)
-    high: float = constrained(3e-3, gt=0.0)
-
-    def validate(self) -> None:
-        _check_range("space.lr", self.low, self.high)
+    low: float = Field(1e-4, gt=0.0)
+    high: float = Field(3e-3, gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -127,26 +121,28 @@ def parse_patch_choice(value: Any, path: str = "patch_size") -> PatchChoice:
     return PatchChoice(size, multiscale=True)
 
 
-@dataclass(frozen=True)
-class SearchSpace:
+class SearchSpace(JobModel):
     """What a sweep searches; ``None`` leaves a parameter at the training config's value."""
 
-    alpha: AlphaSpace | None = field(default_factory=AlphaSpace)
-    patch_size: tuple[int | str, ...] | None = constrained((5, 7, 9, "7+14"), help="odd sizes and 'k+2k' options")
-    border_ratio: BorderRatioSpace | None = field(default_factory=BorderRatioSpace)
-    band_width: BandWidthSpace | None = field(default_factory=BandWidthSpace)
-    lr: LrSpace | None = field(default_factory=LrSpace)
+    alpha: Optional[AlphaSpace] = Field(default_factory=AlphaSpace)
+    patch_size: Optional[tuple[Union[int, str], ...]] = Field((5, 7, 9, "7+14"),
+                                                               description="odd sizes and 'k+2k' options")
+    border_ratio: Optional[BorderRatioSpace] = Field(default_factory=BorderRatioSpace)
+    band_width: Optional[BandWidthSpace] = Field(default_factory=BandWidthSpace)
+    lr: Optional[LrSpace] = Field(default_factory=LrSpace)
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _choices(self) -> "SearchSpace":
         if self.patch_size is not None:
             if not self.patch_size:
-                raise ConfigError("space.patch_size: no choices; list at least one or set it to null")
-            labels = [parse_patch_choice(v, f"space.patch_size[{i}]").label for i, v in enumerate(self.patch_size)]
+                raise ConfigError("patch_size: no choices; list at least one or set it to null")
+            labels = [parse_patch_choice(v, f"patch_size[{i}]").label for i, v in enumerate(self.patch_size)]
             duplicates = sorted({x for x in labels if labels.count(x) > 1})
             if duplicates:
-                raise ConfigError(f"space.patch_size: duplicate choices {', '.join(duplicates)}")
+                raise ConfigError(f"patch_size: duplicate choices {', '.join(duplicates)}")
         if self.searched() == ():
             raise ConfigError("space: every parameter is null; search at least one of " + ", ".join(PARAMETERS))
+        return self
 
     def searched(self) -> tuple[str, ...]:
         """Names of the searched parameters, in ``PARAMETERS`` order."""

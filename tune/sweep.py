@@ -24,16 +24,16 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ossnet.config import ConfigError
-from pipelines.jobconfig import dump_yaml, to_dict
+from pipelines.jobconfig import dump_yaml
 from pipelines.train.job import TrainJob, check_against_store
 from pipelines.train.state import SCORE_METRIC
 from pipelines.tracking.tags import BEST_RUN_TAG, BEST_TRIAL_TAG
-from tune.job import TuneJob, tune_job_to_dict
+from tune.job import TuneJob
 from tune.space import OptunaSpace
 from tune.summary import TrialSummary, best_trial, rank_trials, status_counts, summarize_trial, to_csv, to_markdown
 from tune.trial import TRIAL_RUNS_DIR, TrialHook, run_trial, trial_run_name
@@ -139,7 +139,7 @@ def prepare(job: TuneJob) -> tuple[TuneJob, str | None]:
         except TrackingConfigError as exc:
             raise ConfigError(f"tracking.uri: {exc}") from None
         # Trials run in Tune's per-trial folders: they must get the URI, not re-resolve it.
-        job = replace(job, base=replace(job.base, tracking=replace(job.base.tracking, uri=uri)))
+        job = job.updated({"tracking.uri": uri})
     return job, uri
 
 
@@ -291,9 +291,9 @@ def run_sweep(
         if parent is not None:
             # The parent run exists before any trial: its creation also sets up the tracking
             # database, which concurrent trials would otherwise race to migrate.
-            parent.log_params({"space": to_dict(job.space), "sweep": to_dict(job.sweep),
-                               "scheduler": to_dict(job.scheduler)})
-            parent.log_dict(tune_job_to_dict(job), "config/tune.resolved.yaml")
+            parent.log_params({"space": job.space.to_dict(), "sweep": job.sweep.to_dict(),
+                               "scheduler": job.scheduler.to_dict()})
+            parent.log_dict(job.to_dict(), "config/tune.resolved.yaml")
         trainable = _trainable(job, parent_id, trial_hook)
         if resume:
             logger.info("resuming sweep %s from %s", job.name, job.experiment_path)
@@ -355,7 +355,7 @@ def describe(job: TuneJob) -> str:
              f"# ASHA: max_t {job.max_t} epochs, grace {job.scheduler.grace_period}, "
              f"reduction factor {job.scheduler.reduction_factor:g}",
              *(f"# search {line}" for line in job.space.describe())]
-    return dump_yaml(tune_job_to_dict(job)) + "\n".join(lines) + "\n"
+    return dump_yaml(job) + "\n".join(lines) + "\n"
 
 
 __all__ = [

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Mapping
 
-from pipelines.jobconfig import apply_overrides, parse_section, to_dict
 from pipelines.train.job import TrainJob
 from tune.space import trial_overrides
 
@@ -43,9 +42,9 @@ def trial_job(base: TrainJob, config: Mapping[str, Any], *, run_name: str, stora
     Raises:
         ConfigError: the settings do not make a valid training job (named field).
     """
-    overrides = trial_overrides(config, base.model.variant)
-    overrides += [("run.name", run_name), ("run.storage_path", storage_path), ("tracking.register", False)]
-    return parse_section(TrainJob, apply_overrides(to_dict(base), overrides))
+    changes = dict(trial_overrides(config, base.model.variant))
+    changes.update({"run.name": run_name, "run.storage_path": storage_path, "tracking.register": False})
+    return base.updated(changes)
 
 
 def run_trial(

@@ -64,7 +64,7 @@ def job_from_args(args: argparse.Namespace) -> InferJob:
     overrides = overrides_from_args(args, FLAGS)
     if args.input is not None:
         overrides.insert(0, ("input", args.input))
-    return load_job(InferJob, args.config, overrides).validate()
+    return load_job(InferJob, args.config, overrides)
 
 
 def _submit_argv(args: argparse.Namespace, job: InferJob, out: TextIO) -> list[str]:

@@ -6,13 +6,17 @@ Pure Python: no torch, Ray or MLflow here, so the CLI parser and the unit tests 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Iterable, Literal, Mapping, Optional
 
+from pydantic import Field, model_validator
+
+from ossnet.config import ConfigError
 from ossnet.inference import MAX_RECALL_MARGIN
 from ossnet.inference import MODES as INFERENCE_MODES
 from pipelines.constants import SPLITS
 from pipelines.files import absolute_url
+from pipelines.jobconfig import Job, NonBlank
 from pipelines.tracking.registry import DEFAULT_MODEL_SPEC
 
 INPUT_LAYOUTS: tuple[str, ...] = ("auto", "nifti", "brats", "lits", "generic", "zarr")
@@ -28,9 +32,8 @@ class InferError(ValueError):
     """The job cannot run at all (bad field, unreadable input, input/model mismatch); one line."""
 
 
-@dataclass(frozen=True)
-class InferJob:
-    """One batch inference run.
+class InferJob(Job):
+    """One batch inference run; constructing it checks every field (``InferError`` naming the first bad one).
 
     Attributes:
         input: a folder or glob of NIfTI files, a single NIfTI file, a BraTS-style folder of case
@@ -67,68 +70,48 @@ class InferJob:
         progress_every: log a progress line every N finished cases (0: about 20 lines per job).
     """
 
-    input: str
-    output: str
-    model: str = DEFAULT_MODEL_SPEC
-    tracking_uri: str | None = None
-    layout: str = "auto"
-    labels: str | None = None
-    split: str | None = None
-    mode: str = "auto"
-    chunk_points: int = 2**14
-    recall_margin: float | None = None
-    actors: int = 1
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1.0
+    error_type: ClassVar[type[Exception]] = InferError
+    error_prefix: ClassVar[str] = "infer."
+
+    input: NonBlank
+    output: NonBlank
+    model: NonBlank = DEFAULT_MODEL_SPEC
+    tracking_uri: Optional[str] = None
+    layout: Literal[INPUT_LAYOUTS] = "auto"
+    labels: Optional[NonBlank] = None
+    split: Optional[Literal[SPLITS]] = None
+    mode: Literal[MODES] = "auto"
+    chunk_points: int = Field(2**14, ge=1)
+    recall_margin: Optional[float] = Field(None, ge=0.0, le=MAX_RECALL_MARGIN)
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: Optional[float] = Field(None, ge=0.0)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
     save_probabilities: bool = False
     save_zarr: bool = False
     overwrite: bool = False
-    storage_options: dict[str, Any] | None = None
-    affine_atol: float = 1e-3
-    report_every_s: float = 30.0
-    progress_every: int = 0
+    storage_options: Optional[dict[str, Any]] = None
+    affine_atol: float = Field(1e-3, ge=0.0)
+    report_every_s: float = Field(30.0, gt=0.0)
+    progress_every: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "InferJob":
+        if self.save_probabilities and self.mode not in ("auto", "dense"):
+            raise ConfigError(f"save_probabilities: needs mode 'dense' or 'auto', not {self.mode!r} (MISE decodes "
+                              "only near the surface; elsewhere its map is an interpolation, not a probability)")
+        if self.split is not None and self.layout not in ("auto", "zarr"):
+            raise ConfigError(f"split: only for Zarr store inputs, not layout {self.layout!r}")
+        return self
 
     @property
     def predictor_mode(self) -> str:
         """The mode the predictors get: "dense" when probability maps are saved under "auto"."""
         return "dense" if self.save_probabilities and self.mode == "auto" else self.mode
 
-    def validate(self) -> "InferJob":
-        """Check every field; raise ``InferError`` naming the first bad one. Returns self."""
-        checks = [
-            (bool(str(self.input).strip()), "input", "must not be empty"),
-            (bool(str(self.output).strip()), "output", "must not be empty"),
-            (bool(str(self.model).strip()), "model", "must not be empty"),
-            (self.layout in INPUT_LAYOUTS, "layout", f"must be one of {', '.join(INPUT_LAYOUTS)}, got {self.layout!r}"),
-            (self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}"),
-            (self.split is None or self.split in SPLITS, "split",
-             f"must be one of {', '.join(SPLITS)}, got {self.split!r}"),
-            (int(self.chunk_points) >= 1, "chunk_points", f"must be >= 1, got {self.chunk_points}"),
-            (self.recall_margin is None or 0 <= float(self.recall_margin) <= MAX_RECALL_MARGIN, "recall_margin",
-             f"must be in [0, {MAX_RECALL_MARGIN:g}] logits, got {self.recall_margin}"),
-            (int(self.actors) >= 1, "actors", f"must be >= 1, got {self.actors}"),
-            (self.gpus_per_actor is None or float(self.gpus_per_actor) >= 0, "gpus_per_actor",
-             f"must be >= 0, got {self.gpus_per_actor}"),
-            (float(self.cpus_per_actor) > 0, "cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}"),
-            (float(self.affine_atol) >= 0, "affine_atol", f"must be >= 0, got {self.affine_atol}"),
-            (float(self.report_every_s) > 0, "report_every_s", f"must be > 0, got {self.report_every_s}"),
-            (int(self.progress_every) >= 0, "progress_every", f"must be >= 0, got {self.progress_every}"),
-        ]
-        for ok, name, message in checks:
-            if not ok:
-                raise InferError(f"infer.{name}: {message}")
-        if self.save_probabilities and self.mode not in ("auto", "dense"):
-            raise InferError(f"infer.save_probabilities: needs mode 'dense' or 'auto', not {self.mode!r} (MISE decodes "
-                             "only near the surface; elsewhere its map is an interpolation, not a probability)")
-        if self.split is not None and self.layout not in ("auto", "zarr"):
-            raise InferError(f"infer.split: only for Zarr store inputs, not layout {self.layout!r}")
-        return self
-
     def normalized(self) -> "InferJob":
-        """Validated copy with local paths made absolute (what the workers receive)."""
-        self.validate()
-        return replace(self, input=absolute_url(self.input), output=absolute_url(self.output).rstrip("/") or "/",
-                       labels=absolute_url(self.labels) if self.labels else None)
+        """A copy with local paths made absolute (what the workers receive)."""
+        return self.updated({"input": absolute_url(self.input), "output": absolute_url(self.output).rstrip("/") or "/",
+                             "labels": absolute_url(self.labels) if self.labels else None})
 
 
 @dataclass(frozen=True)

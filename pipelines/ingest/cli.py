@@ -76,7 +76,7 @@ def job_from_args(args: argparse.Namespace) -> IngestJob:
         scheduler=args.scheduler, label_values=args.label_values, val_fraction=args.val_fraction,
         split_seed=args.split_seed, split_file=args.split_file, workers=args.workers, executor=args.executor,
         overwrite=args.overwrite, require_labels=not args.allow_unlabeled,
-    ).validate()
+    )
 
 
 def run_ingest_cli(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -79,7 +79,6 @@ def ingest(job: IngestJob, progress: Callable[[CaseReport], None] | None = None)
     Raises:
         IngestError: the source, layout, split file, preset or store is unusable.
     """
-    job.validate()
     t0 = time.perf_counter()
     fs, root = source_fs(job.source)
     found = discover(fs, root, job.layout, labels_dir=job.labels, label_values=job.label_values,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
-from ossnet.config import PRESETS
+from pydantic import Field, model_validator
+
+from ossnet.config import PRESETS, ConfigError
 from ossnet.geometry import RESAMPLE_MODES
 from pipelines.ingest.case import CaseReport
 from pipelines.ingest.sources import LAYOUTS, IngestError
+from pipelines.jobconfig import Job, NonBlank
 from pipelines.volumes import SCHEDULERS
 
 logger = logging.getLogger(__name__)
@@ -19,10 +21,12 @@ EXECUTORS: tuple[str, ...] = ("auto", "serial", "process", "ray")
 ZSCORE_CHOICES: tuple[str, ...] = ("auto", "nonzero", "all")
 RESAMPLE_CHOICES: tuple[str, ...] = ("auto",) + RESAMPLE_MODES
 
+_Size = Annotated[int, Field(ge=2)]
+_Spacing = Annotated[float, Field(gt=0.0)]
 
-@dataclass(frozen=True)
-class IngestJob:
-    """One ingest run.
+
+class IngestJob(Job):
+    """One ingest run; constructing it checks every field (``IngestError`` naming the first bad one).
 
     Attributes:
         source: archive folder or CSV (local path, ``file://`` or fsspec URL).
@@ -52,58 +56,36 @@ class IngestJob:
         storage_options: fsspec options for the store URL.
     """
 
-    source: str
-    store: str
-    layout: str = "auto"
-    labels: str | None = None
-    preset: str = "brats"
-    volume_shape: tuple[int, int, int] | None = None
-    band_width: int = 6
-    zscore_mask: str = "auto"
-    resample: str = "auto"
-    target_spacing: tuple[float, float, float] | None = None
-    threads: int = 1
-    scheduler: str = "threads"
-    label_values: tuple[int, ...] | None = None
-    val_fraction: float = 0.15
+    error_type: ClassVar[type[Exception]] = IngestError
+    error_prefix: ClassVar[str] = "ingest."
+
+    source: NonBlank
+    store: NonBlank
+    layout: Literal[LAYOUTS] = "auto"
+    labels: Optional[NonBlank] = None
+    preset: Literal[PRESETS] = "brats"
+    volume_shape: Optional[tuple[_Size, _Size, _Size]] = None
+    band_width: int = Field(6, ge=0)
+    zscore_mask: Literal[ZSCORE_CHOICES] = "auto"
+    resample: Literal[RESAMPLE_CHOICES] = "auto"
+    target_spacing: Optional[tuple[_Spacing, _Spacing, _Spacing]] = None
+    threads: int = Field(1, ge=1)
+    scheduler: Literal[SCHEDULERS] = "threads"
+    label_values: Optional[tuple[Annotated[int, Field(ge=0)], ...]] = None
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     split_seed: int = 0
-    split_file: str | None = None
-    workers: int = 1
-    executor: str = "auto"
+    split_file: Optional[NonBlank] = None
+    workers: int = Field(1, ge=1)
+    executor: Literal[EXECUTORS] = "auto"
     overwrite: bool = False
     require_labels: bool = True
-    affine_atol: float = 1e-3
-    storage_options: Mapping[str, Any] | None = None
+    affine_atol: float = Field(1e-3, ge=0.0)
+    storage_options: Optional[dict[str, Any]] = None
 
-    def validate(self) -> "IngestJob":
-        """Check every field; raise ``IngestError`` naming the first bad one. Returns self."""
-        checks = [
-            (bool(str(self.source)), "source", "must not be empty"),
-            (bool(str(self.store)), "store", "must not be empty"),
-            (self.layout in LAYOUTS, "layout", f"must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"),
-            (self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}"),
-            (self.band_width >= 0, "band_width", f"must be >= 0, got {self.band_width}"),
-            (self.zscore_mask in ZSCORE_CHOICES, "zscore_mask", f"must be one of {', '.join(ZSCORE_CHOICES)}"),
-            (self.resample in RESAMPLE_CHOICES, "resample",
-             f"must be one of {', '.join(RESAMPLE_CHOICES)}, got {self.resample!r}"),
-            (self.resample != "spacing" or self.target_spacing is not None, "target_spacing",
-             "required with resample 'spacing' (three spacings in mm)"),
-            (self.target_spacing is None or (len(self.target_spacing) == 3 and all(
-                math.isfinite(float(v)) and float(v) > 0 for v in self.target_spacing)), "target_spacing",
-             f"needs three positive spacings in mm, got {self.target_spacing}"),
-            (self.threads >= 1, "threads", f"must be >= 1, got {self.threads}"),
-            (self.scheduler in SCHEDULERS, "scheduler", f"must be one of {', '.join(SCHEDULERS)}"),
-            (0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}"),
-            (self.workers >= 1, "workers", f"must be >= 1, got {self.workers}"),
-            (self.executor in EXECUTORS, "executor", f"must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"),
-            (self.affine_atol >= 0, "affine_atol", f"must be >= 0, got {self.affine_atol}"),
-            (self.volume_shape is None or len(self.volume_shape) == 3, "volume_shape", "needs three sizes"),
-            (self.label_values is None or all(int(v) >= 0 for v in self.label_values), "label_values",
-             "must be non-negative integers"),
-        ]
-        for ok, name, message in checks:
-            if not ok:
-                raise IngestError(f"ingest.{name}: {message}")
+    @model_validator(mode="after")
+    def _spacing_given(self) -> "IngestJob":
+        if self.resample == "spacing" and self.target_spacing is None:
+            raise ConfigError("target_spacing: required with resample 'spacing' (three spacings in mm)")
         return self
 
 

@@ -29,8 +29,6 @@ from pipelines.jobconfig import (
     add_submission_arguments,
     config_from_args,
     dump_yaml,
-    parse_section,
-    to_dict,
 )
 from pipelines.jobrunner import JobCommand, run_job_command
 
@@ -68,7 +66,7 @@ def job_from_args(args: argparse.Namespace):  # -> TrainJob
     """The ``TrainJob`` a parsed command line describes (validated)."""
     from pipelines.train.job import TrainJob
 
-    return parse_section(TrainJob, config_from_args(args, OVERRIDE_FLAGS))
+    return TrainJob.parse(config_from_args(args, OVERRIDE_FLAGS))
 
 
 def mlflow_ui_command(uri: str | None) -> str:
@@ -93,7 +91,7 @@ def _dry_run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
 def _submit_argv(args: argparse.Namespace, job: Any, out: TextIO) -> list[str]:
     resolved = job.resolved()
     out.write(f"submitting run {resolved.run_name} to {args.address}\n")
-    return ["train", "--config-json", json.dumps(to_dict(resolved))]
+    return ["train", "--config-json", json.dumps(resolved.to_dict())]
 
 
 def _run(args: argparse.Namespace, job: Any, out: TextIO) -> int:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from ossnet.checkpoint import PreprocessSpec
 from ossnet.config import ConfigError
 from pipelines import raystart
-from pipelines.jobconfig import dump_yaml, to_dict
+from pipelines.jobconfig import dump_yaml
 from pipelines.tracking.tags import BEST_VAL_DICE_TAG, MODEL_EPOCH_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG, PROMOTED_TAG
 from pipelines.train.job import StoreFacts, TrainJob, check_against_store
 from pipelines.train.loop import EpochHook, train_loop_per_worker
@@ -166,7 +166,7 @@ def _open_run(job: TrainJob, uri: str | None, parent_run_id: str | None) -> cont
 
 
 def _log_config(run: RunLogger, job: TrainJob, config_path: str | os.PathLike[str] | None, tmp: Path) -> None:
-    run.log_params(to_dict(job))
+    run.log_params(job.to_dict())
     resolved = tmp / "train.resolved.yaml"
     resolved.write_text(dump_yaml(job))
     run.log_artifact(resolved, "config")

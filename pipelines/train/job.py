@@ -22,10 +22,12 @@ same command with more epochs, resumes the same Ray Train run and the same MLflo
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Optional
+
+from pydantic import AfterValidator, Field, model_validator
 
 from ossnet.config import (
     ACTIVATIONS,
@@ -42,12 +44,11 @@ from ossnet.config import (
 from ossnet.inference import MODES
 from ossnet.training import OPTIMIZERS
 from pipelines.files import absolute_url
-from pipelines.jobconfig import config_hash, constrained, load_job
+from pipelines.jobconfig import Checked, Job, JobModel, NonBlank, config_hash, load_job, safe_name
 
 if TYPE_CHECKING:
     from pipelines.store import Store
 
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEFAULT_STORAGE_PATH = ".ossnet/ray_results"
 # Settings that do not change what a run learns: left out of the default run name.
 _NAME_EXCLUDES = (
@@ -56,24 +57,25 @@ _NAME_EXCLUDES = (
 )
 
 
-_MODEL_FIELDS = {
-    "patch.size": "model.patch_size", "patch.kernel": "model.patch_size", "decoder.cbn_norm": "model.cbn_norm",
-    "encoder.norm": "model.encoder_norm",
-}
+def _odd(size: int) -> int:
+    if size % 2 == 0:
+        raise ValueError(f"must be an odd integer >= 1, got {size}")
+    return size
 
 
-@dataclass(frozen=True)
-class ModelSection:
+class ModelSection(JobModel):
     """Which OSS-Net to train (see ``ossnet.config.model_config``)."""
 
-    variant: str = constrained("C", choices=VARIANTS, help="paper variant")
-    preset: str = constrained("brats", choices=PRESETS, help="dataset preset (grid, widths)")
-    activation: str = constrained("leaky_relu", choices=ACTIVATIONS)
-    patch_size: int | None = constrained(None, ge=1, help="patch edge (odd); default the variant's 7")
-    cbn_norm: str = constrained("layer", choices=CBN_NORMS,
-                                help="decoder norm: layer (no batch statistics), feature/pooled (the paper's batch norm)")
-    encoder_norm: str = constrained("batch", choices=ENCODER_NORMS, help="encoder norm: batch (the paper), instance, group")
-    volume_shape: tuple[int, int, int] | None = constrained(None, item_ge=2, help="grid override (X, Y, Z)")
+    variant: Literal[VARIANTS] = Field("C", description="paper variant")
+    preset: Literal[PRESETS] = Field("brats", description="dataset preset (grid, widths)")
+    activation: Literal[ACTIVATIONS] = "leaky_relu"
+    patch_size: Optional[Annotated[int, Field(ge=1), AfterValidator(_odd)]] = Field(
+        None, description="patch edge (odd); default the variant's 7")
+    cbn_norm: Literal[CBN_NORMS] = Field(
+        "layer", description="decoder norm: layer (no batch statistics), feature/pooled (the paper's batch norm)")
+    encoder_norm: Literal[ENCODER_NORMS] = Field("batch", description="encoder norm: batch (the paper), instance, group")
+    volume_shape: Optional[tuple[Annotated[int, Field(ge=2)], Annotated[int, Field(ge=2)], Annotated[int, Field(ge=2)]]] = \
+        Field(None, description="grid override (X, Y, Z)")
 
     def build(self, in_channels: int | None = None) -> ModelConfig:
         """The validated ``ModelConfig`` (``in_channels`` from the store, else the preset's)."""
@@ -83,36 +85,34 @@ class ModelSection:
             encoder_norm=self.encoder_norm,
         )
 
-    def validate(self) -> None:
-        try:
-            self.build()
-        except ConfigError as exc:  # name the YAML field, not the ModelConfig one
-            name, _, message = str(exc).partition(": ")
-            name = _MODEL_FIELDS.get(name, name if name.startswith("model.") else f"model.{name}")
-            raise ConfigError(f"{name}: {message}") from None
+    @model_validator(mode="after")
+    def _buildable(self) -> "ModelSection":
+        self.build()  # a ConfigError names the ModelConfig field (e.g. "patch.kernel")
+        return self
 
 
-@dataclass(frozen=True)
-class TrainSection:
+class TrainSection(JobModel):
     """Optimisation and cadence. ``batch_size`` is global: volumes per step over all workers."""
 
-    epochs: int = constrained(50, ge=1)
-    batch_size: int = constrained(8, ge=1, help="volumes per optimiser step, all workers together")
-    samples_per_case: int = constrained(1, ge=1, help="rows drawn from one read of a case per epoch")
-    alpha: float = constrained(0.1, ge=0.0, help="weight of the auxiliary low-res loss")
-    optimizer: str = constrained("radam_lookahead", choices=OPTIMIZERS)
-    lr: float = constrained(3e-4, gt=0.0)
-    milestones: tuple[int, ...] = constrained((20, 30), item_ge=1, help="epochs where the LR drops")
-    gamma: float = constrained(0.1, gt=0.0, le=1.0)
-    mixed_precision: bool = constrained(True, help="fp16 autocast + GradScaler (GPU only)")
-    seed: int = constrained(0, ge=0)
-    validate_every: int = constrained(1, ge=1, help="validate every k epochs (and the last)")
-    checkpoint_every: int = constrained(1, ge=1, help="checkpoint every k epochs (and the last)")
-    keep_checkpoints: int = constrained(3, ge=1, help="best checkpoints kept by val_dice (plus the latest)")
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(8, ge=1, description="volumes per optimiser step, all workers together")
+    samples_per_case: int = Field(1, ge=1, description="rows drawn from one read of a case per epoch")
+    alpha: float = Field(0.1, ge=0.0, description="weight of the auxiliary low-res loss")
+    optimizer: Literal[OPTIMIZERS] = "radam_lookahead"
+    lr: float = Field(3e-4, gt=0.0)
+    milestones: tuple[Annotated[int, Field(ge=1)], ...] = Field((20, 30), description="epochs where the LR drops")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    mixed_precision: bool = Field(True, description="fp16 autocast + GradScaler (GPU only)")
+    seed: int = Field(0, ge=0)
+    validate_every: int = Field(1, ge=1, description="validate every k epochs (and the last)")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every k epochs (and the last)")
+    keep_checkpoints: int = Field(3, ge=1, description="best checkpoints kept by val_dice (plus the latest)")
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _increasing(self) -> "TrainSection":
         if list(self.milestones) != sorted(set(self.milestones)):
-            raise ConfigError(f"train.milestones: must be strictly increasing, got {list(self.milestones)}")
+            raise ConfigError(f"milestones: must be strictly increasing, got {list(self.milestones)}")
+        return self
 
     def is_validation_epoch(self, epoch: int) -> bool:
         """Validate at every ``validate_every``-th epoch, the last one and every checkpoint epoch
@@ -123,43 +123,43 @@ class TrainSection:
         return epoch % self.checkpoint_every == 0 or epoch == self.epochs
 
 
-@dataclass(frozen=True)
-class ValidationSection:
+class ValidationSection(JobModel):
     """Dense full-resolution validation through the MISE inference path."""
 
-    mode: str = constrained("mise_lowres", choices=MODES)
-    chunk_points: int = constrained(2**14, ge=1)
-    split: str = constrained("val", choices=("val", "train"),
-                             help="cases to validate on: the val split, or the training cases (an overfit check)")
-    max_cases: int | None = constrained(None, ge=1, help="validate on the first N cases of that split only")
-    png_cases: int = constrained(1, ge=0, help="slice overlays logged per validation")
-    n_points: int | None = constrained(None, ge=1, help="points of the auxiliary point metrics (default sampling.n_points)")
+    mode: Literal[MODES] = "mise_lowres"
+    chunk_points: int = Field(2**14, ge=1)
+    split: Literal["val", "train"] = Field(
+        "val", description="cases to validate on: the val split, or the training cases (an overfit check)")
+    max_cases: Optional[int] = Field(None, ge=1, description="validate on the first N cases of that split only")
+    png_cases: int = Field(1, ge=0, description="slice overlays logged per validation")
+    n_points: Optional[int] = Field(None, ge=1,
+                                    description="points of the auxiliary point metrics (default sampling.n_points)")
 
 
-@dataclass(frozen=True)
-class DataSection:
+class DataSection(JobModel):
     """Ray Data sampling tasks feeding the workers."""
 
-    cpus_per_task: float = constrained(1.0, gt=0.0)
-    max_tasks: int | None = constrained(None, ge=1, help="concurrent sampling tasks (default: as CPUs allow)")
-    object_store_mb: int = constrained(1024, ge=16, help="object-store budget of the stream")
-    prefetch_batches: int = constrained(1, ge=0)
+    cpus_per_task: float = Field(1.0, gt=0.0)
+    max_tasks: Optional[int] = Field(None, ge=1, description="concurrent sampling tasks (default: as CPUs allow)")
+    object_store_mb: int = Field(1024, ge=16, description="object-store budget of the stream")
+    prefetch_batches: int = Field(1, ge=0)
 
 
-@dataclass(frozen=True)
-class ScalingSection:
+class ScalingSection(JobModel):
     """Workers. ``num_workers: 0`` runs the loop in the driver process (Ray Train local mode:
     no worker actors, no failure retries; checkpoints are kept by ossnet itself)."""
 
-    num_workers: int = constrained(1, ge=0)
+    num_workers: int = Field(1, ge=0)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = constrained(None, help="e.g. {CPU: 0.5} (default {CPU: 1})")
-    max_failures: int = constrained(1, ge=-1, help="worker-group restarts from the last checkpoint (-1: unlimited)")
+    resources_per_worker: Optional[dict[str, float]] = Field(None, description="e.g. {CPU: 0.5} (default {CPU: 1})")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _positive_resources(self) -> "ScalingSection":
         for key, value in (self.resources_per_worker or {}).items():
             if value < 0 or (key == "CPU" and value == 0):
-                raise ConfigError(f"scaling.resources_per_worker.{key}: must be > 0, got {value}")
+                raise ConfigError(f"resources_per_worker.{key}: must be > 0, got {value}")
+        return self
 
     @property
     def world_size(self) -> int:
@@ -173,56 +173,48 @@ class ScalingSection:
         return res
 
 
-@dataclass(frozen=True)
-class RunSection:
-    name: str | None = constrained(None, help="Ray Train run name = MLflow run key (default from the config)")
-    storage_path: str = constrained(DEFAULT_STORAGE_PATH, help="where Ray Train keeps checkpoints")
-
-    def validate(self) -> None:
-        if self.name is not None and not RUN_NAME_RE.match(self.name):
-            raise ConfigError(f"run.name: {self.name!r} must be 1-128 letters, digits, '.', '_' or '-'")
-        if not self.storage_path.strip():
-            raise ConfigError("run.storage_path: must not be empty")
+class RunSection(JobModel):
+    name: Optional[safe_name(128)] = Field(  # type: ignore[valid-type]
+        None, description="Ray Train run name = MLflow run key (default from the config)")
+    storage_path: NonBlank = Field(DEFAULT_STORAGE_PATH, description="where Ray Train keeps checkpoints")
 
 
-@dataclass(frozen=True)
-class TrackingSection:
-    enabled: bool = True
-    uri: str | None = constrained(None, help="tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)")
-    experiment: str = "ossnet"
-    model_name: str = "ossnet"
-    register: bool = constrained(True, help="register the best model and promote it if it beats the champion")
+with warnings.catch_warnings():  # "register" is also ABCMeta.register: the YAML key is public, keep it
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
-    def validate(self) -> None:
-        if not self.experiment.strip():
-            raise ConfigError("tracking.experiment: must not be empty")
-        if not self.model_name.strip():
-            raise ConfigError("tracking.model_name: must not be empty")
+    class TrackingSection(JobModel):
+        """MLflow: on/off, where, which experiment and registered model."""
+
+        enabled: bool = True
+        uri: Optional[str] = Field(None,
+                                   description="tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)")
+        experiment: NonBlank = "ossnet"
+        model_name: NonBlank = "ossnet"
+        register: bool = Field(True, description="register the best model and promote it if it beats the champion")
 
 
-@dataclass(frozen=True)
-class TrainJob:
+class TrainJob(Job):
     """One training job; parse it with :func:`load_train_job`."""
 
-    store: str
-    model: ModelSection = field(default_factory=ModelSection)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainSection = field(default_factory=TrainSection)
-    validation: ValidationSection = field(default_factory=ValidationSection)
-    data: DataSection = field(default_factory=DataSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    run: RunSection = field(default_factory=RunSection)
-    tracking: TrackingSection = field(default_factory=TrackingSection)
+    store: NonBlank
+    model: ModelSection = Field(default_factory=ModelSection)
+    sampling: Checked[SamplingConfig] = Field(default_factory=SamplingConfig)
+    augment: Checked[AugmentConfig] = Field(default_factory=AugmentConfig)
+    train: TrainSection = Field(default_factory=TrainSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    data: DataSection = Field(default_factory=DataSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
-    def validate(self) -> None:
-        if not self.store.strip():
-            raise ConfigError("store: must not be empty")
+    @model_validator(mode="after")
+    def _batch_fits_workers(self) -> "TrainJob":
         workers = self.scaling.world_size
         if self.train.batch_size % workers:
             raise ConfigError(
                 f"train.batch_size: must be a multiple of scaling.num_workers ({workers}), got {self.train.batch_size}"
             )
+        return self
 
     @property
     def run_name(self) -> str:
@@ -235,14 +227,11 @@ class TrainJob:
     def per_worker_batch(self) -> int:
         return self.train.batch_size // self.scaling.world_size
 
-    def resolved(self) -> TrainJob:
+    def resolved(self) -> "TrainJob":
         """A copy with local paths made absolute (Ray workers run in other directories) and the
         run name fixed, so the job means the same thing wherever it is executed."""
-        from dataclasses import replace
-
-        job = replace(self, store=absolute_url(self.store))
-        run = replace(job.run, name=job.run_name, storage_path=absolute_url(job.run.storage_path))
-        return replace(job, run=run)
+        return self.updated({"store": absolute_url(self.store), "run.name": self.run_name,
+                             "run.storage_path": absolute_url(self.run.storage_path)})
 
 
 def load_train_job(path: str | Path | None = None, overrides: Iterable[str | tuple[str, Any]] = ()) -> TrainJob:

@@ -33,7 +33,6 @@ from pipelines.infer.outputs import (
     write_report,
 )
 from pipelines.infer.stages import CasePredictor, StageContext, case_item, process_case, read_case
-from pipelines.jobconfig import ConfigError
 
 GRID = (20, 18, 14)
 # LPS-like, axes permuted, anisotropic, shifted origin: the mask must come back in this geometry.
@@ -353,18 +352,18 @@ def test_plan_skips_only_finished_cases_of_the_same_model_with_outputs_present()
 
 def test_job_validation_and_cli_precedence(tmp_path: Path) -> None:
     with pytest.raises(InferError, match="infer.chunk_points"):
-        InferJob("in", "out", chunk_points=0).validate()
+        InferJob(input="in", output="out", chunk_points=0)
     with pytest.raises(InferError, match="infer.mode"):
-        InferJob("in", "out", mode="fast").validate()
+        InferJob(input="in", output="out", mode="fast")
     with pytest.raises(InferError, match="infer.split"):
-        InferJob("in", "out", layout="nifti", split="val").validate()
+        InferJob(input="in", output="out", layout="nifti", split="val")
     with pytest.raises(InferError, match="infer.save_probabilities: needs mode 'dense' or 'auto', not 'mise'"):
-        InferJob("in", "out", mode="mise", save_probabilities=True).validate()
-    assert InferJob("in", "out", save_probabilities=True).validate().predictor_mode == "dense"
-    assert InferJob("in", "out").predictor_mode == "auto"
-    job = InferJob("rel/in", "rel/out").normalized()
+        InferJob(input="in", output="out", mode="mise", save_probabilities=True)
+    assert InferJob(input="in", output="out", save_probabilities=True).predictor_mode == "dense"
+    assert InferJob(input="in", output="out").predictor_mode == "auto"
+    job = InferJob(input="rel/in", output="rel/out").normalized()
     assert Path(job.input).is_absolute() and Path(job.output).is_absolute()
-    assert InferJob("s3://b/in", "s3://b/out/").normalized().output == "s3://b/out"
+    assert InferJob(input="s3://b/in", output="s3://b/out/").normalized().output == "s3://b/out"
 
     parser = configure_infer_parser(argparse.ArgumentParser())
     config = tmp_path / "infer.yaml"
@@ -376,10 +375,12 @@ def test_job_validation_and_cli_precedence(tmp_path: Path) -> None:
         "/data/in", "dense", 5, 1024, True, "models:/x@y")
     assert job_from_args(parser.parse_args(["/other", "--config", str(config)])).input == "/other"
     assert job_from_args(parser.parse_args(["--config", str(config), "--recall-margin", "12"])).recall_margin == 12.0
-    with pytest.raises(InferError, match="infer.recall_margin: must be in"):
-        InferJob("in", "out", recall_margin=-1.0).validate()
-    with pytest.raises(ConfigError, match="output"):
+    with pytest.raises(InferError, match=r"^infer.recall_margin: must be >= 0.0, got -1.0$"):
+        InferJob(input="in", output="out", recall_margin=-1.0)
+    with pytest.raises(InferError, match=r"^infer.output: required field is missing$"):
         job_from_args(parser.parse_args(["/in"]))
+    with pytest.raises(InferError, match=r"^infer.actors: must be >= 1, got 0$"):
+        job_from_args(parser.parse_args(["/in", "--config", str(config), "--set", "actors=0"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["/in", "--outptu", "x"])  # strict: an unknown flag is an error
 

@@ -278,7 +278,9 @@ def test_source_level_errors_exit_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # strict: unknown flags are errors
         parser.parse_args(["src", "--store", "s", "--bogus"])
     with pytest.raises(IngestError, match="ingest.val_fraction"):
-        _job(tmp_path, tmp_path / "s.zarr", val_fraction=1.5).validate()
+        _job(tmp_path, tmp_path / "s.zarr", val_fraction=1.5)
+    with pytest.raises(IngestError, match=r"^ingest.layout: must be one of 'auto', 'brats', 'lits' or 'generic', got 'x'$"):
+        _job(tmp_path, tmp_path / "s.zarr", layout="x")
 
 
 # ----------------------------------------------------------------------------- re-runs
@@ -448,9 +450,9 @@ def test_resampled_ingest_keeps_the_anatomy_and_records_the_mode(tmp_path: Path,
 def test_lits_preset_resizes_by_default_and_a_bad_spacing_is_refused(tmp_path: Path) -> None:
     assert preset_resample("lits") == "resize" and preset_resample("brats") == "none"
     with pytest.raises(IngestError, match="ingest.target_spacing: required"):
-        _job(tmp_path, tmp_path / "s.zarr", resample="spacing").validate()
-    with pytest.raises(IngestError, match="ingest.target_spacing: needs three positive"):
-        _job(tmp_path, tmp_path / "s.zarr", resample="spacing", target_spacing=(1.0, 0.0, 1.0)).validate()
+        _job(tmp_path, tmp_path / "s.zarr", resample="spacing")
+    with pytest.raises(IngestError, match=r"^ingest.target_spacing\[1\]: must be > 0.0, got 0.0$"):
+        _job(tmp_path, tmp_path / "s.zarr", resample="spacing", target_spacing=(1.0, 0.0, 1.0))
     rng = np.random.default_rng(3)
     _save(tmp_path / "src" / "images" / "fine.nii.gz", _image(rng))
     _save(tmp_path / "src" / "labels" / "fine.nii.gz", (_label(rng) > 0).astype(np.uint8))

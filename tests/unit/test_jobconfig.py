@@ -1,29 +1,28 @@
-"""Job configs: YAML + overrides -> frozen dataclasses, errors naming the field, run names, CLI."""
+"""Job configs: YAML + overrides -> frozen pydantic models, errors naming the field, run names, CLI."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import pytest
+from pydantic import Field, model_validator
 
 from ossnet.config import ConfigError, SamplingConfig
 from pipelines.jobconfig import (
+    Checked,
+    Job,
+    JobModel,
     OverrideFlag,
     add_config_arguments,
     apply_overrides,
     config_hash,
-    constrained,
     dump_yaml,
     load_job,
     load_yaml,
     overrides_from_args,
     parse_override,
-    parse_section,
-    to_dict,
 )
 from pipelines.train.cli import configure_train_parser, job_from_args
 from pipelines.train.job import TrainJob, load_train_job
@@ -75,18 +74,24 @@ def test_quickstart_config_is_a_small_cpu_job_under_the_state_dir() -> None:
         (("train.gamma", 1.5), "train.gamma: must be <= 1.0, got 1.5"),
         (("train.milestones", [30, 20]), "train.milestones: must be strictly increasing, got [30, 20]"),
         (("train.milestones", 20), "train.milestones: expected a list, got 20"),
-        (("train.optimizer", "sgd"), "train.optimizer: must be one of radam_lookahead, radam, adam, got 'sgd'"),
-        (("train.mixed_precision", "yes"), "train.mixed_precision: expected true or false, got 'yes'"),
-        (("model.variant", "E"), "model.variant: must be one of onet, A, B, C, D, got 'E'"),
-        (("model.patch_size", 4), "model.patch_size: must be 0 or an odd positive integer, got 4"),
-        (("model.volume_shape", [32, 32]), "model.volume_shape: expected a list of 3 items, got 2"),
+        (("train.optimizer", "sgd"), "train.optimizer: must be one of 'radam_lookahead', 'radam' or 'adam', got 'sgd'"),
+        (("train.mixed_precision", "maybe"), "train.mixed_precision: expected true or false, got 'maybe'"),
+        (("model.variant", "E"), "model.variant: must be one of 'onet', 'A', 'B', 'C' or 'D', got 'E'"),
+        (("model.patch_size", 4), "model.patch_size: must be an odd integer >= 1, got 4"),
+        (("model.volume_shape", [32, 32]), "model.volume_shape: too few items: item [2] is missing"),
+        (("model.volume_shape", [32, 1, 32]), "model.volume_shape[1]: must be >= 2, got 1"),
+        (("train.milestones", [0, 5]), "train.milestones[0]: must be >= 1, got 0"),
+        (("train.lr", float("nan")), "train.lr: must be finite, got nan"),
+        (("store", " "), "store: must not be empty"),
+        (("sampling.n_points", 0), "sampling.n_points: must be >= 1, got 0"),
+        (("sampling.bogus", 1), "sampling.bogus: unknown field; expected one of: n_points, border_ratio, band_width"),
         (("sampling.border_ratio", 1.5), "sampling.border_ratio: must be in [0, 1], got 1.5"),
         (("augment.p_noise", -0.1), "augment.p_noise: must be in [0, 1], got -0.1"),
         (("scaling.num_workers", -1), "scaling.num_workers: must be >= 0, got -1"),
         (("scaling.resources_per_worker", {"CPU": 0}), "scaling.resources_per_worker.CPU: must be > 0, got 0.0"),
         (("scaling.resources_per_worker", {"CPU": "x"}), "scaling.resources_per_worker.CPU: expected a number, got 'x'"),
         (("run.name", "../escape"), "run.name: '../escape' must be 1-128 letters"),
-        (("validation.mode", "fast"), "validation.mode: must be one of dense, mise, mise_lowres, got 'fast'"),
+        (("validation.mode", "fast"), "validation.mode: must be one of 'dense', 'mise' or 'mise_lowres', got 'fast'"),
         (("tracking.experiment", " "), "tracking.experiment: must not be empty"),
         (("train.bogus", 1), "train.bogus: unknown field; expected one of: epochs,"),
         (("bogus", 1), "bogus: unknown field; expected one of: store, model,"),
@@ -180,7 +185,7 @@ def test_config_json_round_trips_the_whole_job() -> None:
 
     original = load_train_job(CONFIGS / "brats2020.yaml", ["train.epochs=3"]).resolved()
     parser = configure_train_parser(argparse.ArgumentParser())
-    again = job_from_args(parser.parse_args(["--config-json", json.dumps(to_dict(original))]))
+    again = job_from_args(parser.parse_args(["--config-json", json.dumps(original.to_dict())]))
     assert again == original and again.run_name == original.run_name
 
 
@@ -225,46 +230,67 @@ def test_resolved_job_has_absolute_paths_and_a_fixed_name(tmp_path: Path, monkey
     assert r.resolved() == r
 
 
-# --------------------------------------------------------------------------- generic parser
+# --------------------------------------------------------------------------- generic models
 
 
-@dataclass(frozen=True)
-class _Inner:
-    size: int = constrained(3, ge=1)
+class _Inner(JobModel):
+    size: int = Field(3, ge=1)
     shape: tuple[int, int, int] = (1, 2, 3)
 
 
-@dataclass(frozen=True)
-class _Outer:
+class _Outer(Job):
     mode: Literal["a", "b"] = "a"
-    weights: dict[str, float] = field(default_factory=dict)
-    maybe: float | None = None
-    inner: _Inner = field(default_factory=_Inner)
-    base: TrainJob | None = None
+    weights: dict[str, float] = Field(default_factory=dict)
+    maybe: Optional[float] = None
+    inner: _Inner = Field(default_factory=_Inner)
+    sampling: Checked[SamplingConfig] = Field(default_factory=SamplingConfig)
+
+    @model_validator(mode="after")
+    def _rule(self) -> "_Outer":
+        if self.mode == "b" and self.maybe is None:
+            raise ConfigError("maybe: required with mode b")
+        return self
 
 
-def test_generic_parser_handles_other_job_classes_and_nested_paths() -> None:
-    out = parse_section(_Outer, {"mode": "b", "weights": {"x": 1}, "maybe": 2, "inner": {"shape": [4, 5, 6]}})
+def test_any_job_model_names_nested_fields_and_checks_plain_sections() -> None:
+    out = _Outer.parse({"mode": "b", "weights": {"x": 1}, "maybe": 2, "inner": {"shape": [4, 5, 6]}})
     assert out == _Outer(mode="b", weights={"x": 1.0}, maybe=2.0, inner=_Inner(shape=(4, 5, 6)))
-    assert dataclasses.is_dataclass(out) and isinstance(out.inner.shape, tuple)
-    with pytest.raises(ConfigError, match=r"^mode: must be one of 'a', 'b', got 'c'$"):
-        parse_section(_Outer, {"mode": "c"})
+    assert isinstance(out.inner.shape, tuple) and out.to_dict()["inner"]["shape"] == [4, 5, 6]
+    with pytest.raises(ConfigError, match=r"^mode: must be one of 'a' or 'b', got 'c'$"):
+        _Outer.parse({"mode": "c"})
     with pytest.raises(ConfigError, match=r"^inner.size: must be >= 1, got 0$"):
-        parse_section(_Outer, {"inner": {"size": 0}})
+        _Outer.parse({"inner": {"size": 0}})
     with pytest.raises(ConfigError, match=r"^inner.shape\[1\]: expected an integer, got 'x'$"):
-        parse_section(_Outer, {"inner": {"shape": [1, "x", 3]}})
-    # A TrainJob embedded in another job (as a sweep would): errors carry the full path.
-    with pytest.raises(ConfigError, match=r"^base.train.epochs: must be >= 1, got 0$"):
-        parse_section(_Outer, {"base": {"store": "s", "train": {"epochs": 0}}})
-    with pytest.raises(ConfigError, match=r"^base.sampling.n_points: must be >= 1, got 0$"):
-        parse_section(_Outer, {"base": {"store": "s", "sampling": {"n_points": 0}}})
+        _Outer(inner={"shape": [1, "x", 3]})
+    with pytest.raises(ConfigError, match=r"^maybe: required with mode b$"):
+        _Outer(mode="b")
+    # An ossnet.config dataclass as a section: pydantic checks its types, then its validate() runs.
+    with pytest.raises(ConfigError, match=r"^sampling.border_ratio: must be in \[0, 1\], got 1.5$"):
+        _Outer.parse({"sampling": {"border_ratio": 1.5}})
+    with pytest.raises(ConfigError, match=r"^expected a mapping of sections, got list$"):
+        _Outer.parse([1])  # type: ignore[arg-type]
+
+
+def test_updated_sets_dotted_keys_and_validates_the_whole_job_again() -> None:
+    base = job()
+    trial = base.updated({"train.alpha": 0.3, "sampling.border_ratio": 0.5, "run.name": "trial-1"})
+    assert (trial.train.alpha, trial.sampling.border_ratio, trial.run_name) == (0.3, 0.5, "trial-1")
+    assert (base.train.alpha, base.sampling.border_ratio) == (0.1, 0.0)  # frozen: the original is unchanged
+    with pytest.raises(ConfigError, match=r"^train.epochs: must be >= 1, got 0$"):
+        base.updated({"train.epochs": 0})
+    with pytest.raises(ConfigError, match=r"^train.batch_size: must be a multiple of scaling.num_workers \(3\)"):
+        base.updated({"scaling.num_workers": 3})  # a cross-field rule sees the new value
+    with pytest.raises(ConfigError, match=r"^train.epoch: unknown field$"):
+        base.updated({"train.epoch": 3})
+    with pytest.raises(ValueError, match="frozen"):
+        base.model_copy().__setattr__("store", "x")
 
 
 def test_dump_and_reparse_is_identity_and_hash_excludes_keys() -> None:
     import yaml
 
     original = load_train_job(CONFIGS / "lits.yaml")
-    assert parse_section(TrainJob, yaml.safe_load(dump_yaml(original))) == original
+    assert TrainJob.parse(yaml.safe_load(dump_yaml(original))) == original
     a, b = job(), job(**{"train.epochs": 9})
     assert config_hash(a) != config_hash(b)
     assert config_hash(a, ["train.epochs"]) == config_hash(b, ["train.epochs"])

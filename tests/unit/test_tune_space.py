@@ -16,7 +16,7 @@ import pytest
 from ossnet.config import ConfigError
 from pipelines.jobconfig import dump_yaml
 from tune.cli import configure_tune_parser, job_from_args, run_tune_cli
-from tune.job import TuneJob, load_tune_job, tune_job_from_dict, tune_job_to_dict
+from tune.job import TuneJob, load_tune_job
 from tune.space import OptunaSpace, SearchSpace, parse_patch_choice, trial_overrides, trial_settings
 from tune.summary import best_trial, rank_trials, status_counts, summarize_trial, to_csv, to_markdown
 from tune.sweep import derive_max_concurrent, trial_actor_resources, trial_resources
@@ -30,11 +30,11 @@ def tune_job(**overrides: Any) -> TuneJob:
     """A sweep over an odd 37x41x29 grid (no store is opened by parsing)."""
     data: dict[str, Any] = {"store": "/data/s.zarr", "model": {"preset": "tiny", "volume_shape": ODD_GRID},
                             "scaling": {"num_workers": 1}}
-    job = tune_job_from_dict(data)
+    job = TuneJob.parse(data)
     if overrides:
         from pipelines.jobconfig import apply_overrides
 
-        job = tune_job_from_dict(apply_overrides(tune_job_to_dict(job), overrides.items()))
+        job = TuneJob.parse(apply_overrides(job.to_dict(), overrides.items()))
     return job
 
 
@@ -69,10 +69,10 @@ def test_shipped_quickstart_sweep_parses_and_round_trips(tmp_path: Path) -> None
     assert job.base.scaling.num_workers == 0 and job.sweep.num_samples >= 2
     assert job.base.train.validate_every == 1 and job.scheduler.reduction_factor > 1
     assert job.scheduler.grace_period < job.max_t
-    again = tune_job_from_dict(tune_job_to_dict(job))
+    again = TuneJob.parse(job.to_dict())
     assert again == job
     path = tmp_path / "t.yaml"
-    path.write_text(dump_yaml(tune_job_to_dict(job)))
+    path.write_text(dump_yaml(job))
     assert load_tune_job(path, ["sweep.num_samples=3", "space.lr=null"]).space.lr is None
 
 
@@ -138,7 +138,7 @@ def test_largest_patch_that_fits_the_odd_grid_is_accepted() -> None:
 
 def test_unknown_top_level_section_lists_train_and_sweep_sections() -> None:
     with pytest.raises(ConfigError, match=r"^spaces: unknown field; expected one of: store, model, .*space, sweep, scheduler"):
-        tune_job_from_dict({"store": "/s.zarr", "spaces": {}})
+        TuneJob.parse({"store": "/s.zarr", "spaces": {}})
 
 
 def test_points_to_evaluate_are_checked_against_the_space() -> None:
