@@ -42,13 +42,13 @@ test-e2e: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m ossnet.phantoms --report
-	$(PY) -m bench.paper --quick
-	$(PY) -m bench.mise --quick
-	$(PY) -m bench.memory --quick
-	$(PY) -m bench.ingest --quick
-	$(PY) -m bench.data --quick
-	$(PY) -m bench.train --quick
-	$(PY) -m bench.infer --quick
+	$(PY) -m ossnet_bench.paper --quick
+	$(PY) -m ossnet_bench.mise --quick
+	$(PY) -m ossnet_bench.memory --quick
+	$(PY) -m ossnet_bench.ingest --quick
+	$(PY) -m ossnet_bench.data --quick
+	$(PY) -m ossnet_bench.train --quick
+	$(PY) -m ossnet_bench.infer --quick
 
 lint: $(STAMP)
 	$(PY) -m ruff check ossnet ossnet_cli pipelines tune bench tests

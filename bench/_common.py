@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Sequence
 
-log = logging.getLogger("bench")
+log = logging.getLogger("ossnet_bench")
 
 _MB = 1024.0 * 1024.0
 

@@ -1,6 +1,6 @@
 """Training-data throughput: a reference-style NIfTI loader against the Ray streaming sampler.
 
-``python -m bench.data [--quick]``. The same synthetic BraTS-like cases (``brats_like``; full:
+``python -m ossnet_bench.data [--quick]``. The same synthetic BraTS-like cases (``brats_like``; full:
 256x256x160, quick: 128x128x80 and fewer cases) are written as a BraTS 2020 archive (four int16
 ``.nii.gz`` modalities + seg per case) and ingested into a store by the real ingest. Every row
 is what training uses: 2^14 points (half from the border band), 7^3 patches, augmentation on,
@@ -8,9 +8,9 @@ variant C at the preset grid. Measured, in samples (rows) per second:
 
 (a) ``baseline``: the reference code's loader, one process: every step reads the four
     modalities and the seg with nibabel, brings them onto the grid (the project's scan-to-grid
-    path, ``pipelines.volumes``: RAS, z-score, crop/pad, binarise), computes the border band on
+    path, ``ossnet_pipelines.volumes``: RAS, z-score, crop/pad, binarise), computes the border band on
     the fly, then draws the row with the same ``training_sample``;
-(b) ``ray_1cpu`` / (c) ``ray_2cpu``: ``pipelines.data.build_training_dataset`` consumed with
+(b) ``ray_1cpu`` / (c) ``ray_2cpu``: ``ossnet_pipelines.data.build_training_dataset`` consumed with
     ``iter_torch_batches`` in a fresh Ray instance started with 1, then 2, CPUs (each in its own
     subprocess pinned to that many cores, so the consuming loop shares them, after a warm-up
     epoch that starts the workers).
@@ -56,16 +56,16 @@ from typing import Any, Mapping, Sequence
 import dask.array as da
 import numpy as np
 
-from bench._common import emit_result, make_parser, pin_cpus, run_worker, setup_logging
+from ossnet_bench._common import emit_result, make_parser, pin_cpus, run_worker, setup_logging
 from ossnet.augment import apply_augment, sample_augment_params
 from ossnet.config import AugmentConfig, SamplingConfig, model_config
 from ossnet.phantoms import brats_like
 from ossnet.sampling import (
     border_band, downsample_image, extract_patches, lowres_label, normalize_points, sample_points, training_sample,
 )
-from pipelines.synthetic import write_brats_archive
+from ossnet_pipelines.synthetic import write_brats_archive
 
-log = logging.getLogger("bench.data")
+log = logging.getLogger("ossnet_bench.data")
 
 N_POINTS = 2**14
 # Object store of each Ray run, as configs/brats2020.yaml gives training. Ray Data starts fewer
@@ -91,10 +91,10 @@ def _configs(grid: tuple[int, int, int]) -> tuple[Any, SamplingConfig, AugmentCo
 def reference_row(case_dir: Path, grid: tuple[int, int, int], step: int) -> dict[str, np.ndarray]:
     """One row the reference way: read every NIfTI of the case, preprocess, sample.
 
-    The preprocessing is the project's one scan-to-grid path (``pipelines.volumes``, as ingest
+    The preprocessing is the project's one scan-to-grid path (``ossnet_pipelines.volumes``, as ingest
     runs it: RAS, z-score, crop/pad), computed in memory for this one case.
     """
-    from pipelines import nifti, volumes
+    from ossnet_pipelines import nifti, volumes
 
     model, sampling, augment = _configs(grid)
     case_id = case_dir.name
@@ -131,7 +131,7 @@ def image_rows(arrays: Mapping[str, np.ndarray], case_id: str, epoch: int, spec:
     Same draws as ``training_sample`` (same generator, same order), so a worker that extracts
     patches at ``voxels`` from ``image`` gets the patches of the default rows (up to float16).
     """
-    from pipelines.data import sample_rng
+    from ossnet_pipelines.data import sample_rng
 
     image = np.asarray(arrays["image"], dtype=np.float32)
     label = np.asarray(arrays["label"])
@@ -164,7 +164,7 @@ def ray_worker(payload: Mapping[str, Any]) -> dict[str, Any]:
     import ray
     import torch
 
-    from pipelines.data import EpochClock, build_training_dataset, ingest_options
+    from ossnet_pipelines.data import EpochClock, build_training_dataset, ingest_options
 
     grid = tuple(payload["grid"])
     model, sampling, augment = _configs(grid)  # type: ignore[arg-type]
@@ -218,16 +218,16 @@ def _ray_run(store: str, grid: tuple[int, int, int], cpus: int, size: tuple[Any,
     _, _, spc, epochs = size
     payload = {"store": store, "grid": list(grid), "cpus": cpus, "samples_per_case": spc, "epochs": epochs,
                "object_store_mb": STREAM_OBJECT_STORE_MB, "variant": variant}
-    out = run_worker("bench.data", payload, timeout=3600)
+    out = run_worker("ossnet_bench.data", payload, timeout=3600)
     if not out.ok:
-        raise RuntimeError(f"bench.data: Ray run with {cpus} CPU(s), variant {variant}: {out.error}")
+        raise RuntimeError(f"ossnet_bench.data: Ray run with {cpus} CPU(s), variant {variant}: {out.error}")
     log.info("ray %d cpu %s: %.2f samples/s (%d rows in %.1f s, %.1f MB/row)", cpus, variant,
              out.result["samples_per_s"], out.result["rows"], out.result["seconds"], out.result["bytes_per_row"] / 1e6)
     return out.result
 
 
 def run(quick: bool, workdir: Path) -> dict[str, Any]:
-    from pipelines.ingest import IngestJob, ingest
+    from ossnet_pipelines.ingest import IngestJob, ingest
 
     name = "quick" if quick else "full"
     size = SIZES[name]
@@ -241,7 +241,7 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
     report = ingest(IngestJob(source=str(archive), store=store, preset="brats", volume_shape=grid, val_fraction=0.0,
                               executor="serial"))
     if not report.ok:
-        raise RuntimeError(f"bench.data: ingest failed:\n{report.table()}")
+        raise RuntimeError(f"ossnet_bench.data: ingest failed:\n{report.table()}")
     log.info("ingest: %d cases in %.1f s", n_cases, time.perf_counter() - t)
 
     baseline = measure_baseline(archive, grid, steps=n_cases * spc * epochs)

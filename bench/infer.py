@@ -1,16 +1,16 @@
 """Batch inference benchmark: the whole ``ossnet infer`` job (read -> MISE -> write) on BraTS-like scans.
 
-``python -m bench.infer [--quick] [--grid X Y Z] [--cases N] [--train-steps N] [--chunk-points N]``
+``python -m ossnet_bench.infer [--quick] [--grid X Y Z] [--cases N] [--train-steps N] [--chunk-points N]``
 
 1. Model: OSS-Net variant C at the BraTS preset (the paper's widths: encoder 16-32-64-128, a
    512-wide decoder, 7^3 patches through the 7^3 patch kernel) on the benchmark grid, trained
-   briefly in-process on phantoms (``bench.mise.train``: a few Adam steps with border sampling,
+   briefly in-process on phantoms (``ossnet_bench.mise.train``: a few Adam steps with border sampling,
    then batch-norm recalibration). That gives a lesion-shaped decision surface, not a converged
    model; query counts depend on the learned surface, seconds on the network's size.
 2. Cases: BraTS-like phantoms (``ossnet.phantoms.brats_like``) written as a BraTS archive (four
    NIfTI modalities and a segmentation per case), a few voxels smaller than the grid so every
    case is padded, as BraTS 240x240x155 is padded to 256x256x160.
-3. Jobs (``pipelines.infer.run_inference`` on a local Ray instance), one fresh output folder each:
+3. Jobs (``ossnet_pipelines.infer.run_inference`` on a local Ray instance), one fresh output folder each:
    "dense", "mise" (dense start) and "mise_lowres" (low-resolution start) with 1 actor, then
    "mise_lowres" with 2 actors. Seconds per case are the report's per-case read + predict +
    write times (queueing and actor start-up excluded); cases/s is cases over the job's whole
@@ -39,9 +39,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from bench._common import emit_result, make_parser, setup_logging
+from ossnet_bench._common import emit_result, make_parser, setup_logging
 
-log = logging.getLogger("bench.infer")
+log = logging.getLogger("ossnet_bench.infer")
 
 BRATS_GRID: tuple[int, int, int] = (256, 256, 160)
 CPU_GRID: tuple[int, int, int] = (128, 128, 80)
@@ -50,7 +50,7 @@ MARGIN = (3, 1, 1)  # scans are this much smaller than the grid: odd sizes, padd
 
 
 def _train(grid: Sequence[int], steps: int, device: torch.device, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from bench.mise import phantom_case, train
+    from ossnet_bench.mise import phantom_case, train
     from ossnet.config import model_config
 
     cfg = model_config("C", "brats", volume_shape=tuple(int(s) for s in grid))
@@ -61,7 +61,7 @@ def _train(grid: Sequence[int], steps: int, device: torch.device, seed: int) -> 
 
 def _write_cases(root: Path, grid: Sequence[int], n: int, seed: int) -> Path:
     from ossnet.phantoms import brats_like
-    from pipelines.synthetic import write_brats_archive
+    from ossnet_pipelines.synthetic import write_brats_archive
 
     shape = tuple(int(g) - m for g, m in zip(grid, MARGIN))
     cases = [brats_like(shape, seed=seed + i, case_id=f"bench-{i:03d}") for i in range(n)]  # type: ignore[arg-type]
@@ -69,7 +69,7 @@ def _write_cases(root: Path, grid: Sequence[int], n: int, seed: int) -> Path:
 
 
 def _job(archive: Path, out: Path, checkpoint: Path, mode: str, actors: int, chunk_points: int) -> dict[str, Any]:
-    from pipelines.infer import InferJob, run_inference
+    from ossnet_pipelines.infer import InferJob, run_inference
 
     report = run_inference(InferJob(input=str(archive), output=str(out), model=str(checkpoint), mode=mode,
                                     actors=actors, chunk_points=chunk_points, report_every_s=3600.0))

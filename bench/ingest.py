@@ -1,11 +1,11 @@
 """Ingest benchmark: the chunked (dask) volume path against the in-memory one, and case throughput.
 
-``python -m bench.ingest [--quick]``
+``python -m ossnet_bench.ingest [--quick]``
 
 1. **A scan larger than memory should be.** A synthetic float32 scan (1024x1024x600, 2.4 GB;
    ``--quick``: 512x512x300, 315 MB) with a label, written as ``.nii`` and as ``.nii.gz``, is
    ingested onto the BraTS grid (256x256x160, ``resample: resize``) twice, each in a fresh
-   process: by ``pipelines.ingest`` (lazy slabs, ``pipelines.volumes``) and by the in-memory path
+   process: by ``ossnet_pipelines.ingest`` (lazy slabs, ``ossnet_pipelines.volumes``) and by the in-memory path
    the project used before (read the whole channel, z-score it in place, transform it with
    NumPy, write it). The figure is the process's peak RSS (``ru_maxrss``, imports included)
    and the ingest's seconds. Batch inference's per-case stages then segment the ``.nii`` scan
@@ -36,9 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench._common import emit_result, make_parser, pin_cpus, round_mb, run_worker, serve_worker, setup_logging
+from ossnet_bench._common import emit_result, make_parser, pin_cpus, round_mb, run_worker, serve_worker, setup_logging
 
-log = logging.getLogger("bench.ingest")
+log = logging.getLogger("ossnet_bench.ingest")
 
 LARGE = (1024, 1024, 600)
 QUICK_LARGE = (512, 512, 300)
@@ -53,7 +53,7 @@ def write_large_scan(folder: Path, shape: Sequence[int], compress: bool) -> Path
     """A generic-layout case ``big``: a noisy ball in float32 and its label, streamed to disk."""
     import dask.array as da
 
-    from pipelines.nifti import write_volume
+    from ossnet_pipelines.nifti import write_volume
 
     suffix = ".nii.gz" if compress else ".nii"
     affine = np.diag([0.7, 0.7, 0.8, 1.0])
@@ -71,7 +71,7 @@ def write_large_scan(folder: Path, shape: Sequence[int], compress: bool) -> Path
 def write_brats_archive(folder: Path, n: int, shape: Sequence[int]) -> Path:
     """``n`` BraTS-size cases (easy phantoms generated at ``shape``) in the BraTS layout."""
     from ossnet.phantoms import brats_like
-    from pipelines.synthetic import write_brats_archive as write
+    from ossnet_pipelines.synthetic import write_brats_archive as write
 
     for i in range(n):
         write([brats_like(tuple(shape), seed=1000 + i, case_id=f"BraTS20_Training_{i:03d}")], folder)
@@ -86,8 +86,8 @@ def _in_memory_ingest(source: Path, store_url: str) -> None:
     from ossnet.config import model_config
     from ossnet.preprocess import preprocess_channel, preprocess_label
     from ossnet.border import border_band
-    from pipelines import nifti, volumes
-    from pipelines.store import create_store
+    from ossnet_pipelines import nifti, volumes
+    from ossnet_pipelines.store import create_store
 
     images, labels = sorted((source / "images").iterdir()), sorted((source / "labels").iterdir())
     store = create_store(store_url, {"modalities": ["image"], "volume_shape": list(GRID), "band_width": 6,
@@ -115,9 +115,9 @@ def _infer_large(source: Path, out: str) -> dict[str, Any]:
     from ossnet.checkpoint import PreprocessSpec, checkpoint_bytes
     from ossnet.config import model_config
     from ossnet.model import build_model
-    from pipelines.infer.cases import InferCase
-    from pipelines.infer.outputs import OutputLayout
-    from pipelines.infer.stages import CasePredictor, StageContext, process_case
+    from ossnet_pipelines.infer.cases import InferCase
+    from ossnet_pipelines.infer.outputs import OutputLayout
+    from ossnet_pipelines.infer.stages import CasePredictor, StageContext, process_case
 
     torch.manual_seed(0)
     grid = (64, 64, 64)
@@ -136,7 +136,7 @@ def _infer_large(source: Path, out: str) -> dict[str, Any]:
 
 def worker(payload: dict[str, Any]) -> dict[str, Any]:
     """One measured ingest (or inference) in this (fresh) process."""
-    from pipelines.ingest import IngestJob, ingest
+    from ossnet_pipelines.ingest import IngestJob, ingest
 
     if payload.get("cpus"):
         pin_cpus(int(payload["cpus"]))  # the pool's parent and workers share these cores
@@ -169,7 +169,7 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure(payload: dict[str, Any], timeout: float) -> dict[str, Any]:
-    outcome = run_worker("bench.ingest", payload, timeout=timeout)
+    outcome = run_worker("ossnet_bench.ingest", payload, timeout=timeout)
     if not outcome.ok:
         log.warning("%s failed: %s", payload, outcome.error)
         return {"ok": False, "error": outcome.error}

@@ -1,6 +1,6 @@
 """Training-memory benchmark: OSS-Net variant C vs the 3D residual U-Net (paper Table 2).
 
-``python -m bench.memory [--quick] [--device all|cpu|cuda]``
+``python -m ossnet_bench.memory [--quick] [--device all|cpu|cuda]``
 
 Measures the peak memory of ONE training step at batch size 1 (forward, BCE loss, backward,
 optimizer step) for
@@ -32,7 +32,7 @@ is then used for the ratio, flagged by ``ratio_estimated`` / ``ratio_large_estim
 The crop-trained U-Net (nnU-Net and MONAI practice) is measured too: the largest cubic crop (a
 multiple of 16) whose step the fitted U-Net memory puts at or under OSS-Net's, measured alone
 (``unet3d_patch_crop``, ``unet3d_patch_train_peak_mb``): its memory is fixed by the crop, not by
-the volume, so it is the baseline at equal training memory (``bench.paper`` compares its Dice).
+the volume, so it is the baseline at equal training memory (``ossnet_bench.paper`` compares its Dice).
 
 The last stdout line is one JSON object with ``ossnet_train_peak_mb``, ``unet3d_train_peak_mb``,
 ``ratio`` (U-Net / OSS-Net), the same three with ``_large``, the crop-trained U-Net's keys, and ``_cuda``-suffixed copies when
@@ -50,7 +50,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from bench._common import (
+from ossnet_bench._common import (
     PeakRSS,
     emit_result,
     make_parser,
@@ -61,7 +61,7 @@ from bench._common import (
     setup_logging,
 )
 
-log = logging.getLogger("bench.memory")
+log = logging.getLogger("ossnet_bench.memory")
 
 BRATS_SHAPE: tuple[int, int, int] = (256, 256, 160)
 QUICK_SHAPE: tuple[int, int, int] = (128, 128, 80)
@@ -235,7 +235,7 @@ def measure_peak(
     (``preset``, ``in_channels``, ``channels``, ``batch_size``)."""
     payload = {"model": model, "shape": list(shape), "device": device, "n_points": n_points, "seed": 0,
                "threads": threads, **extra}
-    outcome = run_worker("bench.memory", payload, timeout=timeout)
+    outcome = run_worker("ossnet_bench.memory", payload, timeout=timeout)
     if not outcome.ok:
         log.warning("%s %s on %s failed: %s", model, "x".join(map(str, shape)), device, outcome.error)
         return {"ok": False, "error": outcome.error}

@@ -1,6 +1,6 @@
 """MISE benchmark: dense decoding vs dense-start MISE vs low-res-start MISE, side by side.
 
-``python -m bench.mise [--quick] [--device auto|cpu|cuda] [--train-seconds S] [--min-steps N] [--seed N]``
+``python -m ossnet_bench.mise [--quick] [--device auto|cpu|cuda] [--train-seconds S] [--min-steps N] [--seed N]``
 
 1. Trains an OSS-Net variant C briefly (at least 20 steps quick, 80 full; batch-norm statistics
    recalibrated afterwards) on BraTS-like phantoms, half easy (``brats_like``) and half with
@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from bench._common import emit_result, make_parser, setup_logging
+from ossnet_bench._common import emit_result, make_parser, setup_logging
 from ossnet.config import AugmentConfig, DecoderConfig, EncoderConfig, ModelConfig, PatchConfig, SamplingConfig
 from ossnet.inference import Inferer
 from ossnet.metrics import dice
@@ -58,7 +58,7 @@ from ossnet.preprocess import zscore_channels
 from ossnet.sampling import training_sample
 from ossnet.training import batch_to_device, make_optimizer, train_step
 
-log = logging.getLogger("bench.mise")
+log = logging.getLogger("ossnet_bench.mise")
 
 BRATS_SHAPE: tuple[int, int, int] = (256, 256, 160)
 QUICK_SHAPE: tuple[int, int, int] = (128, 128, 80)

@@ -1,7 +1,7 @@
 """The paper's Table 1 (segmentation) and Table 3 (sampling) on the hard phantoms, with the
 baselines users compare against.
 
-``python -m bench.paper [--quick] [--dataset brats|lits|head] [--seeds N] [--steps N] [--jobs N]``
+``python -m ossnet_bench.paper [--quick] [--dataset brats|lits|head] [--seeds N] [--steps N] [--jobs N]``
 
 Models: OSS-Net O-Net, A, B, C, D (uniform sampling) and C with border sampling (Table 3); the 3D
 residual U-Net on whole volumes (the paper's baseline); the same U-Net trained on random crops
@@ -11,12 +11,12 @@ the slice-wise 2D residual U-Net; and the trivial baseline, the best single-chan
 window tuned per test case on its own label (an upper bound of any threshold).
 
 Budget: every model trains for the same number of optimizer steps (not the same wall time) on
-the same cases, with the same optimizer, LR schedule and seeds; ``bench.paper_runs`` has the
+the same cases, with the same optimizer, LR schedule and seeds; ``ossnet_bench.paper_runs`` has the
 details. Each (model, seed) runs in a fresh process; ``--jobs`` of them at a time (one thread
 each). Scores are on the dense full-resolution test volumes: Dice and IoU, HD95 in mm (a
 prediction that misses a case entirely scores the grid diagonal); ``dice_std`` is the standard
 deviation over seeds of the mean test Dice. Training memory is the peak RSS of the training
-loop above the process's RSS before it (the kernel's high-water mark, as in ``bench.memory``);
+loop above the process's RSS before it (the kernel's high-water mark, as in ``ossnet_bench.memory``);
 inference seconds and decoder queries are per test case.
 
 ``--quick`` (at most 15 minutes on 2 CPUs): hard LiTS-like CT phantoms at 48^3 (12 training and
@@ -48,9 +48,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench._common import emit_result, make_parser, run_worker, serve_worker, setup_logging
+from ossnet_bench._common import emit_result, make_parser, run_worker, serve_worker, setup_logging
 
-log = logging.getLogger("bench.paper")
+log = logging.getLogger("ossnet_bench.paper")
 
 MODELS: tuple[str, ...] = ("onet", "A", "B", "C", "D", "unet3d", "unet2d", "unet3d_patch")
 RUNS: tuple[str, ...] = MODELS + ("C_border",)
@@ -101,10 +101,10 @@ def calibrate_crop(plan: Plan, timeout: float) -> tuple[int, dict[str, Any]]:
     """The crop side at which a U-Net training step needs about OSS-Net C's step memory.
 
     One training step of C and of the U-Net at two small crops are measured in fresh processes
-    (``bench.memory``'s workers), the U-Net's memory is fitted as affine in the voxel count, and
+    (``ossnet_bench.memory``'s workers), the U-Net's memory is fitted as affine in the voxel count, and
     the largest crop (a multiple of 16) within C's figure is measured to confirm.
     """
-    from bench.memory import UNetScaling, matching_crop, measure_peak
+    from ossnet_bench.memory import UNetScaling, matching_crop, measure_peak
 
     channels = 4 if plan.dataset == "brats" else 1
     unet = dict(in_channels=channels, channels=list(plan.unet_channels), batch_size=plan.batch)
@@ -132,7 +132,7 @@ def calibrate_crop(plan: Plan, timeout: float) -> tuple[int, dict[str, Any]]:
 
 def _trivial(plan: Plan) -> dict[str, float]:
     """The best intensity window per test case (tuned on its own label)."""
-    from bench.paper_runs import load_cases
+    from ossnet_bench.paper_runs import load_cases
     from ossnet.baselines.window import apply_window, best_window
     from ossnet.metrics import hd95
 
@@ -214,7 +214,7 @@ def write_report(plan: Plan, table: dict[str, Any], trivial: dict[str, float], m
                 f"{trivial['hd95']:.2f} | - | - | - | - | - |")
     grid = "x".join(map(str, plan.shape))
     text = [
-        "# OSS-Net against its baselines on hard phantoms (bench.paper)",
+        "# OSS-Net against its baselines on hard phantoms (ossnet_bench.paper)",
         "",
         f"Command: `{command}` ({seconds / 60:.1f} min). Data: hard {plan.dataset}-like phantoms "
         f"(no intensity window solves them), {grid} voxels, {plan.n_train} training and {plan.n_test} test cases. "
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     if args.worker is not None:
-        from bench.paper_runs import run_one
+        from ossnet_bench.paper_runs import run_one
 
         return serve_worker(run_one, args.worker, log)  # the driver records a failure and goes on
     if args.seeds < 1 or args.jobs < 1 or (args.steps is not None and args.steps < 1):
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              ", ".join(args.models), plan.dataset, "x".join(map(str, plan.shape)), plan.steps)
 
     def launch(payload: dict[str, Any]) -> dict[str, Any] | None:
-        outcome = run_worker("bench.paper", payload, timeout=timeout)
+        outcome = run_worker("ossnet_bench.paper", payload, timeout=timeout)
         if not outcome.ok:
             log.warning("%s seed %d failed: %s", payload["run"], payload["seed"], outcome.error)
             return None
@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trivial = _trivial(plan)
     met = goals(table, trivial["dice"])
     seconds = time.perf_counter() - start
-    command = "python -m bench.paper" + (" --quick" if args.quick else "") + (
+    command = "python -m ossnet_bench.paper" + (" --quick" if args.quick else "") + (
         f" --dataset {args.dataset}" if args.dataset else "")
     md, png = write_report(plan, table, trivial, met, calibration, args.out, command, seconds)
     result: dict[str, Any] = {"benchmark": "paper", "quick": bool(args.quick), "dataset": plan.dataset,

@@ -1,7 +1,7 @@
-"""One ``bench.paper`` run: train one model for a fixed number of optimizer steps on the hard
+"""One ``ossnet_bench.paper`` run: train one model for a fixed number of optimizer steps on the hard
 phantoms, then segment the test cases densely at full resolution and score them.
 
-Runs in a fresh process per (model, seed) (``python -m bench.paper --worker``), so its peak
+Runs in a fresh process per (model, seed) (``python -m ossnet_bench.paper --worker``), so its peak
 memory is its own. Every model gets the same cases, the same optimizer (the project's
 Lookahead(RAdam), LR dropped x0.1 at 80% of the steps) and the same number of steps:
 
@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench._common import PeakRSS
+from ossnet_bench._common import PeakRSS
 
-log = logging.getLogger("bench.paper")
+log = logging.getLogger("ossnet_bench.paper")
 
 
 class TrainMemory:
@@ -161,7 +161,7 @@ def _ossnet(run: str, plan: dict[str, Any], train: list, test: list, rng: np.ran
     from ossnet.model import build_model
     from ossnet.sampling import training_sample
     from ossnet.training import batch_to_device, train_step
-    from pipelines.data import collate_rows
+    from ossnet_pipelines.data import collate_rows
 
     variant, border = OSSNET_RUNS[run]
     channels = train[0][1].shape[0]

@@ -1,7 +1,7 @@
 """Training throughput of the Ray Train job: points/s and volumes/s with 1 and 2 workers.
 
-``python -m bench.train [--quick]``. Seeded BraTS-like phantoms are ingested into a store (quick:
-the "tiny" preset, 32x32x24; full: "small", 64x64x48), then ``pipelines.train.train`` runs the
+``python -m ossnet_bench.train [--quick]``. Seeded BraTS-like phantoms are ingested into a store (quick:
+the "tiny" preset, 32x32x24; full: "small", 64x64x48), then ``ossnet_pipelines.train.train`` runs the
 real job (Ray Data sampling tasks -> TorchTrainer workers, DDP with 2, no MLflow) for a few
 epochs in a fresh local Ray instance per configuration (its own subprocess). The first epoch
 warms up the worker processes and is left out. Per configuration the result gives:
@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench._common import emit_result, make_parser, run_worker, setup_logging
+from ossnet_bench._common import emit_result, make_parser, run_worker, setup_logging
 
-log = logging.getLogger("bench.train")
+log = logging.getLogger("ossnet_bench.train")
 
 SEED = 0
 # name: (preset, source grid, cases, samples per case, points, global batch, epochs incl. warm-up)
@@ -43,8 +43,8 @@ SIZES: dict[str, tuple[str, tuple[int, int, int], int, int, int, int, int]] = {
 
 
 def _job(payload: dict[str, Any]) -> Any:
-    from pipelines.jobconfig import load_job
-    from pipelines.train import TrainJob
+    from ossnet_pipelines.jobconfig import load_job
+    from ossnet_pipelines.train import TrainJob
 
     epochs = int(payload["epochs"])
     overrides = {
@@ -64,7 +64,7 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any]:
     """One configuration in a fresh private Ray instance (this subprocess)."""
     import ray
 
-    from pipelines.train import train
+    from ossnet_pipelines.train import train
 
     temp_dir = tempfile.mkdtemp(prefix="ossnet-bt-", dir="/tmp")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -92,9 +92,9 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _measure(base: dict[str, Any], workers: int, gpu: bool) -> dict[str, Any]:
     payload = {**base, "workers": workers, "gpu": gpu}
-    out = run_worker("bench.train", payload, timeout=3600)
+    out = run_worker("ossnet_bench.train", payload, timeout=3600)
     if not out.ok:
-        raise RuntimeError(f"bench.train: {workers} worker(s){' on GPU' if gpu else ''}: {out.error}")
+        raise RuntimeError(f"ossnet_bench.train: {workers} worker(s){' on GPU' if gpu else ''}: {out.error}")
     r = out.result
     log.info("%d worker(s)%s: %.0f points/s, %.2f volumes/s, data wait %.0f%% (epoch %.1f s)", workers,
              " GPU" if gpu else " CPU", r["points_per_s"], r["volumes_per_s"], 100 * r["data_wait_fraction"],
@@ -105,9 +105,9 @@ def _measure(base: dict[str, Any], workers: int, gpu: bool) -> dict[str, Any]:
 def run(quick: bool, workdir: Path) -> dict[str, Any]:
     import torch
 
-    from bench.data import write_brats_archive
+    from ossnet_bench.data import write_brats_archive
     from ossnet.phantoms import brats_like
-    from pipelines.ingest import IngestJob, ingest
+    from ossnet_pipelines.ingest import IngestJob, ingest
 
     name = "quick" if quick else "full"
     preset, grid, n_cases, spc, points, batch, epochs = SIZES[name]
@@ -116,7 +116,7 @@ def run(quick: bool, workdir: Path) -> dict[str, Any]:
     report = ingest(IngestJob(source=str(write_brats_archive(cases, workdir / "archive")), store=store,
                               preset=preset, val_fraction=1.0 / n_cases, executor="serial"))
     if not report.ok:
-        raise RuntimeError(f"bench.train: ingest failed:\n{report.table()}")
+        raise RuntimeError(f"ossnet_bench.train: ingest failed:\n{report.table()}")
     base = {"store": store, "preset": preset, "points": points, "batch": batch, "samples_per_case": spc,
             "epochs": epochs, "storage": str(workdir / "ray_results")}
     log.info("%s: %s preset, %d cases x %d samples, %d points, global batch %d, %d epochs (1 warm-up)",

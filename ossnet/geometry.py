@@ -19,7 +19,7 @@ without cropping is exact.
 
 Every function here is array-generic: it uses slicing, fancy indexing along one axis,
 ``np.flip``/``np.pad``/``np.where`` and arithmetic only, so it runs on NumPy arrays and, through
-NumPy's dispatch protocol, lazily on dask arrays (``pipelines.volumes`` builds the chunked,
+NumPy's dispatch protocol, lazily on dask arrays (``ossnet_pipelines.volumes`` builds the chunked,
 out-of-core version of the same transform that way, without this module importing dask).
 """
 

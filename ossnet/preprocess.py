@@ -6,7 +6,7 @@ Pure numpy. Everything that changes a volume's geometry or intensities is record
 Intensities are z-scored per channel *before* the geometry steps, over the whole source volume
 (``"all"``) or over its nonzero voxels (``"nonzero"``, which keeps the zero background at 0).
 Work is done in slabs along the first spatial axis so a 512^3 channel needs no full-size
-temporaries beyond its own float32 copy. ``pipelines.volumes`` runs the same transform lazily
+temporaries beyond its own float32 copy. ``ossnet_pipelines.volumes`` runs the same transform lazily
 and chunk by chunk for scans that do not fit in memory.
 """
 

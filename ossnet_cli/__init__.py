@@ -52,24 +52,24 @@ class Subcommand:
 
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
-    Subcommand("quickstart", "pipelines.quickstart",
+    Subcommand("quickstart", "ossnet_pipelines.quickstart",
                "synthetic NIfTI -> Zarr store -> Ray Train -> MLflow registry -> batch MISE inference, on this machine",
                "configure_parser", "run_cli"),
-    Subcommand("ingest", "pipelines.ingest.cli",
+    Subcommand("ingest", "ossnet_pipelines.ingest.cli",
                "validate NIfTI archives (BraTS 2020, LiTS, generic) and write them into a Zarr store",
                "configure_ingest_parser", "run_ingest_cli", "job_from_args"),
-    Subcommand("train", "pipelines.train.cli",
+    Subcommand("train", "ossnet_pipelines.train.cli",
                "train OSS-Net with Ray Train (DDP), checkpoints and MLflow; --address submits to a cluster",
                "configure_train_parser", "run_train_cli", "job_from_args"),
-    Subcommand("tune", "tune.cli",
+    Subcommand("tune", "ossnet_tune.cli",
                "hyperparameter sweep: Ray Tune + Optuna + ASHA over Ray Train runs, best model registered; "
                "--resume continues, --address submits to a cluster",
                "configure_tune_parser", "run_tune_cli", "job_from_args"),
-    Subcommand("infer", "pipelines.infer.cli",
+    Subcommand("infer", "ossnet_pipelines.infer.cli",
                "batch MISE inference over NIfTI archives or a Zarr store with a registered model; "
                "--address submits to a cluster",
                "configure_infer_parser", "run_infer_cli", "job_from_args"),
-    Subcommand("jobs", "pipelines.jobs",
+    Subcommand("jobs", "ossnet_pipelines.jobs",
                "list, follow or stop jobs submitted to a Ray cluster (--address or $RAY_API_SERVER_ADDRESS)",
                "configure_jobs_parser", "run_jobs_cli"),
 )

@@ -1,6 +1,6 @@
 """ossnet pipelines: everything that runs on Ray or talks to storage and tracking.
 
-Submodules are imported explicitly (``from pipelines.store import open_store``); importing the
+Submodules are imported explicitly (``from ossnet_pipelines.store import open_store``); importing the
 package itself does no work and pulls in neither Ray nor Zarr.
 """
 

@@ -1,6 +1,6 @@
 """Names more than one pipeline stage agrees on (kept free of heavy imports).
 
-MLflow tag names live in ``pipelines.tracking.tags``; model choices (variants, presets, z-score
+MLflow tag names live in ``ossnet_pipelines.tracking.tags``; model choices (variants, presets, z-score
 masks, resample modes) in ``ossnet.config`` and ``ossnet.geometry``.
 """
 

@@ -59,7 +59,7 @@ import torch
 
 from ossnet.config import AugmentConfig, ModelConfig, SamplingConfig
 from ossnet.sampling import training_sample
-from pipelines.store import Store, open_store
+from ossnet_pipelines.store import Store, open_store
 
 if TYPE_CHECKING:
     import ray.data

@@ -1,7 +1,7 @@
 """PNG figures of volumes and segmentations (matplotlib, no pyplot, no MLflow).
 
 Used by the quickstart (without MLflow) and by training's validation (logged to MLflow through
-``pipelines.tracking.log_figure_png``). Figures are drawn on a bare ``matplotlib.figure.Figure``
+``ossnet_pipelines.tracking.log_figure_png``). Figures are drawn on a bare ``matplotlib.figure.Figure``
 with the Agg canvas, so nothing touches pyplot's global state or needs a display.
 """
 

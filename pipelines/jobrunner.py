@@ -7,7 +7,7 @@ arguments, how to run it here, what to submit with ``--address``, what its dry r
 * exit codes: 0 done, 1 the work failed (``error: <what> failed: <type>: <first line>``, the
   traceback in the log), 2 bad input (config, model, cluster address: ``error: <message>``), or
   what the command's ``run`` returns (a sweep says 130 when interrupted);
-* ``--address URL``: the command's own argv is submitted as a Ray job (``pipelines.jobs``), its
+* ``--address URL``: the command's own argv is submitted as a Ray job (``ossnet_pipelines.jobs``), its
   logs stream here and its exit status is the job's;
 * SIGTERM (``ray job stop``, ``kill``) becomes ``KeyboardInterrupt`` while the job runs, so
   reports and runs are closed cleanly.
@@ -82,7 +82,7 @@ def _first_line(exc: BaseException) -> str:
 def run_job_command(command: JobCommand, args: argparse.Namespace, out: TextIO | None = None,
                     err: TextIO | None = None) -> int:
     """Build, then dry-run, submit or run ``command``'s job; returns the process exit code."""
-    from pipelines.jobs import JobError
+    from ossnet_pipelines.jobs import JobError
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -94,7 +94,7 @@ def run_job_command(command: JobCommand, args: argparse.Namespace, out: TextIO |
             return command.dry_run(args, job, out)
         address = getattr(args, "address", None)
         if address:
-            from pipelines import jobs
+            from ossnet_pipelines import jobs
 
             argv = command.submit_argv(args, job, out)
             out.flush()

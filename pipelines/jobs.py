@@ -10,18 +10,23 @@ named by ``RAY_AUTH_TOKEN_PATH`` (Ray's own variables, printed by
 sent as an explicit header, so it never depends on process-global Ray state.
 
 The project travels to the cluster as a ``working_dir`` runtime_env (build outputs, stores,
-virtual environments and tracking data excluded); the job runs ``python -m ossnet_cli``
-from it, so the cluster needs the project's dependencies but not the project installed.
+virtual environments and tracking data excluded), and the folders whose import name differs
+(``pipelines/`` is ``ossnet_pipelines``, ``tune/`` is ``ossnet_tune``) as ``py_modules`` under
+their import names; the job runs ``python -m ossnet_cli`` from it, so the cluster needs the
+project's dependencies but not the project installed, and runs the code that was submitted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -128,6 +133,23 @@ def get_client(address: str, auth_token: str | None = None) -> JobSubmissionClie
         raise JobError(f"cannot reach the Ray Jobs API at {address}: {exc}") from exc
 
 
+#: Import name -> folder of the packages installed under another name (pyproject.toml package-dir).
+RENAMED_PACKAGES: dict[str, str] = {"ossnet_pipelines": "pipelines", "ossnet_tune": "tune"}
+
+
+def _stage_renamed_packages(root: Path) -> list[str]:
+    """Copies of the project's renamed package folders, each under its import name, in a
+    temporary folder removed at exit (Ray uploads them when the job is submitted)."""
+    folders = {name: root / folder for name, folder in RENAMED_PACKAGES.items() if (root / folder / "__init__.py").is_file()}
+    if not folders:
+        return []
+    stage = Path(tempfile.mkdtemp(prefix="ossnet-py-modules-"))
+    atexit.register(shutil.rmtree, stage, True)
+    for name, folder in folders.items():
+        shutil.copytree(folder, stage / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return [str(stage / name) for name in folders]
+
+
 def build_runtime_env(
     project_root: str | os.PathLike[str] | None = None,
     env_vars: Mapping[str, str] | None = None,
@@ -148,6 +170,9 @@ def build_runtime_env(
     if not root.is_dir():
         raise ValueError(f"project_root {root}: not a directory")
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": list(excludes)}
+    py_modules = _stage_renamed_packages(root)
+    if py_modules:
+        runtime_env["py_modules"] = py_modules
     if env_vars:
         bad = [k for k, v in env_vars.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:

@@ -11,7 +11,7 @@ Reading. ``lazy_volume`` wraps a file's voxel data in a dask array of slabs alon
   the transform reads each file more than once (statistics, then the grid). A file whose voxels
   take at most ``IN_MEMORY_BYTES`` is decompressed once into memory (a BraTS channel: 18 MB);
   a larger one is decompressed once, in file order and in bounded memory, to a temporary
-  ``.nii`` (``seekable``; disk space: the uncompressed size; measured in ``bench.ingest``).
+  ``.nii`` (``seekable``; disk space: the uncompressed size; measured in ``ossnet_bench.ingest``).
 
 Writing. ``write_volume`` streams a (dask or NumPy) volume slab by slab into a gzip stream
 behind a NIfTI-1 header, in a temporary file moved into place when complete, so the writer
@@ -35,7 +35,7 @@ import numpy as np
 
 from ossnet.geometry import voxel_spacing
 from ossnet.preprocess import validate_spatial_shape
-from pipelines.files import atomic_write
+from ossnet_pipelines.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -65,8 +65,8 @@ class QuickstartResult:
     """What the quickstart measured and wrote."""
 
     store: str
-    train: Any  # pipelines.train.TrainResult
-    infer: Any  # pipelines.infer.InferReport
+    train: Any  # ossnet_pipelines.train.TrainResult
+    infer: Any  # ossnet_pipelines.infer.InferReport
     png: Path | None
     tracking_uri: str
     window_dice: dict[str, float]  # case id -> trivial-baseline Dice on the held-out cases
@@ -78,7 +78,7 @@ def _write_archives(
     """The training and held-out archives, and the trivial baseline's Dice per held-out case."""
     from ossnet.baselines.window import best_window
     from ossnet.phantoms import phantom_dataset
-    from pipelines.synthetic import write_brats_archive
+    from ossnet_pipelines.synthetic import write_brats_archive
 
     archive, heldout = opts.out_dir / "archive", opts.out_dir / "heldout"
     cases = phantom_dataset("brats", n=opts.n_cases + opts.n_heldout, shape=volume_shape, seed=opts.seed,
@@ -94,7 +94,7 @@ def _overlay_png(heldout: Path, report: Any, out_dir: Path) -> Path | None:
     """PNG of the first segmented held-out case: image, reference and prediction slices."""
     import nibabel as nib
 
-    from pipelines.figures import slice_overlay_png
+    from ossnet_pipelines.figures import slice_overlay_png
 
     done = [c for c in report.cases if c.status in ("ok", "skipped") and c.mask]
     if not done:
@@ -115,8 +115,8 @@ def ingest_own_store(job: Any) -> Any:
     Args:
         job: the ``IngestJob``. Returns its ``IngestReport``.
     """
-    from pipelines.ingest import IngestError, ingest
-    from pipelines.store import StoreError
+    from ossnet_pipelines.ingest import IngestError, ingest
+    from ossnet_pipelines.store import StoreError
 
     try:
         return ingest(job)
@@ -129,11 +129,11 @@ def ingest_own_store(job: Any) -> Any:
 
 def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     """Run all four stages; returns what each produced."""
-    from pipelines.infer.job import InferJob
-    from pipelines.infer.run import run_inference
-    from pipelines.ingest import IngestJob
-    from pipelines.tracking import resolve_tracking_uri
-    from pipelines.train import load_train_job, train
+    from ossnet_pipelines.infer.job import InferJob
+    from ossnet_pipelines.infer.run import run_inference
+    from ossnet_pipelines.ingest import IngestJob
+    from ossnet_pipelines.tracking import resolve_tracking_uri
+    from ossnet_pipelines.train import load_train_job, train
 
     out = Path(opts.out_dir).resolve()
     opts = QuickstartOptions(**{**opts.__dict__, "out_dir": out})

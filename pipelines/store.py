@@ -41,7 +41,7 @@ from zarr.errors import NodeNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
 from ossnet.preprocess import PreprocessRecord
-from pipelines.constants import SPLITS
+from ossnet_pipelines.constants import SPLITS
 
 logger = logging.getLogger(__name__)
 

@@ -106,7 +106,7 @@ def write_case_store(
     """
     import json
 
-    from pipelines.ingest import IngestJob, ingest
+    from ossnet_pipelines.ingest import IngestJob, ingest
 
     root = Path(root)
     split_file = None

@@ -4,7 +4,7 @@
 z-score); this module runs it without holding a scan in memory, for every stage that turns
 scans into model grids or predictions back into scans (ingest, batch inference, benchmarks):
 
-* ``image_grid``: per channel, a dask array of file slabs (``pipelines.nifti.lazy_volume``);
+* ``image_grid``: per channel, a dask array of file slabs (``ossnet_pipelines.nifti.lazy_volume``);
   one pass computes the z-score statistics and the finite check as dask reductions; the
   normalised channel then goes through the record's transform, still lazily;
 * ``label_grid``: one pass finds the label's distinct values (then checked) and binarises and
@@ -12,7 +12,7 @@ scans into model grids or predictions back into scans (ingest, batch inference, 
 * ``store_grid``: writes a lazy grid into a Zarr array, rechunked to its shards so that no two
   tasks write one shard;
 * ``scan_view``: a grid-sized prediction lazily mapped back onto the scan (linear for
-  probabilities, nearest for masks), for ``pipelines.nifti.write_volume`` to stream slab by slab.
+  probabilities, nearest for masks), for ``ossnet_pipelines.nifti.write_volume`` to stream slab by slab.
 
 Peak memory is a few slabs per worker thread, whatever the scan's size. Scheduling: dask's
 threaded scheduler with ``workers`` threads (``compute_options``); ``scheduler="ray"`` runs the
@@ -180,7 +180,7 @@ def store_grid(volume: Any, array: Any, lead: Sequence[int] = ()) -> None:
 def scan_view(grid: np.ndarray, record: PreprocessRecord, order: int) -> Any:
     """A grid-sized prediction lazily mapped back onto the scan's voxel grid.
 
-    One task per slab of whole scan planes (``pipelines.nifti.slab_chunks`` of float32, the
+    One task per slab of whole scan planes (``ossnet_pipelines.nifti.slab_chunks`` of float32, the
     writer's own slabs), each computed from the few grid planes it interpolates from
     (``PreprocessRecord.to_original_planes``): the graph has a task per slab whatever the
     scan's size, and computing a slab holds that slab and the grid, never the scan.
@@ -198,7 +198,7 @@ def scan_view(grid: np.ndarray, record: PreprocessRecord, order: int) -> Any:
     import dask
     import dask.array as da
 
-    from pipelines.nifti import slab_chunks
+    from ossnet_pipelines.nifti import slab_chunks
 
     grid = np.asarray(grid)
     shape = tuple(int(s) for s in record.original_shape)

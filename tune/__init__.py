@@ -5,7 +5,7 @@ Modules:
         the mapping of sampled settings onto ``TrainJob`` overrides.
     job: ``TuneJob`` (a training config plus ``space``/``sweep``/``scheduler``), its parsing
         and validation.
-    trial: one trial = a Ray Train driver (``pipelines.train.train``) reporting to Tune.
+    trial: one trial = a Ray Train driver (``ossnet_pipelines.train.train``) reporting to Tune.
     scheduler: ASHA whose rungs survive ``Tuner.restore``.
     sweep: ``run_sweep(job) -> SweepResult`` (Tuner, resume, MLflow parent run, registration).
     summary: the summary table and the choice of the best trial (pure functions).

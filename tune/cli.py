@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ossnet.config import ConfigError
-from pipelines.jobconfig import (
+from ossnet_pipelines.jobconfig import (
     TRACKING_FLAGS,
     OverrideFlag,
     add_config_arguments,
     add_submission_arguments,
     config_from_args,
 )
-from pipelines.jobrunner import JobCommand, run_job_command
+from ossnet_pipelines.jobrunner import JobCommand, run_job_command
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def configure_tune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def job_from_args(args: argparse.Namespace):  # -> TuneJob
     """The ``TuneJob`` a parsed command line describes (validated)."""
-    from tune.job import TuneJob
+    from ossnet_tune.job import TuneJob
 
     if args.retry_failed and not args.resume:
         raise ConfigError("--retry-failed: only with --resume")
@@ -102,7 +102,7 @@ def _print_result(result, job, out: TextIO) -> None:  # result: SweepResult, job
 
 
 def _dry_run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
-    from tune.sweep import describe, prepare
+    from ossnet_tune.sweep import describe, prepare
 
     resolved, uri = prepare(job)
     out.write(describe(resolved))
@@ -120,9 +120,9 @@ def _submit_argv(args: argparse.Namespace, job: Any, out: TextIO) -> list[str]:
 
 
 def _run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
-    import tune.sweep
+    import ossnet_tune.sweep
 
-    result = tune.sweep.run_sweep(job, resume=args.resume, retry_failed=args.retry_failed, config_path=args.config)
+    result = ossnet_tune.sweep.run_sweep(job, resume=args.resume, retry_failed=args.retry_failed, config_path=args.config)
     _print_result(result, job, out)
     if result.counts["unfinished"]:
         return 130

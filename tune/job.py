@@ -3,7 +3,7 @@
 A sweep YAML is a training YAML (``store``, ``model``, ``sampling``, ``train``, ... exactly as
 ``ossnet train`` reads them: every trial starts from it) with three more sections::
 
-    space       what to search (tune.space.SearchSpace)
+    space       what to search (ossnet_tune.space.SearchSpace)
     sweep       name, trials, seed, concurrency, trial resources, retries, storage
     scheduler   ASHA: grace period, reduction factor, brackets (max_t = train.epochs)
 
@@ -22,10 +22,10 @@ from typing import Any, Iterable, Optional
 from pydantic import Field, model_validator
 
 from ossnet.config import ConfigError
-from pipelines.files import local_path
-from pipelines.jobconfig import JobModel, NonBlank, config_hash, load_job, safe_name
-from pipelines.train.job import TrainJob
-from tune.space import SearchSpace
+from ossnet_pipelines.files import local_path
+from ossnet_pipelines.jobconfig import JobModel, NonBlank, config_hash, load_job, safe_name
+from ossnet_pipelines.train.job import TrainJob
+from ossnet_tune.space import SearchSpace
 
 DEFAULT_SWEEP_STORAGE = ".ossnet/tune_results"
 TUNE_SECTIONS: tuple[str, ...] = ("space", "sweep", "scheduler")
@@ -125,7 +125,7 @@ class TuneJob(TrainJob):
         """A copy whose local paths are absolute and whose sweep name is fixed, so trials (which
         run in Tune's per-trial folders, maybe on other nodes) read the same store and state.
         The Train run name stays unset: each trial sets its own."""
-        from pipelines.files import absolute_url
+        from ossnet_pipelines.files import absolute_url
 
         return self.updated({"store": absolute_url(self.store), "run.storage_path": absolute_url(self.run.storage_path),
                              "sweep.name": self.name, "sweep.storage_path": local_path(self.sweep.storage_path)})

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 from pydantic import Field, model_validator
 
 from ossnet.config import ConfigError, ModelConfig
-from pipelines.jobconfig import JobModel
+from ossnet_pipelines.jobconfig import JobModel
 
 if TYPE_CHECKING:
     import optuna

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from tune.space import PARAMETERS, format_setting, trial_settings
+from ossnet_tune.space import PARAMETERS, format_setting, trial_settings
 
 STATUSES: tuple[str, ...] = ("completed", "early_stopped", "failed", "unfinished")
 SCORED_STATUSES: tuple[str, ...] = ("completed", "early_stopped")

@@ -29,17 +29,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ossnet.config import ConfigError
-from pipelines.jobconfig import dump_yaml
-from pipelines.train.job import TrainJob, check_against_store
-from pipelines.train.state import SCORE_METRIC
-from pipelines.tracking.tags import BEST_RUN_TAG, BEST_TRIAL_TAG
-from tune.job import TuneJob
-from tune.space import OptunaSpace
-from tune.summary import TrialSummary, best_trial, rank_trials, status_counts, summarize_trial, to_csv, to_markdown
-from tune.trial import TRIAL_RUNS_DIR, TrialHook, run_trial, trial_run_name
+from ossnet_pipelines.jobconfig import dump_yaml
+from ossnet_pipelines.train.job import TrainJob, check_against_store
+from ossnet_pipelines.train.state import SCORE_METRIC
+from ossnet_pipelines.tracking.tags import BEST_RUN_TAG, BEST_TRIAL_TAG
+from ossnet_tune.job import TuneJob
+from ossnet_tune.space import OptunaSpace
+from ossnet_tune.summary import TrialSummary, best_trial, rank_trials, status_counts, summarize_trial, to_csv, to_markdown
+from ossnet_tune.trial import TRIAL_RUNS_DIR, TrialHook, run_trial, trial_run_name
 
 if TYPE_CHECKING:
-    from pipelines.tracking import RunLogger
+    from ossnet_pipelines.tracking import RunLogger
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class SweepResult:
     Attributes:
         name: the sweep name (Tune experiment name = MLflow parent run key).
         experiment_path: Tune's experiment folder (``--resume`` restores it).
-        trials: every trial, best first (see :mod:`tune.summary`).
+        trials: every trial, best first (see :mod:`ossnet_tune.summary`).
         best: the best completed or early-stopped trial (None if none scored).
         max_concurrent_trials: trials run at once.
         parent_run_id: the MLflow parent run (None with tracking off).
@@ -132,7 +132,7 @@ def prepare(job: TuneJob) -> tuple[TuneJob, str | None]:
     check_against_store(job.base)
     uri = None
     if job.base.tracking.enabled:
-        from pipelines.tracking import TrackingConfigError, resolve_tracking_uri
+        from ossnet_pipelines.tracking import TrackingConfigError, resolve_tracking_uri
 
         try:
             uri = resolve_tracking_uri(job.base.tracking.uri)
@@ -170,7 +170,7 @@ def _new_tuner(job: TuneJob, trainable: Any, max_concurrent: int, verbose: int) 
     import ray.tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune.scheduler import ResumableASHA
+    from ossnet_tune.scheduler import ResumableASHA
 
     points = [job.space.normalized_point(p) for p in job.sweep.points_to_evaluate]
     searcher = OptunaSearch(
@@ -259,7 +259,7 @@ def run_sweep(
         retry_failed: with ``resume``, run failed trials again (from their last checkpoint).
         config_path: the YAML the job came from, logged to the parent run.
         verbose: Tune's console verbosity (0 silent, 1 status tables, 2 every result).
-        trial_hook: called in each trial's actor before it trains (``tune.trial.TrialHook``).
+        trial_hook: called in each trial's actor before it trains (``ossnet_tune.trial.TrialHook``).
 
     Returns:
         A :class:`SweepResult` (trials best first).
@@ -270,7 +270,7 @@ def run_sweep(
     import ray
     from ray.tune import Tuner
 
-    from pipelines.train.driver import ensure_ray
+    from ossnet_pipelines.train.driver import ensure_ray
 
     job, uri = prepare(job)
     _check_state(job, resume)
@@ -283,7 +283,7 @@ def run_sweep(
 
     parent_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(None)
     if uri is not None:
-        from tune.tracking import parent_run
+        from ossnet_tune.tracking import parent_run
 
         parent_cm = parent_run(job.name, job.base.tracking.experiment, uri)
     with parent_cm as parent:
@@ -324,13 +324,13 @@ def run_sweep(
 @dataclass(frozen=True)
 class _Finished:
     trials: tuple[TrialSummary, ...]
-    registration: Any  # tune.tracking.Registration | None
+    registration: Any  # ossnet_tune.tracking.Registration | None
 
 
 def _finish(parent: RunLogger, job: TuneJob, trials: tuple[TrialSummary, ...],
             config_path: str | os.PathLike[str] | None) -> _Finished:
     """Close the MLflow side of a sweep: child runs, summary artifacts, the best model."""
-    from tune.tracking import finalize_child_runs, register_best
+    from ossnet_tune.tracking import finalize_child_runs, register_best
 
     trials = rank_trials(finalize_child_runs(parent, trials))
     csv_path = _write_summary(job, trials)

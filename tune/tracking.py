@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.tracking import RUN_KEY_TAG, RunLogger, register_and_promote
-from pipelines.tracking.tags import (
+from ossnet_pipelines.tracking import RUN_KEY_TAG, RunLogger, register_and_promote
+from ossnet_pipelines.tracking.tags import (
     MODEL_EPOCH_TAG,
     MODEL_URI_TAG,
     MODEL_VERSION_TAG,
@@ -35,8 +35,8 @@ from pipelines.tracking.tags import (
     TRIAL_SETTINGS_TAG,
     TRIAL_STATUS_TAG,
 )
-from pipelines.train.state import MODEL_FILE, SCORE_METRIC
-from tune.summary import TrialSummary
+from ossnet_pipelines.train.state import MODEL_FILE, SCORE_METRIC
+from ossnet_tune.summary import TrialSummary
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -1,7 +1,7 @@
 """One trial of a sweep: a Ray Train driver (Train V2 pattern) run inside a Tune actor.
 
 The trial builds its ``TrainJob`` from the sweep's base job and the sampled settings, then
-calls :func:`pipelines.train.train` with Tune's ``TuneReportCallback`` in the Train
+calls :func:`ossnet_pipelines.train.train` with Tune's ``TuneReportCallback`` in the Train
 ``RunConfig``: every epoch a Train worker reports reaches Tune (and ASHA) through it. The
 Train run is named after the sweep and the trial id, so a trial that Tune restarts (after the
 sweep driver was killed, or a retry) resumes the same Train run from its last checkpoint and
@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Mapping
 
-from pipelines.train.job import TrainJob
-from tune.space import trial_overrides
+from ossnet_pipelines.train.job import TrainJob
+from ossnet_tune.space import trial_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def trial_job(base: TrainJob, config: Mapping[str, Any], *, run_name: str, stora
 
     Args:
         base: the sweep's resolved base job (absolute store, tracking URI fixed).
-        config: the sampled settings (see :func:`tune.space.trial_overrides`).
+        config: the sampled settings (see :func:`ossnet_tune.space.trial_overrides`).
         run_name: the trial's Train run name.
         storage_path: where the trial's Train run keeps its checkpoints (absolute).
 
@@ -69,7 +69,7 @@ def run_trial(
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train.driver import train
+    from ossnet_pipelines.train.driver import train
 
     trial_id = ray.tune.get_context().get_trial_id()
     if trial_hook is not None:

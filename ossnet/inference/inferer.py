@@ -102,7 +102,7 @@ class Inferer:
             decoder's logit changes by at most ``recall_margin / (start stride * sqrt(3) / 2)``
             per voxel (see ``ossnet.inference.mise``); 0 is the original MISE. Default
             ``DEFAULT_RECALL_MARGIN`` (8: 1.15 logits per voxel at the stride-8 start), chosen
-            with ``bench.mise``: more buys recall of small, sharp components with queries.
+            with ``ossnet_bench.mise``: more buys recall of small, sharp components with queries.
         seed_threshold: low-res probability from which a low-res cell seeds MISE, at most
             ``threshold`` (below it, so that weakly detected small structures are still
             searched). Default ``min(DEFAULT_SEED_THRESHOLD, threshold)`` (0.3).

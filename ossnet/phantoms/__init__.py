@@ -5,7 +5,7 @@
   benchmarks only, never evidence that a model segments.
 * hard (``ossnet.phantoms.hard``): BraTS-like, head-with-skull (skull stripping) and LiTS-like
   cases where the best single-channel window, tuned per case on its own label, stays below
-  Dice 0.60; quality claims are made on these (``bench.paper``, the quickstart).
+  Dice 0.60; quality claims are made on these (``ossnet_bench.paper``, the quickstart).
 
 ``phantom_dataset`` builds a seeded set of either level, optionally with thick slices (an
 anisotropic spacing, made by averaging thin slices, so edges carry true partial volume).

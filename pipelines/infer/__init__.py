@@ -3,7 +3,7 @@
 ``run_inference(InferJob(input, output, model="models:/ossnet@champion")) -> InferReport`` is the
 API; ``configure_infer_parser`` / ``run_infer_cli`` are the ``ossnet infer`` command.
 
-The pipeline (``pipelines.infer.run``): list cases (``cases``) -> read + preprocess with the
+The pipeline (``ossnet_pipelines.infer.run``): list cases (``cases``) -> read + preprocess with the
 model's own ``PreprocessSpec`` (CPU tasks) -> MISE prediction on an actor pool (one model per
 actor, a GPU each when the cluster has GPUs) -> undo preprocessing + atomic writes + metrics
 (CPU tasks) (``stages``) -> report (``outputs``). Masks land in the scan's own geometry
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.infer.job import CaseResult, InferError, InferJob, InferReport
+from ossnet_pipelines.infer.job import CaseResult, InferError, InferJob, InferReport
 
 _LAZY = {
-    "run_inference": "pipelines.infer.run",
-    "configure_infer_parser": "pipelines.infer.cli",
-    "job_from_args": "pipelines.infer.cli",
-    "run_infer_cli": "pipelines.infer.cli",
+    "run_inference": "ossnet_pipelines.infer.run",
+    "configure_infer_parser": "ossnet_pipelines.infer.cli",
+    "job_from_args": "ossnet_pipelines.infer.cli",
+    "run_infer_cli": "ossnet_pipelines.infer.cli",
 }
 
 
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pipelines.infer' has no attribute {name!r}")
+    raise AttributeError(f"module 'ossnet_pipelines.infer' has no attribute {name!r}")
 
 
 __all__ = [

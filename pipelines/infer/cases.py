@@ -1,7 +1,7 @@
 """List the cases of an inference input, with channels in the model's order.
 
 NIfTI archives in the BraTS, LiTS and generic (``images/`` + ``labels/``, or CSV) layouts are
-listed by ``pipelines.ingest.sources.discover`` (labels optional: when present they become the
+listed by ``ossnet_pipelines.ingest.sources.discover`` (labels optional: when present they become the
 reference for Dice/IoU). This module adds what inference needs on top:
 
 * the ``nifti`` layout: a flat folder, a glob, or a single file of single-channel NIfTI volumes,
@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from pipelines.infer.job import InferError
-from pipelines.ingest.sources import IngestError, detect_layout, discover, source_fs
+from ossnet_pipelines.infer.job import InferError
+from ossnet_pipelines.ingest.sources import IngestError, detect_layout, discover, source_fs
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def detect_input_layout(input_url: str, options: Mapping[str, Any] | None = None
 
 def _list_store(input_url: str, split: str | None, model_modalities: Sequence[str], volume_shape: Sequence[int],
                 zscore_mask: str, options: Mapping[str, Any] | None, resample: str = "none") -> CaseListing:
-    from pipelines.store import StoreError, open_store
+    from ossnet_pipelines.store import StoreError, open_store
 
     try:
         store = open_store(input_url, "r", options)

@@ -2,7 +2,7 @@
 
 Settings come from, in increasing precedence: ``InferJob`` defaults, ``--config YAML`` (a flat
 mapping of ``InferJob`` fields), ``--set KEY=VALUE`` and the dedicated flags. With ``--address``
-the same command runs as a job on a Ray cluster (``pipelines.jobs``); paths must then be
+the same command runs as a job on a Ray cluster (``ossnet_pipelines.jobs``); paths must then be
 visible from the cluster (shared storage or fsspec URLs).
 
 Exit codes: 0 every case ok or skipped, 1 some case failed, 2 the job could not run (unknown
@@ -17,9 +17,9 @@ import sys
 from typing import TextIO
 
 from ossnet.inference import DEFAULT_RECALL_MARGIN
-from pipelines.infer.job import INPUT_LAYOUTS, MODES, InferError, InferJob
-from pipelines.jobconfig import OverrideFlag, add_config_arguments, load_job, overrides_from_args
-from pipelines.jobrunner import JobCommand, run_job_command
+from ossnet_pipelines.infer.job import INPUT_LAYOUTS, MODES, InferError, InferJob
+from ossnet_pipelines.jobconfig import OverrideFlag, add_config_arguments, load_job, overrides_from_args
+from ossnet_pipelines.jobrunner import JobCommand, run_job_command
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,14 @@ def job_from_args(args: argparse.Namespace) -> InferJob:
 
 def _submit_argv(args: argparse.Namespace, job: InferJob, out: TextIO) -> list[str]:
     """``infer ...`` as typed (from ``sys.argv``), minus ``--address``, for the cluster job."""
-    from pipelines.jobs import without_address
+    from ossnet_pipelines.jobs import without_address
 
     raw = list(sys.argv[1:])
     return without_address(raw[raw.index("infer"):] if "infer" in raw else ["infer", *raw])
 
 
 def _run(args: argparse.Namespace, job: InferJob, out: TextIO) -> int:
-    from pipelines.infer.run import run_inference
+    from ossnet_pipelines.infer.run import run_inference
 
     report = run_inference(job)
     out.write(report.table() + "\n")
@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace, job: InferJob, out: TextIO) -> int:
 
 
 def _bad_input() -> tuple[type[BaseException], ...]:
-    from pipelines.tracking.registry import ModelNotFoundError
+    from ossnet_pipelines.tracking.registry import ModelNotFoundError
 
     return (InferError, ModelNotFoundError, ValueError)  # bad fields, unknown models, bad model URIs
 

@@ -14,10 +14,10 @@ from pydantic import Field, model_validator
 from ossnet.config import ConfigError
 from ossnet.inference import MAX_RECALL_MARGIN
 from ossnet.inference import MODES as INFERENCE_MODES
-from pipelines.constants import SPLITS
-from pipelines.files import absolute_url
-from pipelines.jobconfig import Job, NonBlank
-from pipelines.tracking.registry import DEFAULT_MODEL_SPEC
+from ossnet_pipelines.constants import SPLITS
+from ossnet_pipelines.files import absolute_url
+from ossnet_pipelines.jobconfig import Job, NonBlank
+from ossnet_pipelines.tracking.registry import DEFAULT_MODEL_SPEC
 
 INPUT_LAYOUTS: tuple[str, ...] = ("auto", "nifti", "brats", "lits", "generic", "zarr")
 MODES: tuple[str, ...] = ("auto", *INFERENCE_MODES)  # "auto": mise_lowres if the model has a low-res head

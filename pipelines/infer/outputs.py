@@ -5,10 +5,10 @@ Layout of the output folder (local path or fsspec URL)::
     masks/<case_id>.nii.gz          uint8 {0, 1}, the scan's own shape, affine and qform/sform codes
     probabilities/<case_id>.nii.gz  float32 in [0, 1] (``save_probabilities``)
     predictions.zarr/<case_id>/     mask (+ probability) arrays and the affine (``save_zarr``)
-    report.parquet, report.csv      one row per case (``pipelines.infer.job.REPORT_COLUMNS``)
+    report.parquet, report.csv      one row per case (``ossnet_pipelines.infer.job.REPORT_COLUMNS``)
 
 Atomicity: every file is streamed into a hidden temporary file and moved into place when
-complete (``pipelines.files.atomic_write``; NIfTI files by ``pipelines.nifti.write_volume``). A
+complete (``ossnet_pipelines.files.atomic_write``; NIfTI files by ``ossnet_pipelines.nifti.write_volume``). A
 killed job leaves at most temporary files, which the next run removes (``remove_stale_temps``)
 before it starts: one job per output folder. A Zarr case group is published by a
 ``complete: true`` attribute written last.
@@ -28,8 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import fsspec
 import numpy as np
 
-from pipelines.files import TMP_SUFFIX, atomic_write_bytes, remove_stale_temps
-from pipelines.infer.job import REPORT_COLUMNS, CaseResult
+from ossnet_pipelines.files import TMP_SUFFIX, atomic_write_bytes, remove_stale_temps
+from ossnet_pipelines.infer.job import REPORT_COLUMNS, CaseResult
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class OutputLayout:
         if save_zarr:
             import zarr
 
-            from pipelines.store import zarr_store
+            from ossnet_pipelines.store import zarr_store
 
             zarr.open_group(zarr_store(self.zarr, storage_options=self.storage_options), mode="a",
                             attributes={"ossnet_predictions": {"format_version": 1}})
@@ -100,7 +100,7 @@ class OutputLayout:
         """Case ids whose group in ``predictions.zarr`` is published (``complete: true``)."""
         import zarr
 
-        from pipelines.store import zarr_store
+        from ossnet_pipelines.store import zarr_store
 
         try:
             root = zarr.open_group(zarr_store(self.zarr, storage_options=self.storage_options), mode="r")
@@ -132,7 +132,7 @@ def write_zarr_case(layout: OutputLayout, case_id: str, mask: Any, probability: 
     import zarr
     from zarr.codecs import BloscCodec
 
-    from pipelines.store import zarr_store
+    from ossnet_pipelines.store import zarr_store
 
     root = zarr.open_group(zarr_store(layout.zarr, storage_options=layout.storage_options), mode="a")
     group = root.create_group(case_id, overwrite=True, attributes={"complete": False})

@@ -24,18 +24,18 @@ import logging
 import time
 from typing import Any, Callable, Iterable
 
-from pipelines.infer.cases import CaseListing, InferCase, list_cases
-from pipelines.infer.job import CaseResult, InferJob, InferReport
-from pipelines.infer.outputs import OutputLayout, plan_cases, read_report, remove_stale_temps, write_report
-from pipelines.progress import CaseProgress
-from pipelines.raystart import ensure_ray
+from ossnet_pipelines.infer.cases import CaseListing, InferCase, list_cases
+from ossnet_pipelines.infer.job import CaseResult, InferJob, InferReport
+from ossnet_pipelines.infer.outputs import OutputLayout, plan_cases, read_report, remove_stale_temps, write_report
+from ossnet_pipelines.progress import CaseProgress
+from ossnet_pipelines.raystart import ensure_ray
 
 logger = logging.getLogger(__name__)
 
 
 def _model(job: InferJob) -> tuple[str, bytes]:
     """``(resolved model description, checkpoint bytes)``; raises ``ModelNotFoundError`` first."""
-    from pipelines.tracking.registry import locate_model, resolve_model_uri
+    from ossnet_pipelines.tracking.registry import locate_model, resolve_model_uri
 
     loc = locate_model(job.model, job.tracking_uri)  # registry lookups only: fail before any work
     path = resolve_model_uri(job.model, job.tracking_uri)
@@ -54,7 +54,7 @@ def _pipeline(cases: list[InferCase], job: InferJob, ctx: Any, checkpoint: bytes
     import ray
     import ray.data
 
-    from pipelines.infer.stages import CasePredictor, case_item, read_case, write_case
+    from ossnet_pipelines.infer.stages import CasePredictor, case_item, read_case, write_case
 
     checkpoint_ref = ray.put(checkpoint)
     actors = min(int(job.actors), len(cases))
@@ -111,7 +111,7 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
         InferError: bad job field, unreadable input, or input channels that do not fit the model.
     """
     from ossnet.checkpoint import load_checkpoint
-    from pipelines.infer.stages import StageContext
+    from ossnet_pipelines.infer.stages import StageContext
 
     t_start = time.perf_counter()
     job = job.normalized()

@@ -1,7 +1,7 @@
 """The three per-case stages of the inference pipeline; each never raises for a bad case.
 
 ``read_case`` (CPU task): read the scan (NIfTI files, local or fsspec, or a Zarr store case),
-validate it and bring it onto the model grid with the model's own spec (``pipelines.volumes``:
+validate it and bring it onto the model grid with the model's own spec (``ossnet_pipelines.volumes``:
 reorient, resample, crop/pad, z-score, slab by slab) -> the ``(C, X', Y', Z')`` grid volume
 plus its ``PreprocessRecord``.
 
@@ -43,12 +43,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipelines.infer.cases import InferCase
-from pipelines.infer.job import CaseResult
-from pipelines import nifti, volumes
-from pipelines.files import local_files
-from pipelines.infer.outputs import OutputLayout, write_zarr_case
-from pipelines.nifti import one_line
+from ossnet_pipelines.infer.cases import InferCase
+from ossnet_pipelines.infer.job import CaseResult
+from ossnet_pipelines import nifti, volumes
+from ossnet_pipelines.files import local_files
+from ossnet_pipelines.infer.outputs import OutputLayout, write_zarr_case
+from ossnet_pipelines.nifti import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _read_nifti(images: Sequence[tuple[str, str]], ctx: StageContext) -> tuple[n
 
 def _read_store(case_id: str, ctx: StageContext) -> tuple[np.ndarray, Any, tuple[int, int]]:
     from ossnet.preprocess import validate_finite
-    from pipelines.store import open_store
+    from ossnet_pipelines.store import open_store
 
     assert ctx.store_url is not None
     store = open_store(ctx.store_url, "r", ctx.source_options)
@@ -211,7 +211,7 @@ class CasePredictor:
         import torch
 
         from ossnet.checkpoint import load_checkpoint
-        from pipelines.tracking.predict import make_inferer
+        from ossnet_pipelines.tracking.predict import make_inferer
 
         if not isinstance(checkpoint, (bytes, bytearray)):
             import ray
@@ -271,7 +271,7 @@ def _reference_counts(case_id: str, label: str, record: Any, mask: Any, ctx: Sta
     import contextlib
 
     if label == "store":
-        from pipelines.store import open_store
+        from ossnet_pipelines.store import open_store
 
         grid = open_store(str(ctx.store_url), "r", ctx.source_options).read_case(case_id, ("label",))["label"]
         return volumes.mask_counts(mask, volumes.scan_view(np.asarray(grid), record, order=0))

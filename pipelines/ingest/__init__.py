@@ -9,8 +9,8 @@
 * ``driver``: ``ingest``: skip finished cases, run the rest, assign splits, publish the manifest;
 * ``cli``: the ``ossnet ingest`` parser and command.
 
-Memory: a case streams its channels slab by slab (``pipelines.volumes``), so a scan larger than
-memory ingests in bounded memory (``bench.ingest``). Parallelism: with ``workers > 1`` cases run
+Memory: a case streams its channels slab by slab (``ossnet_pipelines.volumes``), so a scan larger than
+memory ingests in bounded memory (``ossnet_bench.ingest``). Parallelism: with ``workers > 1`` cases run
 as Ray tasks when a Ray cluster is up (``ray.init`` already called or ``RAY_ADDRESS`` set), so an
 ingest spreads over the nodes, each task asking Ray for the memory one case needs; otherwise in
 a local process pool (no cluster start-up for a laptop ingest). Cases are independent and write
@@ -20,11 +20,11 @@ its case. The driver alone writes the manifest, after every case has finished.
 
 from __future__ import annotations
 
-from pipelines.ingest.case import CaseContext, CaseError, CaseReport, ingest_case
-from pipelines.ingest.cli import configure_ingest_parser, job_from_args, run_ingest_cli
-from pipelines.ingest.driver import ingest, seeded_split
-from pipelines.ingest.job import EXECUTORS, IngestJob, IngestReport
-from pipelines.ingest.sources import LAYOUTS, IngestError
+from ossnet_pipelines.ingest.case import CaseContext, CaseError, CaseReport, ingest_case
+from ossnet_pipelines.ingest.cli import configure_ingest_parser, job_from_args, run_ingest_cli
+from ossnet_pipelines.ingest.driver import ingest, seeded_split
+from ossnet_pipelines.ingest.job import EXECUTORS, IngestJob, IngestReport
+from ossnet_pipelines.ingest.sources import LAYOUTS, IngestError
 
 __all__ = [
     "EXECUTORS",

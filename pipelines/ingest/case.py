@@ -3,9 +3,9 @@
 ``ingest_case(spec, ctx)`` is the unit of parallel work (a Ray task or a pool process). It opens
 the store by URL itself and returns a small ``CaseReport``; it never raises for bad input.
 
-Steps (the transform is ``ossnet.geometry.PreprocessRecord``, run by ``pipelines.volumes``):
+Steps (the transform is ``ossnet.geometry.PreprocessRecord``, run by ``ossnet_pipelines.volumes``):
 
-1. read the NIfTI headers (``pipelines.nifti``); check dimensionality, that shapes and affines
+1. read the NIfTI headers (``ossnet_pipelines.nifti``); check dimensionality, that shapes and affines
    agree and that the affine is usable (no zero, non-finite or sheared spacing);
 2. build the case geometry: RAS orientation, the resample mode (``none``, ``resize`` or
    ``spacing``), centred crop/pad onto the model grid;
@@ -14,8 +14,8 @@ Steps (the transform is ``ossnet.geometry.PreprocessRecord``, run by ``pipelines
    then normalise, reorient, resample (linear), crop/pad and write ``image[c]`` shard by shard;
 5. commit the case attrs (preprocess record, sources + sha256, spacing) with ``complete: true``.
 
-Memory: a few slabs (``pipelines.nifti.SLAB_BYTES``) per dask thread plus grid-sized label
-arrays, whatever the scan's size; ``bench.ingest`` measures it.
+Memory: a few slabs (``ossnet_pipelines.nifti.SLAB_BYTES``) per dask thread plus grid-sized label
+arrays, whatever the scan's size; ``ossnet_bench.ingest`` measures it.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipelines import nifti, volumes
-from pipelines.files import local_files
-from pipelines.ingest.sources import CaseSpec, LayoutInfo
-from pipelines.nifti import one_line
-from pipelines.store import open_store
+from ossnet_pipelines import nifti, volumes
+from ossnet_pipelines.files import local_files
+from ossnet_pipelines.ingest.sources import CaseSpec, LayoutInfo
+from ossnet_pipelines.nifti import one_line
+from ossnet_pipelines.store import open_store
 
 logger = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ import sys
 from typing import TextIO
 
 from ossnet.config import PRESETS
-from pipelines.ingest.case import one_line
-from pipelines.ingest.driver import ingest
-from pipelines.ingest.job import EXECUTORS, RESAMPLE_CHOICES, ZSCORE_CHOICES, IngestJob
-from pipelines.ingest.sources import LAYOUTS, IngestError
-from pipelines.store import StoreError
-from pipelines.volumes import SCHEDULERS
+from ossnet_pipelines.ingest.case import one_line
+from ossnet_pipelines.ingest.driver import ingest
+from ossnet_pipelines.ingest.job import EXECUTORS, RESAMPLE_CHOICES, ZSCORE_CHOICES, IngestJob
+from ossnet_pipelines.ingest.sources import LAYOUTS, IngestError
+from ossnet_pipelines.store import StoreError
+from ossnet_pipelines.volumes import SCHEDULERS
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ossnet import __version__
 from ossnet.config import ConfigError, model_config, preset_resample
-from pipelines.ingest.case import CaseContext, CaseReport, one_line
-from pipelines.ingest.executors import choose_executor, run_process, run_ray, run_serial
-from pipelines.ingest.job import IngestJob, IngestReport
-from pipelines.ingest.sources import CaseSpec, IngestError, discover, parse_split_file, source_fs
-from pipelines.progress import CaseProgress
-from pipelines.store import ARRAYS, StoreError, create_store
+from ossnet_pipelines.ingest.case import CaseContext, CaseReport, one_line
+from ossnet_pipelines.ingest.executors import choose_executor, run_process, run_ray, run_serial
+from ossnet_pipelines.ingest.job import IngestJob, IngestReport
+from ossnet_pipelines.ingest.sources import CaseSpec, IngestError, discover, parse_split_file, source_fs
+from ossnet_pipelines.progress import CaseProgress
+from ossnet_pipelines.store import ARRAYS, StoreError, create_store
 
 logger = logging.getLogger(__name__)
 

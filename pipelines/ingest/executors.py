@@ -9,10 +9,10 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Iterator, Sequence
 
-from pipelines.ingest.case import CaseContext, CaseReport, ingest_case, one_line
-from pipelines.ingest.job import IngestJob
-from pipelines.ingest.sources import CaseSpec, IngestError
-from pipelines.raystart import ensure_ray
+from ossnet_pipelines.ingest.case import CaseContext, CaseReport, ingest_case, one_line
+from ossnet_pipelines.ingest.job import IngestJob
+from ossnet_pipelines.ingest.sources import CaseSpec, IngestError
+from ossnet_pipelines.raystart import ensure_ray
 
 logger = logging.getLogger(__name__)
 

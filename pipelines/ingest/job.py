@@ -10,10 +10,10 @@ from pydantic import Field, model_validator
 
 from ossnet.config import PRESETS, ConfigError
 from ossnet.geometry import RESAMPLE_MODES
-from pipelines.ingest.case import CaseReport
-from pipelines.ingest.sources import LAYOUTS, IngestError
-from pipelines.jobconfig import Job, NonBlank
-from pipelines.volumes import SCHEDULERS
+from ossnet_pipelines.ingest.case import CaseReport
+from ossnet_pipelines.ingest.sources import LAYOUTS, IngestError
+from ossnet_pipelines.jobconfig import Job, NonBlank
+from ossnet_pipelines.volumes import SCHEDULERS
 
 logger = logging.getLogger(__name__)
 

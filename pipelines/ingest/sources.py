@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import fsspec
 
-from pipelines.store import SPLITS, validate_case_id
+from ossnet_pipelines.store import SPLITS, validate_case_id
 
 logger = logging.getLogger(__name__)
 

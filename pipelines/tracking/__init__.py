@@ -1,7 +1,7 @@
 """MLflow tracking for ossnet: URIs, run logging, model bundles, registry and model resolution.
 
 Importing this package does not import MLflow (each function imports it when called), so the
-CLI starts fast; only ``pipelines.tracking.pyfunc_model`` imports MLflow at import time.
+CLI starts fast; only ``ossnet_pipelines.tracking.pyfunc_model`` imports MLflow at import time.
 
 Modules:
     uri: ``resolve_tracking_uri`` (flag > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<state>/mlflow.db``),
@@ -17,13 +17,13 @@ Modules:
 
 from __future__ import annotations
 
-from pipelines.tracking.bundle import (
+from ossnet_pipelines.tracking.bundle import (
     CHECKPOINT_FILENAME,
     checkpoint_in_model_dir,
     log_model_bundle,
 )
-from pipelines.tracking.predict import VolumePrediction, make_inferer, predict_volume
-from pipelines.tracking.registry import (
+from ossnet_pipelines.tracking.predict import VolumePrediction, make_inferer, predict_volume
+from ossnet_pipelines.tracking.registry import (
     CHAMPION_ALIAS,
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_SPEC,
@@ -34,8 +34,8 @@ from pipelines.tracking.registry import (
     register_and_promote,
     resolve_model_uri,
 )
-from pipelines.tracking.runs import RUN_KEY_TAG, RunLogger, flatten_params, log_figure_png
-from pipelines.tracking.uri import (
+from ossnet_pipelines.tracking.runs import RUN_KEY_TAG, RunLogger, flatten_params, log_figure_png
+from ossnet_pipelines.tracking.uri import (
     DEFAULT_EXPERIMENT,
     OSSNET_HOME_ENV,
     TrackingConfigError,

@@ -6,7 +6,7 @@ Bundle layout (an MLflow model directory)::
                                  params schema, metadata {ossnet: {variant, volume_shape, ...}}
     python_model.pkl             the (stateless) OssnetPyfuncModel, pickled by reference
     artifacts/checkpoint.pt      the library's self-describing checkpoint, unchanged
-    code/ossnet, code/pipelines  the source, so the bundle loads outside this checkout
+    code/ossnet, code/ossnet_pipelines  the source, so the bundle loads outside this checkout
     requirements.txt             torch, numpy, scipy, mlflow pins (no slow env inference)
 
 ``mlflow.pyfunc.load_model(uri)`` and ``registry.load_checkpoint_from_mlflow(uri)`` (the library's
@@ -46,11 +46,19 @@ def bundle_requirements() -> list[str]:
     return [_pinned(d) for d in _REQUIREMENTS]
 
 
-def _code_paths() -> list[str]:
+def _code_paths(stage: Path) -> list[str]:
+    """Copies of the ``ossnet`` and ``ossnet_pipelines`` sources under ``stage``, each folder named
+    as it is imported (``pipelines/`` installs as ``ossnet_pipelines``), so MLflow, which adds
+    ``code/`` to ``sys.path``, can import them where the project is not installed."""
     import ossnet
-    import pipelines
+    import ossnet_pipelines
 
-    return [str(Path(ossnet.__file__).parent), str(Path(pipelines.__file__).parent)]
+    paths = []
+    for package in (ossnet, ossnet_pipelines):
+        target = stage / package.__name__
+        shutil.copytree(Path(package.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        paths.append(str(target))
+    return paths
 
 
 def log_model_bundle(
@@ -70,7 +78,7 @@ def log_model_bundle(
     Args:
         checkpoint_path: a file written by ``ossnet.checkpoint.save_checkpoint``.
         name: the logged model's name (``runs:/<run_id>/<name>`` resolves to it).
-        include_code: ship the ``ossnet`` and ``pipelines`` sources inside the bundle.
+        include_code: ship the ``ossnet`` and ``ossnet_pipelines`` sources inside the bundle.
         pip_requirements: override the pinned torch/numpy/scipy/mlflow requirements.
         metadata: extra entries for the MLmodel ``metadata`` (e.g. ``{"val_dice": 0.8}``).
         tags: tags on the logged model.
@@ -87,7 +95,7 @@ def log_model_bundle(
     from mlflow.models import ModelSignature
 
     from ossnet.checkpoint import load_checkpoint
-    from pipelines.tracking.pyfunc_model import CHECKPOINT_ARTIFACT, OssnetPyfuncModel, params_schema
+    from ossnet_pipelines.tracking.pyfunc_model import CHECKPOINT_ARTIFACT, OssnetPyfuncModel, params_schema
 
     src = Path(checkpoint_path)
     if not src.is_file():
@@ -114,7 +122,7 @@ def log_model_bundle(
             name=name,
             python_model=OssnetPyfuncModel(),
             artifacts={CHECKPOINT_ARTIFACT: str(staged)},
-            code_paths=_code_paths() if include_code else None,
+            code_paths=_code_paths(Path(tmp) / "code") if include_code else None,
             pip_requirements=pip_requirements if pip_requirements is not None else bundle_requirements(),
             signature=ModelSignature(params=params_schema()),
             metadata={"ossnet": info, **dict(metadata or {})},
@@ -133,7 +141,7 @@ def checkpoint_in_model_dir(model_dir: str | os.PathLike[str]) -> Path:
     """
     from mlflow.models import Model
 
-    from pipelines.tracking.pyfunc_model import CHECKPOINT_ARTIFACT
+    from ossnet_pipelines.tracking.pyfunc_model import CHECKPOINT_ARTIFACT
 
     root = Path(model_dir)
     mlmodel = root / "MLmodel"

@@ -1,7 +1,7 @@
 """Predict a volume of any size with a model that works on a fixed grid (no MLflow here).
 
 The model sees ``model.config.volume_shape``. The input goes through the case geometry that
-batch inference uses (``pipelines.volumes``, ``ossnet.geometry``): z-scored per the checkpoint's
+batch inference uses (``ossnet_pipelines.volumes``, ``ossnet.geometry``): z-scored per the checkpoint's
 spec (unless already normalised), reoriented to RAS from its affine, resampled as the model's
 training store was (``resample``) and centred on the grid; the ``Inferer`` runs there, and the
 probability map goes back through the exact inverse (linear resampling; voxels cropped away
@@ -103,7 +103,7 @@ def predict_volume(
     """
     import dask.array as da
 
-    from pipelines import volumes
+    from ossnet_pipelines import volumes
 
     cfg = model.config
     arr = np.asarray(image)

@@ -74,7 +74,7 @@ class OssnetPyfuncModel(mlflow.pyfunc.PythonModel):
     # hints into an enforced input schema, which has no way to say "4D array of any size".
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN001
         """Segment one volume; see the module docstring for input, params and output."""
-        from pipelines.tracking.predict import make_inferer, predict_volume
+        from ossnet_pipelines.tracking.predict import make_inferer, predict_volume
 
         if self._model is None:
             raise RuntimeError("ossnet pyfunc: load_context was not called")

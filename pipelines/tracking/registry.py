@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from pipelines.tracking.uri import resolve_tracking_uri, sqlite_path, state_dir
+from ossnet_pipelines.tracking.uri import resolve_tracking_uri, sqlite_path, state_dir
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -192,7 +192,7 @@ def resolve_model_uri(
     Raises:
         ModelNotFoundError: the model, alias, version, run or file does not exist.
     """
-    from pipelines.tracking.bundle import checkpoint_in_model_dir
+    from ossnet_pipelines.tracking.bundle import checkpoint_in_model_dir
 
     loc = locate_model(spec, tracking_uri)
     if loc.kind == "local":

@@ -25,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Mapping
 
-from pipelines.tracking.tags import PARENT_RUN_TAG, RUN_KEY_TAG
-from pipelines.tracking.uri import DEFAULT_EXPERIMENT, get_or_create_experiment, resolve_tracking_uri
+from ossnet_pipelines.tracking.tags import PARENT_RUN_TAG, RUN_KEY_TAG
+from ossnet_pipelines.tracking.uri import DEFAULT_EXPERIMENT, get_or_create_experiment, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -306,7 +306,7 @@ class RunLogger:
         """Log the checkpoint as a pyfunc bundle attached to this run (see ``log_model_bundle``)."""
         import mlflow
 
-        from pipelines.tracking.bundle import log_model_bundle
+        from ossnet_pipelines.tracking.bundle import log_model_bundle
 
         active = mlflow.active_run()
         if active is None or active.info.run_id != self.run_id:

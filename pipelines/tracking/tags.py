@@ -9,7 +9,7 @@ from __future__ import annotations
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_KEY_TAG = "ossnet.run_key"
 
-# Training runs (``pipelines.train.driver``, ``pipelines.train.validation``).
+# Training runs (``ossnet_pipelines.train.driver``, ``ossnet_pipelines.train.validation``).
 MODEL_EPOCH_TAG = "ossnet.model_epoch"
 MODEL_VERSION_TAG = "ossnet.model_version"
 MODEL_URI_TAG = "ossnet.model_uri"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.train.job import TrainJob, load_train_job
+from ossnet_pipelines.train.job import TrainJob, load_train_job
 
 __all__ = ["TrainJob", "TrainResult", "configure_train_parser", "load_train_job", "run_train_cli", "train"]
 
@@ -23,11 +23,11 @@ __all__ = ["TrainJob", "TrainResult", "configure_train_parser", "load_train_job"
 def __getattr__(name: str) -> Any:
     # The driver imports torch and the Ray-facing modules: load it on first use only.
     if name in ("train", "TrainResult"):
-        from pipelines.train import driver
+        from ossnet_pipelines.train import driver
 
         return getattr(driver, name)
     if name in ("configure_train_parser", "run_train_cli"):
-        from pipelines.train import cli
+        from ossnet_pipelines.train import cli
 
         return getattr(cli, name)
-    raise AttributeError(f"module 'pipelines.train' has no attribute {name!r}")
+    raise AttributeError(f"module 'ossnet_pipelines.train' has no attribute {name!r}")

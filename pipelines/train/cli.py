@@ -22,7 +22,7 @@ import json
 import logging
 from typing import Any, TextIO
 
-from pipelines.jobconfig import (
+from ossnet_pipelines.jobconfig import (
     TRACKING_FLAGS,
     OverrideFlag,
     add_config_arguments,
@@ -30,7 +30,7 @@ from pipelines.jobconfig import (
     config_from_args,
     dump_yaml,
 )
-from pipelines.jobrunner import JobCommand, run_job_command
+from ossnet_pipelines.jobrunner import JobCommand, run_job_command
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def configure_train_parser(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def job_from_args(args: argparse.Namespace):  # -> TrainJob
     """The ``TrainJob`` a parsed command line describes (validated)."""
-    from pipelines.train.job import TrainJob
+    from ossnet_pipelines.train.job import TrainJob
 
     return TrainJob.parse(config_from_args(args, OVERRIDE_FLAGS))
 
@@ -79,7 +79,7 @@ def mlflow_ui_command(uri: str | None) -> str:
 
 
 def _dry_run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
-    from pipelines.train.driver import preflight
+    from ossnet_pipelines.train.driver import preflight
 
     resolved, facts, uri = preflight(job)
     out.write(dump_yaml(resolved))
@@ -95,7 +95,7 @@ def _submit_argv(args: argparse.Namespace, job: Any, out: TextIO) -> list[str]:
 
 
 def _run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
-    from pipelines.train.driver import train
+    from ossnet_pipelines.train.driver import train
 
     result = train(job, config_path=args.config)
     out.write(f"run {result.run_name}: {result.epochs} epochs "
@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
         state = "promoted to champion" if result.promoted else "not promoted (the champion is at least as good)"
         out.write(f"model {job.tracking.model_name} version {result.model_version}: {state}\n")
     if result.mlflow_run_id:
-        from pipelines.tracking import resolve_tracking_uri
+        from ossnet_pipelines.tracking import resolve_tracking_uri
 
         out.write(f"MLflow UI: {mlflow_ui_command(resolve_tracking_uri(job.tracking.uri))}\n")
     return 0

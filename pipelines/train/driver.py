@@ -5,9 +5,9 @@ Steps, all on the driver process:
 1. resolve the job (absolute paths, fixed run name) and check it against the store and the
    tracking URI before any worker starts;
 2. start or join Ray (:func:`ensure_ray`), build the streaming training dataset with its
-   :class:`~pipelines.data.EpochClock`;
+   :class:`~ossnet_pipelines.data.EpochClock`;
 3. open the MLflow run (resumed by the run name) and log the config as params and artifacts;
-4. ``TorchTrainer.fit()`` runs :func:`~pipelines.train.loop.train_loop_per_worker`; Ray keeps
+4. ``TorchTrainer.fit()`` runs :func:`~ossnet_pipelines.train.loop.train_loop_per_worker`; Ray keeps
    the best ``keep_checkpoints`` checkpoints by ``val_dice`` plus the latest under
    ``<storage_path>/<run name>``, and restarts the workers up to ``max_failures`` times;
 5. log the best checkpoint as the pyfunc model bundle, register it and move ``champion`` to it
@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ossnet.checkpoint import PreprocessSpec
 from ossnet.config import ConfigError
-from pipelines import raystart
-from pipelines.jobconfig import dump_yaml
-from pipelines.tracking.tags import BEST_VAL_DICE_TAG, MODEL_EPOCH_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG, PROMOTED_TAG
-from pipelines.train.job import StoreFacts, TrainJob, check_against_store
-from pipelines.train.loop import EpochHook, train_loop_per_worker
-from pipelines.train.state import MODEL_FILE, SCORE_METRIC, LocalCheckpoints, read_metrics
+from ossnet_pipelines import raystart
+from ossnet_pipelines.jobconfig import dump_yaml
+from ossnet_pipelines.tracking.tags import BEST_VAL_DICE_TAG, MODEL_EPOCH_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG, PROMOTED_TAG
+from ossnet_pipelines.train.job import StoreFacts, TrainJob, check_against_store
+from ossnet_pipelines.train.loop import EpochHook, train_loop_per_worker
+from ossnet_pipelines.train.state import MODEL_FILE, SCORE_METRIC, LocalCheckpoints, read_metrics
 
 if TYPE_CHECKING:
-    from pipelines.tracking import RunLogger
+    from ossnet_pipelines.tracking import RunLogger
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TrainResult:
 
 
 def ensure_ray(job: TrainJob) -> None:
-    """Join or start Ray (``pipelines.raystart``) with enough logical CPUs for the workers plus
+    """Join or start Ray (``ossnet_pipelines.raystart``) with enough logical CPUs for the workers plus
     the data tasks, the job's object store and the dashboard (Train V2's placement-group cleaner
     polls its State API)."""
     workers = job.scaling.num_workers * job.scaling.worker_resources()["CPU"]
@@ -86,7 +86,7 @@ def ensure_ray(job: TrainJob) -> None:
 def _tracking_uri(job: TrainJob) -> str | None:
     if not job.tracking.enabled:
         return None
-    from pipelines.tracking import TrackingConfigError, resolve_tracking_uri
+    from ossnet_pipelines.tracking import TrackingConfigError, resolve_tracking_uri
 
     try:
         return resolve_tracking_uri(job.tracking.uri)
@@ -158,7 +158,7 @@ def _as_directory(checkpoint: Any) -> Iterator[Path]:
 def _open_run(job: TrainJob, uri: str | None, parent_run_id: str | None) -> contextlib.AbstractContextManager[Any]:
     if uri is None:
         return contextlib.nullcontext(None)
-    from pipelines.tracking import RunLogger
+    from ossnet_pipelines.tracking import RunLogger
 
     return RunLogger(job.run_name, job.tracking.experiment, uri, parent_run_id=parent_run_id,
                      tags={"ossnet.variant": job.model.variant, "ossnet.preset": job.model.preset,
@@ -176,7 +176,7 @@ def _log_config(run: RunLogger, job: TrainJob, config_path: str | os.PathLike[st
 
 def _log_and_register(run: RunLogger, job: TrainJob, best: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     """Log the best checkpoint as the model bundle and register it (once per best epoch)."""
-    from pipelines.tracking import register_and_promote
+    from ossnet_pipelines.tracking import register_and_promote
 
     checkpoint, metrics = best
     epoch = int(metrics.get("epoch", 0))
@@ -219,7 +219,7 @@ def train(
             in local mode (no workers) the loop calls their ``after_report`` itself.
         parent_run_id: MLflow parent run (a sweep).
         epoch_hooks: callables run on every worker with an ``EpochEnd`` after each epoch is
-            logged and before it is checkpointed (``pipelines.train.loop``); pickled to the workers.
+            logged and before it is checkpointed (``ossnet_pipelines.train.loop``); pickled to the workers.
 
     Returns:
         A :class:`TrainResult`.
@@ -233,7 +233,7 @@ def train(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.data import EpochClock, build_training_dataset, ingest_options
+    from ossnet_pipelines.data import EpochClock, build_training_dataset, ingest_options
 
     cwd = os.getcwd()
     job, facts, uri = preflight(job)

@@ -43,11 +43,11 @@ from ossnet.config import (
 )
 from ossnet.inference import MODES
 from ossnet.training import OPTIMIZERS
-from pipelines.files import absolute_url
-from pipelines.jobconfig import Checked, Job, JobModel, NonBlank, config_hash, load_job, safe_name
+from ossnet_pipelines.files import absolute_url
+from ossnet_pipelines.jobconfig import Checked, Job, JobModel, NonBlank, config_hash, load_job, safe_name
 
 if TYPE_CHECKING:
-    from pipelines.store import Store
+    from ossnet_pipelines.store import Store
 
 DEFAULT_STORAGE_PATH = ".ossnet/ray_results"
 # Settings that do not change what a run learns: left out of the default run name.
@@ -258,8 +258,8 @@ def check_against_store(job: TrainJob, store: Store | None = None) -> StoreFacts
     Raises:
         ConfigError: naming the store and the mismatch.
     """
-    from pipelines.data import split_case_ids
-    from pipelines.store import StoreError, open_store
+    from ossnet_pipelines.data import split_case_ids
+    from ossnet_pipelines.store import StoreError, open_store
 
     try:
         store = store or open_store(job.store)

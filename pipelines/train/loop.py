@@ -2,12 +2,12 @@
 
 Per epoch ``e`` (1-based), every rank:
 
-1. sets the data :class:`~pipelines.data.EpochClock` to ``e`` and trains on its dataset shard
+1. sets the data :class:`~ossnet_pipelines.data.EpochClock` to ``e`` and trains on its dataset shard
    with ``ossnet.training.train_epoch`` (DDP synchronises the gradients);
 2. steps the LR schedule, gathers the epoch's metrics from all ranks;
 3. on validation epochs scores its share of the validation cases and gathers the scores;
 4. rank 0 logs the metrics (step = epoch) and the slice overlays to MLflow;
-5. on checkpoint epochs rank 0 writes the checkpoint (``pipelines.train.state``) and every rank
+5. on checkpoint epochs rank 0 writes the checkpoint (``ossnet_pipelines.train.state``) and every rank
    calls ``ray.train.report(metrics, checkpoint=...)`` (rank 0 attaches it); other epochs report
    metrics only, so Ray Tune schedulers see every epoch.
 
@@ -38,8 +38,8 @@ from ossnet.config import AugmentConfig
 from ossnet.inference import Inferer
 from ossnet.model import build_model
 from ossnet.training import make_optimizer, make_scheduler, train_epoch
-from pipelines.train.job import StoreFacts, TrainJob
-from pipelines.train.state import LocalCheckpoints, checkpoint_dir_name, restore_checkpoint, write_checkpoint
+from ossnet_pipelines.train.job import StoreFacts, TrainJob
+from ossnet_pipelines.train.state import LocalCheckpoints, checkpoint_dir_name, restore_checkpoint, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _reduce_train(parts: list[dict[str, float]], n_points: int) -> dict[str, flo
 def _setup_logging() -> None:
     # Ray worker processes start without handlers; make epoch progress visible in job logs.
     root = logging.getLogger()
-    pipelines_logger = logging.getLogger("pipelines")
+    pipelines_logger = logging.getLogger("ossnet_pipelines")
     if not root.handlers and not pipelines_logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -181,7 +181,7 @@ def _run_epoch_hooks(config: Mapping[str, Any], epoch: int, rank: int) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """The Ray Train loop. ``config`` comes from the driver (``pipelines.train.driver``).
+    """The Ray Train loop. ``config`` comes from the driver (``ossnet_pipelines.train.driver``).
 
     Keys: ``job`` (a resolved TrainJob), ``facts`` (StoreFacts), ``clock`` (EpochClock),
     ``tracking_uri`` (None: no MLflow), ``parent_run_id``, ``local_mode``, ``run_dir``,
@@ -229,15 +229,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     run_logger = None
     if rank == 0 and config.get("tracking_uri"):
-        from pipelines.tracking import RunLogger
+        from ossnet_pipelines.tracking import RunLogger
 
         run_logger = RunLogger(job.run_name, job.tracking.experiment, config["tracking_uri"],
                                parent_run_id=config.get("parent_run_id"))
         run_logger.start()
 
-    from pipelines.data import SampleSpec
-    from pipelines.store import open_store
-    from pipelines.train.validation import COLLAPSE_TAG, Validator, collapse_message, summarize
+    from ossnet_pipelines.data import SampleSpec
+    from ossnet_pipelines.store import open_store
+    from ossnet_pipelines.train.validation import COLLAPSE_TAG, Validator, collapse_message, summarize
 
     png_dir = Path(tempfile.mkdtemp(prefix="ossnet-val-")) if rank == 0 and job.validation.png_cases else None
     validator = Validator(
@@ -287,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if collapse is not None:
                     run_logger.set_tags({COLLAPSE_TAG: f"epoch {epoch}: {collapse}"})
                 run_logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-                from pipelines.tracking import log_figure_png
+                from ossnet_pipelines.tracking import log_figure_png
 
                 for png in pngs:
                     log_figure_png(png, f"validation/{png.parent.name}/{png.name}", run_id=run_logger.run_id,

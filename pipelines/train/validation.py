@@ -22,8 +22,8 @@ from torch import nn
 from ossnet.inference import Inferer
 from ossnet.metrics import collapse_warning, dice, iou
 from ossnet.training import batch_to_device, evaluate_batch
-from pipelines.data import SampleSpec, cached_store, collate_rows, sample_case_rows
-from pipelines.tracking.tags import COLLAPSE_TAG
+from ossnet_pipelines.data import SampleSpec, cached_store, collate_rows, sample_case_rows
+from ossnet_pipelines.tracking.tags import COLLAPSE_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Validator:
             score.update(evaluate_batch(model, batch, self.alpha))
             scores.append(score)
             if index < self.png_cases and self.png_dir is not None:
-                from pipelines.figures import slice_overlay_png
+                from ossnet_pipelines.figures import slice_overlay_png
 
                 path = self.png_dir / f"epoch_{epoch:04d}" / f"{case_id}.png"
                 title = f"{case_id}  epoch {epoch}  Dice {score['dice']:.3f}"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pipelines import jobs
+from ossnet_pipelines import jobs
 
 if TYPE_CHECKING:
     from conftest import LocalCluster, MlflowServer

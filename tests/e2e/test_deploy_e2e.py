@@ -30,10 +30,10 @@ import yaml
 from ossnet.checkpoint import PreprocessSpec, save_checkpoint
 from ossnet.config import model_config
 from ossnet.model import build_model
-from pipelines import jobs
+from ossnet_pipelines import jobs
 from ossnet_cli import parse_entrypoint
-from pipelines.tracking import RunLogger, register_and_promote
-from pipelines.synthetic import ellipsoid_scan
+from ossnet_pipelines.tracking import RunLogger, register_and_promote
+from ossnet_pipelines.synthetic import ellipsoid_scan
 
 if TYPE_CHECKING:
     from conftest import LocalCluster, MlflowServer

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pipelines.store import open_store
-from pipelines.synthetic import write_phantom_store
+from ossnet_pipelines.store import open_store
+from ossnet_pipelines.synthetic import write_phantom_store
 
 if TYPE_CHECKING:
     from conftest import LocalCluster, MlflowServer

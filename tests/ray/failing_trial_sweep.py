@@ -22,9 +22,9 @@ def fail_the_chosen_trial(settings: Mapping[str, Any], trial_id: str) -> None:
 
 
 if __name__ == "__main__":
-    import tune.sweep
+    import ossnet_tune.sweep
     from ossnet_cli import main
 
-    # ``ossnet tune`` looks run_sweep up in tune.sweep when it runs
-    tune.sweep.run_sweep = functools.partial(tune.sweep.run_sweep, trial_hook=fail_the_chosen_trial)
+    # ``ossnet tune`` looks run_sweep up in ossnet_tune.sweep when it runs
+    ossnet_tune.sweep.run_sweep = functools.partial(ossnet_tune.sweep.run_sweep, trial_hook=fail_the_chosen_trial)
     sys.exit(main(sys.argv[2:]))

@@ -1,4 +1,4 @@
-"""pipelines.data, Ray path: the streaming dataset matches the torch Dataset, epochs, splits."""
+"""ossnet_pipelines.data, Ray path: the streaming dataset matches the torch Dataset, epochs, splits."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ossnet.config import AugmentConfig, SamplingConfig, model_config
-from pipelines.data import ROW_KEYS, CaseSampleDataset, EpochClock, build_training_dataset, ingest_options
-from pipelines.store import open_store
-from pipelines.synthetic import write_phantom_store
+from ossnet_pipelines.data import ROW_KEYS, CaseSampleDataset, EpochClock, build_training_dataset, ingest_options
+from ossnet_pipelines.store import open_store
+from ossnet_pipelines.synthetic import write_phantom_store
 
 pytestmark = pytest.mark.ray
 
@@ -91,7 +91,7 @@ def test_epoch_clock_gives_fresh_reproducible_samples_per_iteration(ray_session:
 
 def test_epoch_clock_reports_the_slowest_rank() -> None:
     # Pure bookkeeping of the actor body; no cluster needed.
-    from pipelines.data import _EpochCounter
+    from ossnet_pipelines.data import _EpochCounter
 
     counter = _EpochCounter(0, world_size=2)
     counter.set(1, rank=0)

@@ -23,10 +23,10 @@ from ossnet.config import model_config
 from ossnet.inference import Inferer
 from ossnet.model import build_model
 from ossnet.preprocess import preprocess_image
-from pipelines.infer import InferJob, run_inference
-from pipelines.infer.outputs import TMP_SUFFIX
-from pipelines.synthetic import ellipsoid_scan
-from pipelines.tracking import ModelNotFoundError, RunLogger, register_and_promote, resolve_tracking_uri
+from ossnet_pipelines.infer import InferJob, run_inference
+from ossnet_pipelines.infer.outputs import TMP_SUFFIX
+from ossnet_pipelines.synthetic import ellipsoid_scan
+from ossnet_pipelines.tracking import ModelNotFoundError, RunLogger, register_and_promote, resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 GRID = (24, 24, 16)  # the model grid; scans are larger (cropped) or smaller (padded)

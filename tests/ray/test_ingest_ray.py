@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 
 from ossnet.preprocess import invert_zscore
-from pipelines.ingest import IngestJob, ingest
-from pipelines.store import open_store
+from ossnet_pipelines.ingest import IngestJob, ingest
+from ossnet_pipelines.store import open_store
 
 SHAPE = (23, 19, 17)
 AFFINE = np.array([[-1.0, 0.0, 0.0, 30.0], [0.0, 0.0, 1.5, -20.0], [0.0, 0.8, 0.0, 10.0], [0.0, 0.0, 0.0, 1.0]])

@@ -1,4 +1,4 @@
-"""Does training learn, and does it say when it does not? Both through ``pipelines.train.train``,
+"""Does training learn, and does it say when it does not? Both through ``ossnet_pipelines.train.train``,
 the loop ``ossnet train`` runs, on hard phantoms (no intensity window solves them).
 
 * Overfit: one hard BraTS-like case, validated on itself, must reach Dice >= 0.95.
@@ -16,10 +16,10 @@ import pytest
 
 from ossnet.baselines.window import best_window
 from ossnet.phantoms import brats_hard, phantom_dataset
-from pipelines.jobconfig import load_job
-from pipelines.synthetic import write_case_store
-from pipelines.train import TrainJob, train
-from pipelines.train.validation import COLLAPSE_TAG
+from ossnet_pipelines.jobconfig import load_job
+from ossnet_pipelines.synthetic import write_case_store
+from ossnet_pipelines.train import TrainJob, train
+from ossnet_pipelines.train.validation import COLLAPSE_TAG
 
 pytestmark = pytest.mark.ray
 
@@ -70,7 +70,7 @@ def test_collapse_guard_warns_and_tags_the_run(
     job = _job(store, tmp_path, "collapse", **{
         "model.preset": "tiny", "train.epochs": 2, "train.samples_per_case": 8, "validation.mode": "dense",
     })
-    with caplog.at_level(logging.WARNING, logger="pipelines.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="ossnet_pipelines.train.loop"):
         result = train(job)
     assert result.metrics["val_dice"] == 0.0 and result.metrics["val_pred_ratio"] < 0.1
     warnings = [r.getMessage() for r in caplog.records if "almost no foreground" in r.getMessage()]

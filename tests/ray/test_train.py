@@ -18,10 +18,10 @@ from ossnet.checkpoint import PreprocessSpec
 from ossnet.config import ConfigError, model_config
 from ossnet.model import build_model
 from ossnet.training import make_optimizer, make_scheduler
-from pipelines.jobconfig import load_job
-from pipelines.synthetic import write_phantom_store
-from pipelines.train import TrainJob
-from pipelines.train.state import LocalCheckpoints, ResumeError, restore_checkpoint, write_checkpoint
+from ossnet_pipelines.jobconfig import load_job
+from ossnet_pipelines.synthetic import write_phantom_store
+from ossnet_pipelines.train import TrainJob
+from ossnet_pipelines.train.state import LocalCheckpoints, ResumeError, restore_checkpoint, write_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -43,7 +43,7 @@ def make_job(store_url: str, tmp: Path, name: str, **overrides: Any) -> TrainJob
 
 
 def job_val_case(store_url: str) -> str:
-    from pipelines.store import open_store
+    from ossnet_pipelines.store import open_store
 
     (case,) = open_store(store_url).case_ids("val")
     return case
@@ -125,7 +125,7 @@ def test_local_checkpoint_retention_keeps_best_and_latest(tmp_path: Path) -> Non
 
 
 def test_job_is_checked_against_the_store_before_anything_starts(store_url: str, tmp_path: Path) -> None:
-    from pipelines.train.driver import preflight
+    from ossnet_pipelines.train.driver import preflight
 
     job, facts, uri = preflight(make_job(store_url, tmp_path, "pre"))
     assert len(facts.train_cases) == 3 and len(facts.val_cases) == 1
@@ -164,8 +164,8 @@ def test_cli_dry_run_prints_the_resolved_job(store_url: str, tmp_path: Path) -> 
 def test_local_mode_trains_tracks_registers_and_reruns_idempotently(
     ray_session: Any, store_url: str, tmp_path: Path
 ) -> None:
-    from pipelines.tracking import load_checkpoint_from_mlflow
-    from pipelines.train import train
+    from ossnet_pipelines.tracking import load_checkpoint_from_mlflow
+    from ossnet_pipelines.train import train
 
     job = make_job(store_url, tmp_path, "local", **{"scaling.num_workers": 0, "train.keep_checkpoints": 1})
     result = train(job)
@@ -206,7 +206,7 @@ def test_local_mode_trains_tracks_registers_and_reruns_idempotently(
 def test_worker_crash_restarts_from_checkpoint_and_rerun_resumes(
     ray_session: Any, store_url: str, tmp_path: Path
 ) -> None:
-    from pipelines.train import train
+    from ossnet_pipelines.train import train
 
     job = make_job(store_url, tmp_path, "crash", **{"scaling.max_failures": 1, "tracking.model_name": "crash"})
 
@@ -239,7 +239,7 @@ def test_worker_crash_restarts_from_checkpoint_and_rerun_resumes(
 
 
 def test_two_workers_train_with_ddp_on_cpu(ray_session: Any, store_url: str, tmp_path: Path) -> None:
-    from pipelines.train import train
+    from ossnet_pipelines.train import train
 
     job = make_job(store_url, tmp_path, "ddp", **{
         "train.epochs": 1, "scaling.num_workers": 2, "scaling.resources_per_worker": {"CPU": 0.5},

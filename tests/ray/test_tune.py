@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipelines.synthetic import write_phantom_store
+from ossnet_pipelines.synthetic import write_phantom_store
 
 pytestmark = pytest.mark.ray
 
@@ -288,7 +288,7 @@ class _FakeTrial:
 def test_resumable_asha_rebuilds_its_rungs_from_saved_results(tmp_path: Path) -> None:
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from tune.scheduler import ResumableASHA
+    from ossnet_tune.scheduler import ResumableASHA
 
     done = tmp_path / "done"
     done.mkdir()

@@ -1,4 +1,4 @@
-"""bench.paper's pieces: one tiny run per model family, the aggregation, the goals, the report."""
+"""ossnet_bench.paper's pieces: one tiny run per model family, the aggregation, the goals, the report."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.paper import QUICK, RUNS, goals, summarise, write_report
-from bench.paper_runs import run_one
+from ossnet_bench.paper import QUICK, RUNS, goals, summarise, write_report
+from ossnet_bench.paper_runs import run_one
 
 TINY = replace(QUICK, shape=(32, 32, 32), n_train=2, n_test=1, steps=2, n_points=256, crop=16,
                unet_channels=(4, 8), slice_batch=2)

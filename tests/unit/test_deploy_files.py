@@ -29,7 +29,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from ossnet_cli import dry_run, parse_entrypoint
-from tune.sweep import trial_actor_resources
+from ossnet_tune.sweep import trial_actor_resources
 
 try:
     import tomllib
@@ -249,9 +249,11 @@ def test_dockerfile_installs_the_project_at_the_runtime_env_working_dir() -> Non
     _, _, lines = _dockerfile(DOCKERFILE)
     text = "\n".join(lines)
     assert 'ray[default,train,tune,data]==${RAY_VERSION}' in text, "Ray must stay pinned to the base image's"
-    packages = [p.rstrip("*") for p in _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]]
+    setuptools = _pyproject()["tool"]["setuptools"]
+    folders = {setuptools["package-dir"].get(p, p) for p in setuptools["packages"] if "." not in p}
     copied = {line.split()[-1].removeprefix("./") for line in lines if line.startswith("COPY")}
-    assert set(packages) | {"configs"} <= copied, f"COPY misses {set(packages) | {'configs'} - copied}"
+    assert folders | {"configs"} <= copied, f"COPY misses {folders | {'configs'} - copied}"
+    assert any("import ossnet_pipelines" in line or "ossnet_pipelines," in line for line in lines)
     workdirs = [line.split()[1] for line in lines if line.startswith("WORKDIR")]
     for path in RAYJOBS:
         assert _runtime_env(path)["working_dir"] == workdirs[-1], f"{path.name}: working_dir is not the project"

@@ -1,4 +1,4 @@
-"""pipelines.infer without Ray: case listing, per-case stages, atomic writes, report, resume, CLI."""
+"""ossnet_pipelines.infer without Ray: case listing, per-case stages, atomic writes, report, resume, CLI."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from ossnet.config import model_config
 from ossnet.inference import Inferer
 from ossnet.model import build_model
 from ossnet.preprocess import preprocess_image
-from pipelines.infer import CaseResult, InferError, InferJob, InferReport
-from pipelines.infer.job import REPORT_COLUMNS
-from pipelines.infer.cases import InferCase, list_cases, map_modalities, safe_case_id
-from pipelines.infer.cli import configure_infer_parser, job_from_args
-from pipelines.infer.outputs import (
+from ossnet_pipelines.infer import CaseResult, InferError, InferJob, InferReport
+from ossnet_pipelines.infer.job import REPORT_COLUMNS
+from ossnet_pipelines.infer.cases import InferCase, list_cases, map_modalities, safe_case_id
+from ossnet_pipelines.infer.cli import configure_infer_parser, job_from_args
+from ossnet_pipelines.infer.outputs import (
     TMP_SUFFIX,
     OutputLayout,
     atomic_write_bytes,
@@ -32,7 +32,7 @@ from pipelines.infer.outputs import (
     remove_stale_temps,
     write_report,
 )
-from pipelines.infer.stages import CasePredictor, StageContext, case_item, process_case, read_case
+from ossnet_pipelines.infer.stages import CasePredictor, StageContext, case_item, process_case, read_case
 
 GRID = (20, 18, 14)
 # LPS-like, axes permuted, anisotropic, shifted origin: the mask must come back in this geometry.
@@ -198,7 +198,7 @@ def test_bad_cases_become_failed_rows_with_one_line_errors(tmp_path: Path, tiny_
 
 
 def test_zarr_store_cases_are_listed_by_split_and_written_in_the_source_geometry(tmp_path: Path, tiny_model) -> None:
-    from pipelines.ingest import IngestJob, ingest
+    from ossnet_pipelines.ingest import IngestJob, ingest
 
     model, ckpt, spec = tiny_model
     shape = (21, 19, 13)
@@ -284,7 +284,7 @@ def test_streamed_nifti_keeps_geometry_codes_dtype_and_every_slab(tmp_path: Path
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import dask.array as da
 
-    from pipelines import nifti
+    from ossnet_pipelines import nifti
 
     monkeypatch.setattr(nifti, "SLAB_BYTES", 5 * 6 * 2)  # two planes per slab: several slabs, a ragged last one
     mask = (np.arange(5 * 6 * 7).reshape(5, 6, 7) % 3 == 0).astype(np.uint8)
@@ -386,11 +386,11 @@ def test_job_validation_and_cli_precedence(tmp_path: Path) -> None:
 
 
 def test_address_submits_the_same_command_as_a_cluster_job(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipelines.jobs
-    from pipelines.infer.cli import run_infer_cli
+    import ossnet_pipelines.jobs
+    from ossnet_pipelines.infer.cli import run_infer_cli
 
     calls = []
-    monkeypatch.setattr(pipelines.jobs, "submit_cli_command",
+    monkeypatch.setattr(ossnet_pipelines.jobs, "submit_cli_command",
                         lambda address, argv, **kw: calls.append((address, argv)) or 0)
     argv = ["infer", "s3://b/in", "--output", "s3://b/out", "--address", "http://127.0.0.1:8275", "--actors", "4"]
     monkeypatch.setattr("sys.argv", ["ossnet", "-v", *argv])

@@ -1,4 +1,4 @@
-"""pipelines.ingest: NIfTI archives -> store -> read, for every layout, bad inputs and re-runs."""
+"""ossnet_pipelines.ingest: NIfTI archives -> store -> read, for every layout, bad inputs and re-runs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ossnet.preprocess import invert_zscore
 from ossnet.config import preset_resample
 from ossnet.metrics import dice
 from ossnet.sampling import border_band
-from pipelines.ingest import (
+from ossnet_pipelines.ingest import (
     IngestError,
     IngestJob,
     configure_ingest_parser,
@@ -26,8 +26,8 @@ from pipelines.ingest import (
     run_ingest_cli,
     seeded_split,
 )
-from pipelines.ingest.sources import detect_layout, parse_split_file, source_fs
-from pipelines.store import CaseNotFoundError, open_store
+from ossnet_pipelines.ingest.sources import detect_layout, parse_split_file, source_fs
+from ossnet_pipelines.store import CaseNotFoundError, open_store
 
 SHAPE = (37, 41, 29)  # odd: crops x and y, pads z on the grid below
 GRID = (33, 35, 31)

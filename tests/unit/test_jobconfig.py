@@ -10,7 +10,7 @@ import pytest
 from pydantic import Field, model_validator
 
 from ossnet.config import ConfigError, SamplingConfig
-from pipelines.jobconfig import (
+from ossnet_pipelines.jobconfig import (
     Checked,
     Job,
     JobModel,
@@ -24,8 +24,8 @@ from pipelines.jobconfig import (
     overrides_from_args,
     parse_override,
 )
-from pipelines.train.cli import configure_train_parser, job_from_args
-from pipelines.train.job import TrainJob, load_train_job
+from ossnet_pipelines.train.cli import configure_train_parser, job_from_args
+from ossnet_pipelines.train.job import TrainJob, load_train_job
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

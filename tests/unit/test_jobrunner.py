@@ -1,4 +1,4 @@
-"""pipelines.jobrunner: one set of exit codes and error lines for train, tune and infer."""
+"""ossnet_pipelines.jobrunner: one set of exit codes and error lines for train, tune and infer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ossnet.config import ConfigError
-from pipelines.jobrunner import EXIT_BAD_INPUT, EXIT_FAILED, JobCommand, run_job_command
+from ossnet_pipelines.jobrunner import EXIT_BAD_INPUT, EXIT_FAILED, JobCommand, run_job_command
 
 
 def _command(build: Any = lambda args: {"n": args.n}, run: Any = None, **kw: Any) -> JobCommand:
@@ -26,7 +26,7 @@ def _args(**kw: Any) -> argparse.Namespace:
 
 
 def test_runs_dry_runs_and_submits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines import jobs
+    from ossnet_pipelines import jobs
 
     out = io.StringIO()
     assert run_job_command(_command(), _args(), out, io.StringIO()) == 0 and out.getvalue() == "ran 3\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import jobs
+from ossnet_pipelines import jobs
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "local-cluster.sh"
 
@@ -51,6 +51,25 @@ def test_build_runtime_env_carries_project_and_env(tmp_path: Path) -> None:
         jobs.build_runtime_env(tmp_path / "missing")
     with pytest.raises(ValueError, match="EPOCHS"):
         jobs.build_runtime_env(tmp_path, {"EPOCHS": 3})  # type: ignore[dict-item]
+    assert "py_modules" not in env  # a plain folder: nothing to rename
+
+
+def test_the_runtime_env_ships_renamed_packages_under_their_import_names(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = jobs.build_runtime_env(jobs.PROJECT_ROOT)
+    staged = [Path(p) for p in env["py_modules"]]
+    assert [p.name for p in staged] == ["ossnet_pipelines", "ossnet_tune"]
+    assert (staged[0] / "jobs.py").read_text() == Path(jobs.__file__).read_text()
+    assert not list(staged[0].rglob("__pycache__"))
+    # What a cluster without the project installed does: py_modules and working_dir on sys.path.
+    script = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+              f"sys.path[:0] = [{str(staged[0].parent)!r}, {str(jobs.PROJECT_ROOT)!r}]; "
+              "import ossnet_cli, ossnet_tune.cli, ossnet_pipelines.jobs as j; print(j.__file__)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).is_relative_to(staged[0])
 
 
 def test_auth_token_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

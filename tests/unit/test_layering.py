@@ -1,5 +1,9 @@
 """The import graph keeps its layers: ossnet <- pipelines <- tune <- ossnet_cli, bench on the side.
 
+The folders ``pipelines/``, ``tune/`` and ``bench/`` install as ``ossnet_pipelines``,
+``ossnet_tune`` and ``ossnet_bench`` (``package-dir`` in pyproject.toml): the plain names are
+taken on PyPI, so nothing may import them by their folder names.
+
 ``docs/architecture.md`` states the rules; this test reads every module's imports (module level
 and inside functions, ``TYPE_CHECKING`` blocks excepted) with ``ast`` and fails on a broken one.
 """
@@ -12,27 +16,36 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("ossnet", "pipelines", "tune", "ossnet_cli", "bench")
+# Import name -> folder.
+PACKAGES = {"ossnet": "ossnet", "ossnet_pipelines": "pipelines", "ossnet_tune": "tune", "ossnet_cli": "ossnet_cli",
+            "ossnet_bench": "bench"}
+FOLDER_NAMES = {"pipelines", "tune", "bench"}  # not importable once installed
 # What each package may import from the project (itself included).
 ALLOWED: dict[str, set[str]] = {
     "ossnet": {"ossnet"},
-    "pipelines": {"ossnet", "pipelines"},
-    "tune": {"ossnet", "pipelines", "tune"},
-    "ossnet_cli": {"ossnet", "pipelines", "tune", "ossnet_cli"},
-    "bench": {"ossnet", "pipelines", "tune", "bench"},
+    "ossnet_pipelines": {"ossnet", "ossnet_pipelines"},
+    "ossnet_tune": {"ossnet", "ossnet_pipelines", "ossnet_tune"},
+    "ossnet_cli": {"ossnet", "ossnet_pipelines", "ossnet_tune", "ossnet_cli"},
+    "ossnet_bench": {"ossnet", "ossnet_pipelines", "ossnet_tune", "ossnet_bench"},
 }
 OSSNET_FORBIDDEN_THIRD_PARTY = {"ray", "mlflow", "zarr"}
-MODULE_STRING = re.compile(r"^(ossnet|pipelines|tune|ossnet_cli|bench)(\.[A-Za-z_]\w*)+$")
+MODULE_STRING = re.compile(r"^(ossnet|ossnet_pipelines|ossnet_tune|ossnet_cli|ossnet_bench|pipelines|tune|bench)"
+                           r"(\.[A-Za-z_]\w*)+$")
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(name: str, path: Path) -> str:
+    parts = [name, *path.relative_to(ROOT / PACKAGES[name]).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+    return {_module_name(name, p): p for name, folder in PACKAGES.items() for p in sorted((ROOT / folder).rglob("*.py"))}
 
 
 def _imports(name: str, path: Path) -> tuple[set[str], set[str]]:
@@ -92,6 +105,23 @@ def test_every_package_imports_only_the_layers_below_it(graph) -> None:
     assert not broken, "\n".join(sorted(broken))
 
 
+def test_nothing_imports_a_folder_name_that_is_not_installed(graph) -> None:
+    # From the repository root "import pipelines" would work and hide the mistake until installed.
+    bad = {m: sorted(top & FOLDER_NAMES) for m, (_, top, _) in graph.items() if top & FOLDER_NAMES}
+    bad.update({m: sorted(strings) for m, (_, _, strings) in graph.items()
+                if any(s.split(".")[0] in FOLDER_NAMES for s in strings)})
+    assert not bad, bad
+
+
+def test_the_distribution_installs_every_package_under_its_import_name() -> None:
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name: setuptools["package-dir"].get(name, name) for name in PACKAGES}
+    assert folders == PACKAGES
+    expected = {name + "".join("." + part for part in p.parent.relative_to(ROOT / folder).parts)
+                for name, folder in PACKAGES.items() for p in (ROOT / folder).rglob("__init__.py")}
+    assert set(setuptools["packages"]) == expected
+
+
 def test_the_library_never_imports_ray_mlflow_or_zarr(graph) -> None:
     bad = {m: sorted(top & OSSNET_FORBIDDEN_THIRD_PARTY) for m, (_, top, _) in graph.items()
            if m.split(".")[0] == "ossnet" and top & OSSNET_FORBIDDEN_THIRD_PARTY}
@@ -134,7 +164,8 @@ def test_there_are_no_import_cycles(graph) -> None:
 def test_the_checker_sees_a_planted_violation(tmp_path: Path) -> None:
     """The reader is not vacuous: an upward import, a string import and TYPE_CHECKING."""
     path = tmp_path / "x.py"
-    path.write_text("from typing import TYPE_CHECKING\nimport importlib\nif TYPE_CHECKING:\n    import tune.job\n"
-                    "def f():\n    from pipelines.store import open_store\n    importlib.import_module('tune.cli')\n")
-    names, strings = _imports("pipelines.x", path)
-    assert "pipelines.store" in names and "tune.job" not in names and strings == {"tune.cli"}
+    path.write_text("from typing import TYPE_CHECKING\nimport importlib\nif TYPE_CHECKING:\n    import ossnet_tune.job\n"
+                    "def f():\n    from ossnet_pipelines.store import open_store\n"
+                    "    importlib.import_module('ossnet_tune.cli')\n")
+    names, strings = _imports("ossnet_pipelines.x", path)
+    assert "ossnet_pipelines.store" in names and "ossnet_tune.job" not in names and strings == {"ossnet_tune.cli"}

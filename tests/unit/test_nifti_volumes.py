@@ -1,4 +1,4 @@
-"""pipelines.nifti and pipelines.volumes: lazy slab reads, streamed writes, the chunked transform."""
+"""ossnet_pipelines.nifti and ossnet_pipelines.volumes: lazy slab reads, streamed writes, the chunked transform."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ossnet.preprocess import zscore_channel
-from pipelines import nifti, volumes
+from ossnet_pipelines import nifti, volumes
 
 AFFINE = np.array([[0.0, -1.1, 0.0, 30.0], [-0.9, 0.0, 0.0, 20.0], [0.0, 0.0, 1.6, -5.0], [0.0, 0.0, 0.0, 1.0]])
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from ossnet.phantoms import brats_like
-from pipelines.ingest import IngestError, IngestJob, ingest
-from pipelines.quickstart import ingest_own_store
-from pipelines.store import open_store
-from pipelines.synthetic import write_brats_archive
+from ossnet_pipelines.ingest import IngestError, IngestJob, ingest
+from ossnet_pipelines.quickstart import ingest_own_store
+from ossnet_pipelines.store import open_store
+from ossnet_pipelines.synthetic import write_brats_archive
 
 
 def test_an_incompatible_quickstart_store_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -25,7 +25,7 @@ def test_an_incompatible_quickstart_store_is_rebuilt(tmp_path: Path, caplog: pyt
                     val_fraction=0.5, executor="serial")
     with pytest.raises(IngestError, match="existing store"):
         ingest(new)  # a user's own store is never replaced silently
-    with caplog.at_level(logging.WARNING, logger="pipelines.quickstart"):
+    with caplog.at_level(logging.WARNING, logger="ossnet_pipelines.quickstart"):
         report = ingest_own_store(new)
     assert report.ok and report.count("ingested") == 2
     assert open_store(store, "r").volume_shape == (24, 24, 16)

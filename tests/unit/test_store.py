@@ -1,4 +1,4 @@
-"""pipelines.store: layout, atomic per-case commit, manifest, fsspec URLs, pickling."""
+"""ossnet_pipelines.store: layout, atomic per-case commit, manifest, fsspec URLs, pickling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipelines.store import (
+from ossnet_pipelines.store import (
     CaseNotFoundError,
     StoreError,
     chunk_layout,

@@ -1,4 +1,4 @@
-"""pipelines.data, PyTorch path: rows match the store, epochs differ, seeds reproduce (no Ray)."""
+"""ossnet_pipelines.data, PyTorch path: rows match the store, epochs differ, seeds reproduce (no Ray)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.synthetic import write_brats_archive
+from ossnet_pipelines.synthetic import write_brats_archive
 from ossnet.config import AugmentConfig, SamplingConfig, model_config
 from ossnet.phantoms import brats_like
 from ossnet.sampling import downsample_image, lowres_label
-from pipelines.data import (
+from ossnet_pipelines.data import (
     ROW_KEYS,
     CaseSampleDataset,
     SampleSpec,
@@ -20,8 +20,8 @@ from pipelines.data import (
     load_validation_case,
     sample_case_rows,
 )
-from pipelines.ingest import IngestJob, ingest
-from pipelines.store import open_store
+from ossnet_pipelines.ingest import IngestJob, ingest
+from ossnet_pipelines.store import open_store
 
 SOURCE_SHAPE = (37, 41, 29)  # odd: the grid below crops X and Y and pads Z
 GRID = (33, 35, 23)

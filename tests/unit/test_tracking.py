@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -18,8 +20,8 @@ import pytest
 import torch
 
 from ossnet.config import model_config
-from pipelines.figures import lesion_centre, slice_overlay_png
-from pipelines.tracking import (
+from ossnet_pipelines.figures import lesion_centre, slice_overlay_png
+from ossnet_pipelines.tracking import (
     DEFAULT_MODEL_SPEC,
     RUN_KEY_TAG,
     ModelNotFoundError,
@@ -223,13 +225,27 @@ def test_pyfunc_bundle_predicts_any_volume_size(bundle: SimpleNamespace, pyfunc:
         pyfunc.predict(_volume(CUBE, 3, channels=2))
 
 
+def test_the_bundle_code_imports_where_the_project_is_not_installed(bundle: SimpleNamespace, tmp_path: Path) -> None:
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(bundle.info.model_uri, dst_path=str(tmp_path / "bundle")))
+    code = local / "code"
+    assert sorted(p.name for p in code.iterdir()) == ["ossnet", "ossnet_pipelines"]
+    # Without the install's import hook and away from the checkout, the bundle's own copy is imported.
+    script = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+              f"sys.path.insert(0, {str(code)!r}); import ossnet_pipelines.tracking.pyfunc_model as m; print(m.__file__)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).is_relative_to(code)
+
+
 def test_library_loader_loads_the_same_bundle_with_identical_outputs(
     bundle: SimpleNamespace, pyfunc: Any, tmp_path: Path
 ) -> None:
     model, info = load_checkpoint_from_mlflow(bundle.info.model_uri, bundle.uri, dst_dir=tmp_path)
     for name, tensor in bundle.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
-    from pipelines.tracking.predict import make_inferer
+    from ossnet_pipelines.tracking.predict import make_inferer
 
     image = _volume(ODD, 1)
     ours = predict_volume(model, image, preprocess=info.preprocess)
@@ -259,9 +275,9 @@ def _batch_job(tmp_path: Path, ckpt: bytes, spec: Any, image: np.ndarray, thresh
     threshold it runs at, dense decoding does not."""
     import nibabel as nib
 
-    from pipelines.infer.cases import InferCase
-    from pipelines.infer.outputs import OutputLayout
-    from pipelines.infer.stages import CasePredictor, StageContext, process_case
+    from ossnet_pipelines.infer.cases import InferCase
+    from ossnet_pipelines.infer.outputs import OutputLayout
+    from ossnet_pipelines.infer.stages import CasePredictor, StageContext, process_case
 
     paths = []
     for c, mod in enumerate(spec.modalities):
@@ -303,7 +319,7 @@ def test_resampling_model_gives_the_same_mask_through_predict_volume_and_the_bat
     import io
 
     from ossnet.checkpoint import PreprocessSpec, checkpoint_bytes, load_checkpoint
-    from pipelines.tracking.predict import make_inferer
+    from ossnet_pipelines.tracking.predict import make_inferer
 
     spec = PreprocessSpec(modalities=("flair", "t1", "t1ce", "t2"), volume_shape=bundle.model.config.volume_shape,
                           resample="spacing", target_spacing=(1.0, 1.0, 1.0))

@@ -263,7 +263,7 @@ def test_train_step_through_ddp_wrapper(tmp_path: Path) -> None:
 
 
 def test_validation_summary_reports_the_predicted_volume_ratio_and_collapse():
-    from pipelines.train.validation import collapse_message, summarize
+    from ossnet_pipelines.train.validation import collapse_message, summarize
 
     scores = [
         {"dice": 0.5, "iou": 0.4, "pred_voxels": 0, "ref_voxels": 300},

@@ -14,13 +14,13 @@ import optuna
 import pytest
 
 from ossnet.config import ConfigError
-from pipelines.jobconfig import dump_yaml
-from tune.cli import configure_tune_parser, job_from_args, run_tune_cli
-from tune.job import TuneJob, load_tune_job
-from tune.space import OptunaSpace, SearchSpace, parse_patch_choice, trial_overrides, trial_settings
-from tune.summary import best_trial, rank_trials, status_counts, summarize_trial, to_csv, to_markdown
-from tune.sweep import derive_max_concurrent, trial_actor_resources, trial_resources
-from tune.trial import trial_job, trial_run_name
+from ossnet_pipelines.jobconfig import dump_yaml
+from ossnet_tune.cli import configure_tune_parser, job_from_args, run_tune_cli
+from ossnet_tune.job import TuneJob, load_tune_job
+from ossnet_tune.space import OptunaSpace, SearchSpace, parse_patch_choice, trial_overrides, trial_settings
+from ossnet_tune.summary import best_trial, rank_trials, status_counts, summarize_trial, to_csv, to_markdown
+from ossnet_tune.sweep import derive_max_concurrent, trial_actor_resources, trial_resources
+from ossnet_tune.trial import trial_job, trial_run_name
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ODD_GRID = [37, 41, 29]
@@ -32,7 +32,7 @@ def tune_job(**overrides: Any) -> TuneJob:
                             "scaling": {"num_workers": 1}}
     job = TuneJob.parse(data)
     if overrides:
-        from pipelines.jobconfig import apply_overrides
+        from ossnet_pipelines.jobconfig import apply_overrides
 
         job = TuneJob.parse(apply_overrides(job.to_dict(), overrides.items()))
     return job
@@ -341,7 +341,7 @@ def test_cli_flags_map_onto_the_config_and_bad_input_exits_2(tmp_path: Path) -> 
 def test_address_submits_the_resolved_sweep_as_a_cli_job(monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from pipelines import jobs
+    from ossnet_pipelines import jobs
 
     calls: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(jobs, "submit_cli_command", lambda address, argv, **kw: calls.append((address, argv)) or 0)
