@@ -1,12 +1,33 @@
-"""One progress reporter for the jobs that work through a list of cases (ingest, batch inference)."""
+"""One progress reporter and one set of report counts for the jobs that work through a list of
+cases (ingest, batch inference)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+class CaseCounts:
+    """Counts of a job report whose ``cases`` each carry a ``status`` ("ok", "ingested",
+    "skipped", "failed"...): mixed into the ingest and inference reports."""
+
+    cases: tuple[Any, ...]
+
+    def count(self, status: str) -> int:
+        return sum(c.status == status for c in self.cases)
+
+    @property
+    def failed(self) -> tuple[Any, ...]:
+        return tuple(c for c in self.cases if c.status == "failed")
+
+    @property
+    def ok(self) -> bool:
+        """True when no case failed."""
+        return not self.failed
 
 
 class CaseProgress:

@@ -369,11 +369,8 @@ class Store:
 
     def case_writer(self, case_id: str) -> CaseWriter:
         """Start (re)writing a case: any existing group of that id is deleted first."""
-        self._require_writable()
-        validate_case_id(case_id)
+        self.delete_case(case_id)
         cases = self._cases()
-        if case_id in cases:
-            del cases[case_id]
         group = cases.create_group(case_id, attributes={"case_id": case_id, "status": "writing", "complete": False})
         return CaseWriter(group, cases, case_id, self.url)
 

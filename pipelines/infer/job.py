@@ -17,6 +17,7 @@ from ossnet.inference import MODES as INFERENCE_MODES
 from ossnet_pipelines.constants import SPLITS
 from ossnet_pipelines.files import absolute_url
 from ossnet_pipelines.jobconfig import Job, NonBlank
+from ossnet_pipelines.progress import CaseCounts
 from ossnet_pipelines.tracking.registry import DEFAULT_MODEL_SPEC
 
 INPUT_LAYOUTS: tuple[str, ...] = ("auto", "nifti", "brats", "lits", "generic", "zarr")
@@ -174,7 +175,7 @@ def _finite(values: Iterable[float]) -> list[float]:
 
 
 @dataclass(frozen=True)
-class InferReport:
+class InferReport(CaseCounts):
     """Outcome of a run: one ``CaseResult`` per listed case.
 
     Attributes:
@@ -195,18 +196,6 @@ class InferReport:
     actors: int = 0
     gpus_per_actor: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def count(self, status: str) -> int:
-        return sum(c.status == status for c in self.cases)
-
-    @property
-    def failed(self) -> tuple[CaseResult, ...]:
-        return tuple(c for c in self.cases if c.status == "failed")
-
-    @property
-    def ok(self) -> bool:
-        """True when no case failed."""
-        return not self.failed
 
     @property
     def processed(self) -> int:

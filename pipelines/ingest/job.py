@@ -13,6 +13,7 @@ from ossnet.geometry import RESAMPLE_MODES
 from ossnet_pipelines.ingest.case import CaseReport
 from ossnet_pipelines.ingest.sources import LAYOUTS, IngestError
 from ossnet_pipelines.jobconfig import Job, NonBlank
+from ossnet_pipelines.progress import CaseCounts
 from ossnet_pipelines.volumes import SCHEDULERS
 
 logger = logging.getLogger(__name__)
@@ -90,26 +91,14 @@ class IngestJob(Job):
 
 
 @dataclass(frozen=True)
-class IngestReport:
-    """Outcome of an ingest run."""
+class IngestReport(CaseCounts):
+    """Outcome of an ingest run (``count``, ``failed`` and ``ok`` from ``CaseCounts``)."""
 
     store: str
     layout: str
     cases: tuple[CaseReport, ...]
     seconds: float
     executor: str = "serial"
-
-    def count(self, status: str) -> int:
-        return sum(c.status == status for c in self.cases)
-
-    @property
-    def failed(self) -> tuple[CaseReport, ...]:
-        return tuple(c for c in self.cases if c.status == "failed")
-
-    @property
-    def ok(self) -> bool:
-        """True when no case failed."""
-        return not self.failed
 
     def table(self) -> str:
         """A fixed-width summary table: one row per case, then the totals."""
