@@ -12,8 +12,8 @@ Whatever fails, the job raises one line naming the field by its dotted
 path, e.g. ``train.epochs: must be >= 1, got 0`` (:func:`describe_error`).
 
 Overrides are ``key=value`` strings whose value is read as YAML (``train.epochs=3``,
-``train.milestones=[20, 30]``, ``run.name=null``); dedicated flags such as ``--epochs`` map onto
-the same keys (:class:`OverrideFlag`). Typical use::
+``train.milestones=[20, 30]``, ``run.name=null``); the command-line flags that map onto them
+live in ``ossnet_pipelines.jobrunner``. Typical use::
 
     job = load_job(TrainJob, "configs/brats2020.yaml", ["train.epochs=3", "scaling.num_workers=2"])
     trial = job.updated({"train.alpha": 0.3, "run.name": "trial-1"})   # validated again
@@ -21,7 +21,6 @@ the same keys (:class:`OverrideFlag`). Typical use::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -29,7 +28,6 @@ import json
 import os
 import re
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
@@ -39,16 +37,6 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Val
 from ossnet.config import ConfigError
 
 M = TypeVar("M", bound="JobModel")
-
-
-class _NoConst:
-    """Marks an :class:`OverrideFlag` that takes a value (not a ``store_const`` flag)."""
-
-    def __repr__(self) -> str:
-        return "NO_CONST"
-
-
-NO_CONST = _NoConst()
 
 
 # --------------------------------------------------------------------------- models
@@ -358,114 +346,18 @@ def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- command line
-
-
-@dataclass(frozen=True)
-class OverrideFlag:
-    """A dedicated command-line flag that sets one config key (sugar for ``--set key=value``).
-
-    Attributes:
-        flag: e.g. ``"--epochs"``.
-        key: dotted config key, e.g. ``"train.epochs"``.
-        type: argparse type (``int``, ``float``, ``str``) or ``bool`` for a
-            ``--flag/--no-flag`` pair.
-        help: help text.
-        const: for ``store_const`` flags (e.g. ``--no-mlflow`` sets ``tracking.enabled=False``).
-    """
-
-    flag: str
-    key: str
-    type: Any = str
-    help: str = ""
-    const: Any = NO_CONST
-
-    @property
-    def dest(self) -> str:
-        return "override_" + self.key.replace(".", "__")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, flags: Sequence[OverrideFlag] = (), *,
-                         config_required: bool = False) -> None:
-    """Add ``--config``, repeatable ``--set KEY=VALUE`` and the dedicated override ``flags``."""
-    parser.add_argument("--config", "-c", metavar="YAML", required=config_required, help="job config file")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="override a config key (repeatable), e.g. --set train.lr=1e-3")
-    for f in flags:
-        if f.const is not NO_CONST:
-            parser.add_argument(f.flag, dest=f.dest, action="store_const", const=f.const, default=None, help=f.help)
-        elif f.type is bool:
-            parser.add_argument(f.flag, dest=f.dest, action=argparse.BooleanOptionalAction, default=None, help=f.help)
-        else:
-            metavar = f.key.rsplit(".", 1)[-1].upper()
-            parser.add_argument(f.flag, dest=f.dest, type=f.type, default=None, metavar=metavar, help=f.help)
-
-
-def overrides_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] = ()) -> list[tuple[str, Any]]:
-    """The overrides of a parsed command line: ``--set`` items first, then the dedicated flags."""
-    out: list[tuple[str, Any]] = [parse_override(s) for s in getattr(args, "overrides", None) or []]
-    for f in flags:
-        value = getattr(args, f.dest, None)
-        if value is not None:
-            out.append((f.key, value))
-    return out
-
-
-#: The MLflow flags shared by ``ossnet train`` and ``ossnet tune`` (both take a training job).
-TRACKING_FLAGS: tuple[OverrideFlag, ...] = (
-    OverrideFlag("--tracking-uri", "tracking.uri", str,
-                 "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
-    OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
-    OverrideFlag("--model-name", "tracking.model_name", str, "registered model name"),
-)
-
-
-def add_submission_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--config-json`` (the whole ``what`` as JSON, how ``--address`` submits it), ``--address``
-    and ``--dry-run``."""
-    parser.add_argument("--config-json", metavar="JSON", help=f"the whole {what} as JSON (what --address submits)")
-    parser.add_argument("--address", metavar="URL",
-                        help="submit to this Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
-    parser.add_argument("--dry-run", action="store_true", help=f"validate and print the resolved {what}, then exit")
-
-
-def config_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] = ()) -> dict[str, Any]:
-    """The job mapping of a parsed command line: ``--config`` YAML or ``--config-json``, with the
-    ``--set`` items and the dedicated ``flags`` applied.
-
-    Raises:
-        ConfigError: both sources given, or JSON that does not parse.
-    """
-    config_json = getattr(args, "config_json", None)
-    if config_json and args.config:
-        raise ConfigError("--config and --config-json are mutually exclusive")
-    data = load_yaml(args.config) if args.config else {}
-    if config_json:
-        try:
-            data = json.loads(config_json)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
-    return apply_overrides(data, overrides_from_args(args, flags))
-
-
 __all__ = [
     "Checked",
     "ConfigError",
     "Job",
     "JobModel",
     "NonBlank",
-    "OverrideFlag",
-    "TRACKING_FLAGS",
-    "add_config_arguments",
-    "add_submission_arguments",
     "apply_overrides",
-    "config_from_args",
     "config_hash",
     "describe_error",
     "dump_yaml",
     "load_job",
     "load_yaml",
-    "overrides_from_args",
     "parse_override",
     "safe_name",
 ]

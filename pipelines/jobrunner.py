@@ -11,27 +11,33 @@ arguments, how to run it here, what to submit with ``--address``, what its dry r
   logs stream here and its exit status is the job's;
 * SIGTERM (``ray job stop``, ``kill``) becomes ``KeyboardInterrupt`` while the job runs, so
   reports and runs are closed cleanly.
+
+The flags the commands share live here too: ``--config``, repeatable ``--set KEY=VALUE``, the
+dedicated flags that set one config key (:class:`OverrideFlag`, e.g. ``--epochs``), the tracking
+flags, and ``--config-json`` / ``--address`` / ``--dry-run``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from ossnet.config import ConfigError
+from ossnet_pipelines.jobconfig import apply_overrides, load_yaml, parse_override
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-Job = Any
-Handler = Callable[[argparse.Namespace, Job, TextIO], int]
+AnyJob = Any  # a TrainJob, TuneJob or InferJob (ossnet_pipelines.jobconfig.Job)
+Handler = Callable[[argparse.Namespace, AnyJob, TextIO], int]
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,12 @@ class JobCommand:
     """
 
     what: str
-    build: Callable[[argparse.Namespace], Job]
+    build: Callable[[argparse.Namespace], AnyJob]
     run: Handler
-    submit_argv: Callable[[argparse.Namespace, Job, TextIO], list[str]]
+    submit_argv: Callable[[argparse.Namespace, AnyJob, TextIO], list[str]]
     dry_run: Handler | None = None
     bad_input: tuple[type[BaseException], ...] = ()
-    hint: Callable[[Job, BaseException], str] | None = None
+    hint: Callable[[AnyJob, BaseException], str] | None = None
 
 
 @contextlib.contextmanager
@@ -111,4 +117,117 @@ def run_job_command(command: JobCommand, args: argparse.Namespace, out: TextIO |
         return EXIT_FAILED
 
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "JobCommand", "run_job_command", "sigterm_as_interrupt"]
+class _NoConst:
+    """Marks an :class:`OverrideFlag` that takes a value (not a ``store_const`` flag)."""
+
+    def __repr__(self) -> str:
+        return "NO_CONST"
+
+
+NO_CONST = _NoConst()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@dataclass(frozen=True)
+class OverrideFlag:
+    """A dedicated command-line flag that sets one config key (sugar for ``--set key=value``).
+
+    Attributes:
+        flag: e.g. ``"--epochs"``.
+        key: dotted config key, e.g. ``"train.epochs"``.
+        type: argparse type (``int``, ``float``, ``str``) or ``bool`` for a
+            ``--flag/--no-flag`` pair.
+        help: help text.
+        const: for ``store_const`` flags (e.g. ``--no-mlflow`` sets ``tracking.enabled=False``).
+    """
+
+    flag: str
+    key: str
+    type: Any = str
+    help: str = ""
+    const: Any = NO_CONST
+
+    @property
+    def dest(self) -> str:
+        return "override_" + self.key.replace(".", "__")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, flags: Sequence[OverrideFlag] = (), *,
+                         config_required: bool = False) -> None:
+    """Add ``--config``, repeatable ``--set KEY=VALUE`` and the dedicated override ``flags``."""
+    parser.add_argument("--config", "-c", metavar="YAML", required=config_required, help="job config file")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override a config key (repeatable), e.g. --set train.lr=1e-3")
+    for f in flags:
+        if f.const is not NO_CONST:
+            parser.add_argument(f.flag, dest=f.dest, action="store_const", const=f.const, default=None, help=f.help)
+        elif f.type is bool:
+            parser.add_argument(f.flag, dest=f.dest, action=argparse.BooleanOptionalAction, default=None, help=f.help)
+        else:
+            metavar = f.key.rsplit(".", 1)[-1].upper()
+            parser.add_argument(f.flag, dest=f.dest, type=f.type, default=None, metavar=metavar, help=f.help)
+
+
+def overrides_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] = ()) -> list[tuple[str, Any]]:
+    """The overrides of a parsed command line: ``--set`` items first, then the dedicated flags."""
+    out: list[tuple[str, Any]] = [parse_override(s) for s in getattr(args, "overrides", None) or []]
+    for f in flags:
+        value = getattr(args, f.dest, None)
+        if value is not None:
+            out.append((f.key, value))
+    return out
+
+
+#: The MLflow flags shared by ``ossnet train`` and ``ossnet tune`` (both take a training job).
+TRACKING_FLAGS: tuple[OverrideFlag, ...] = (
+    OverrideFlag("--tracking-uri", "tracking.uri", str,
+                 "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
+    OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
+    OverrideFlag("--model-name", "tracking.model_name", str, "registered model name"),
+)
+
+
+def add_submission_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--config-json`` (the whole ``what`` as JSON, how ``--address`` submits it), ``--address``
+    and ``--dry-run``."""
+    parser.add_argument("--config-json", metavar="JSON", help=f"the whole {what} as JSON (what --address submits)")
+    parser.add_argument("--address", metavar="URL",
+                        help="submit to this Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
+    parser.add_argument("--dry-run", action="store_true", help=f"validate and print the resolved {what}, then exit")
+
+
+def config_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] = ()) -> dict[str, Any]:
+    """The job mapping of a parsed command line: ``--config`` YAML or ``--config-json``, with the
+    ``--set`` items and the dedicated ``flags`` applied.
+
+    Raises:
+        ConfigError: both sources given, or JSON that does not parse.
+    """
+    config_json = getattr(args, "config_json", None)
+    if config_json and args.config:
+        raise ConfigError("--config and --config-json are mutually exclusive")
+    data = load_yaml(args.config) if args.config else {}
+    if config_json:
+        try:
+            data = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
+    return apply_overrides(data, overrides_from_args(args, flags))
+
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "JobCommand",
+    "OverrideFlag",
+    "TRACKING_FLAGS",
+    "add_config_arguments",
+    "add_submission_arguments",
+    "config_from_args",
+    "overrides_from_args",
+    "run_job_command",
+    "sigterm_as_interrupt",
+]

@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ossnet.config import ConfigError
-from ossnet_pipelines.jobconfig import (
+from ossnet_pipelines.jobrunner import (
     TRACKING_FLAGS,
+    JobCommand,
     OverrideFlag,
     add_config_arguments,
     add_submission_arguments,
     config_from_args,
+    run_job_command,
 )
-from ossnet_pipelines.jobrunner import JobCommand, run_job_command
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import TextIO
 
 from ossnet.inference import DEFAULT_RECALL_MARGIN
 from ossnet_pipelines.infer.job import INPUT_LAYOUTS, MODES, InferError, InferJob
-from ossnet_pipelines.jobconfig import OverrideFlag, add_config_arguments, load_job, overrides_from_args
-from ossnet_pipelines.jobrunner import JobCommand, run_job_command
+from ossnet_pipelines.jobconfig import load_job
+from ossnet_pipelines.jobrunner import JobCommand, OverrideFlag, add_config_arguments, overrides_from_args, run_job_command
 
 logger = logging.getLogger(__name__)
 

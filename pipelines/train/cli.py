@@ -22,15 +22,16 @@ import json
 import logging
 from typing import Any, TextIO
 
-from ossnet_pipelines.jobconfig import (
+from ossnet_pipelines.jobconfig import dump_yaml
+from ossnet_pipelines.jobrunner import (
     TRACKING_FLAGS,
+    JobCommand,
     OverrideFlag,
     add_config_arguments,
     add_submission_arguments,
     config_from_args,
-    dump_yaml,
+    run_job_command,
 )
-from ossnet_pipelines.jobrunner import JobCommand, run_job_command
 
 logger = logging.getLogger(__name__)
 

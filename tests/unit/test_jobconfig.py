@@ -14,16 +14,14 @@ from ossnet_pipelines.jobconfig import (
     Checked,
     Job,
     JobModel,
-    OverrideFlag,
-    add_config_arguments,
     apply_overrides,
     config_hash,
     dump_yaml,
     load_job,
     load_yaml,
-    overrides_from_args,
     parse_override,
 )
+from ossnet_pipelines.jobrunner import OverrideFlag, add_config_arguments, overrides_from_args
 from ossnet_pipelines.train.cli import configure_train_parser, job_from_args
 from ossnet_pipelines.train.job import TrainJob, load_train_job
 
