@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ossnet.targets import TargetSpec
+
 
 def border_band(label: np.ndarray, band_width: int = 6) -> np.ndarray:
     """Band of voxels around the label boundary.
@@ -52,4 +54,22 @@ def border_band(label: np.ndarray, band_width: int = 6) -> np.ndarray:
     return band
 
 
-__all__ = ["border_band"]
+def target_bands(label: np.ndarray, targets: TargetSpec, band_width: int = 6) -> np.ndarray:
+    """Border bands of every target of a label in the source convention, as one bit mask.
+
+    Binary targets: :func:`border_band` of ``label > 0`` (0/1). Otherwise bit ``t`` of each voxel
+    is set when it lies in the band of target ``t``'s region (up to 8 targets), so border
+    sampling can draw from each target's own boundary and small targets get their share.
+
+    Returns:
+        (X, Y, Z) uint8.
+    """
+    if targets.kind == "binary":
+        return border_band(label, band_width).view(np.uint8)
+    out = np.zeros(np.shape(label), dtype=np.uint8)
+    for t, region in enumerate(targets.region_masks(label)):
+        out |= border_band(region, band_width).view(np.uint8) << t
+    return out
+
+
+__all__ = ["border_band", "target_bands"]

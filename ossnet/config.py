@@ -11,15 +11,14 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, cast
 
+from ossnet.errors import ConfigError
+from ossnet.targets import TargetSpec
+
 VARIANTS: tuple[str, ...] = ("onet", "A", "B", "C", "D")
 ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "relu", "silu", "elu", "gelu")
 PRESETS: tuple[str, ...] = ("brats", "lits", "small", "tiny")
 CBN_NORMS: tuple[str, ...] = ("layer", "feature", "pooled")
 ENCODER_NORMS: tuple[str, ...] = ("batch", "instance", "group")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 def _fail(field_name: str, message: str) -> None:
@@ -138,6 +137,8 @@ class ModelConfig:
         volume_shape: full-resolution grid ``(X, Y, Z)`` the model works on (padded).
         encoder, patch, decoder: component configs.
         activation: one of ``ACTIVATIONS``.
+        targets: what it segments (``ossnet.targets``): binary (the paper; one output), nested
+            regions or exclusive classes (K outputs per point and K low-res channels).
     """
 
     variant: str = "C"
@@ -146,6 +147,7 @@ class ModelConfig:
     patch: PatchConfig = field(default_factory=PatchConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     activation: str = "leaky_relu"
+    targets: TargetSpec = field(default_factory=TargetSpec)
 
     def validate(self) -> "ModelConfig":
         """Check every field; raise ``ConfigError`` naming the first bad one. Returns self."""
@@ -158,6 +160,7 @@ class ModelConfig:
         self.encoder.validate()
         self.patch.validate()
         self.decoder.validate()
+        self.targets.validate()
         return self
 
     @property
@@ -233,6 +236,7 @@ def model_config(
     volume_shape: tuple[int, int, int] | None = None,
     cbn_norm: str = "layer",
     encoder_norm: str = "batch",
+    targets: TargetSpec | None = None,
 ) -> ModelConfig:
     """Build and validate the ``ModelConfig`` for a variant at a dataset preset.
 
@@ -245,6 +249,7 @@ def model_config(
         volume_shape: override the full-resolution grid.
         cbn_norm: "layer", "feature" or "pooled" conditional normalisation (``DecoderConfig``).
         encoder_norm: "batch", "instance" or "group" (``EncoderConfig``).
+        targets: what the model segments (default binary, as the paper).
     """
     key = variant.strip()
     if key.lower() in ("onet", "o-net", "o_net"):
@@ -279,6 +284,7 @@ def model_config(
         ),
         decoder=DecoderConfig(hidden=p["hidden"], cbn_norm=cbn_norm),
         activation=activation,
+        targets=targets if targets is not None else TargetSpec(),
     )
     return cfg.validate()
 
@@ -340,7 +346,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         if hasattr(value, "__dataclass_fields__"):
             out[f.name] = config_to_dict(value)
         elif isinstance(value, tuple):
-            out[f.name] = list(value)
+            out[f.name] = [list(v) if isinstance(v, tuple) else v for v in value]
         else:
             out[f.name] = value
     return out
@@ -356,6 +362,7 @@ def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
             patch=PatchConfig(**data["patch"]),
             decoder=DecoderConfig(**data["decoder"]),
             activation=data["activation"],
+            targets=TargetSpec.from_dict(data.get("targets")),  # absent: a binary checkpoint
         )
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"model: malformed model config ({exc})") from exc
@@ -374,6 +381,7 @@ __all__ = [
     "PRESETS",
     "PatchConfig",
     "SamplingConfig",
+    "TargetSpec",
     "VARIANTS",
     "config_to_dict",
     "model_config",

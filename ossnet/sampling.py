@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ossnet.augment import apply_augment, sample_augment_params
-from ossnet.border import border_band
+from ossnet.border import border_band, target_bands
 
 if TYPE_CHECKING:
     from ossnet.config import AugmentConfig, ModelConfig, SamplingConfig
@@ -46,12 +46,16 @@ def sample_points(
     rng: np.random.Generator,
     band_width: int = 6,
     band: np.ndarray | None = None,
+    n_bands: int = 1,
 ) -> np.ndarray:
     """Draw voxel indices uniformly, a fraction of them from the border band.
 
     ``round(n * border_ratio)`` points are drawn (with replacement) from the band voxels, the
     rest uniformly over the volume; the result is shuffled. If the band is empty (empty or full
-    label) every point is uniform.
+    label) every point is uniform. With ``n_bands > 1`` the band is a bit mask (bit ``t``: the
+    band of target ``t``, see ``ossnet.border.target_bands``) and the border points are split
+    evenly between the targets, so a small target gets as many as a large one; a target with an
+    empty band gives its share to the uniform points.
 
     Args:
         label: (X, Y, Z) label (its shape defines the volume; read for the band if needed).
@@ -60,6 +64,7 @@ def sample_points(
         rng: source of randomness.
         band_width: band half-width, used only when ``band`` is None.
         band: precomputed band, either an (X, Y, Z) mask (non-zero = band) or (K, 3) voxel indices.
+        n_bands: targets whose bands ``band`` holds as bits (1: any non-zero voxel is band).
 
     Returns:
         (n, 3) int64 voxel indices.
@@ -77,7 +82,20 @@ def sample_points(
         if band is None:
             band = border_band(label, band_width)
         band = np.asarray(band)
-        if band.ndim == 3:  # a mask of any dtype (a store may hold it as uint8)
+        if band.ndim == 3 and n_bands > 1:
+            if band.shape != shape:
+                raise ValueError(f"band: mask shape {band.shape} does not match label shape {shape}")
+            shares = np.full(n_bands, n_border // n_bands)
+            shares[: n_border % n_bands] += 1
+            picked_parts = []
+            for t, share in enumerate(shares):
+                flat = np.flatnonzero(band & np.uint8(1 << t)) if share else np.empty(0, np.int64)
+                if flat.size:
+                    picked_parts.append(flat[rng.integers(0, flat.size, size=int(share))])
+            if picked_parts:
+                picked = np.concatenate(picked_parts)
+                border = np.stack(np.unravel_index(picked, shape), axis=1).astype(np.int64)
+        elif band.ndim == 3:  # a mask of any dtype (a store may hold it as uint8)
             if band.shape != shape:
                 raise ValueError(f"band: mask shape {band.shape} does not match label shape {shape}")
             flat = np.flatnonzero(band)
@@ -336,17 +354,20 @@ def training_sample(
 
     Args:
         image: (C, X, Y, Z) normalised volume on ``model_cfg.volume_shape``.
-        label: (X, Y, Z) binary label.
-        model_cfg: model the row is for (shapes, patch size, low-res factor).
+        label: (X, Y, Z) label: binary, or in the source convention of ``model_cfg.targets``.
+        model_cfg: model the row is for (shapes, patch size, low-res factor, targets).
         sampling_cfg: number of points and border sampling.
         augment_cfg: augmentation (``AugmentConfig.off()`` for none).
         rng: source of randomness.
-        band: optional precomputed border band of ``label`` (mask or (K, 3) indices).
+        band: optional precomputed border band of ``label`` (mask or (K, 3) indices; for
+            several targets the bit mask of ``ossnet.border.target_bands``).
 
     Returns:
         ``image_lowres`` (C, *lowres_input_shape) f32, ``points`` (n, 3) f32 in [-1, 1],
         ``patches`` (n, patch_channels, k, k, k) f32 (only when the model uses patches),
-        ``labels`` (n,) f32, ``label_lowres`` (*latent_shape) f32.
+        ``labels`` and ``label_lowres``: binary (n,) f32 and (*latent_shape) f32; regions
+        (n, K) f32 and (K, *latent_shape) f32; classes (n,) int64 class indices and
+        (K, *latent_shape) f32 (one channel per class).
     """
     shape = tuple(int(s) for s in model_cfg.volume_shape)
     if image.ndim != 4 or tuple(image.shape[1:]) != shape:
@@ -356,8 +377,13 @@ def training_sample(
     if tuple(label.shape) != shape:
         raise ValueError(f"label: expected shape {shape}, got {tuple(label.shape)}")
 
+    targets = model_cfg.targets
+    multi = targets.kind != "binary"
+    if multi and band is None and sampling_cfg.border_ratio > 0:
+        band = target_bands(label, targets, sampling_cfg.band_width)
     params = sample_augment_params(augment_cfg, image, rng)
-    voxels = sample_points(label, sampling_cfg.n_points, sampling_cfg.border_ratio, rng, sampling_cfg.band_width, band)
+    voxels = sample_points(label, sampling_cfg.n_points, sampling_cfg.border_ratio, rng, sampling_cfg.band_width, band,
+                           n_bands=targets.n_targets if multi else 1)
     image_aug, label_aug, _, moved = apply_augment(params, image, label, points=voxels)
     assert label_aug is not None and moved is not None
     voxels = moved
@@ -369,9 +395,14 @@ def training_sample(
     if model_cfg.patch.enabled:
         patches = extract_patches(image_aug, voxels, model_cfg.patch.size, model_cfg.patch.multiscale)
         row["patches"] = np.asarray(patches, dtype=np.float32)
-    row["labels"] = (label_aug[voxels[:, 0], voxels[:, 1], voxels[:, 2]] > 0).astype(np.float32)
-    label_low = lowres_label(label_aug, model_cfg.lowres_factor)
-    if label_low.shape != tuple(model_cfg.latent_shape):
+    row["labels"] = targets.point_targets(label_aug[voxels[:, 0], voxels[:, 1], voxels[:, 2]])
+    if multi and targets.n_outputs > 1:
+        label_low = np.stack([lowres_label(m, model_cfg.lowres_factor) for m in targets.output_masks(label_aug)])
+    elif multi:  # one region: the model's single output is squeezed, as for binary
+        label_low = lowres_label(targets.output_masks(label_aug)[0], model_cfg.lowres_factor)
+    else:
+        label_low = lowres_label(label_aug, model_cfg.lowres_factor)
+    if label_low.shape[-3:] != tuple(model_cfg.latent_shape):
         raise ValueError(f"label_lowres: pooled shape {label_low.shape} != model latent shape {model_cfg.latent_shape}")
     row["label_lowres"] = label_low.astype(np.float32)
     return row

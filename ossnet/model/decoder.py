@@ -44,7 +44,7 @@ class OccupancyDecoder(nn.Module):
     """Per-point occupancy logits from coordinates, an optional local feature and global latents.
 
     Input per point: ``[coordinates (3), local feature (local_dim), latent channel 0 (latent_dim)]``
-    -> ``fc_p`` -> ``n_blocks`` CBN residual blocks -> ``Linear(hidden -> 1)``.
+    -> ``fc_p`` -> ``n_blocks`` CBN residual blocks -> ``Linear(hidden -> n_outputs)``.
     Block ``i`` is conditioned on latent channel ``i + 1`` when the encoder provides
     ``1 + n_blocks`` channels (skip encoder), otherwise every block uses channel 0.
 
@@ -63,10 +63,12 @@ class OccupancyDecoder(nn.Module):
         n_blocks: number of residual blocks.
         norm: CBN normalisation, "layer", "feature" or "pooled" (``DecoderConfig.cbn_norm``).
         activation: activation name.
+        n_outputs: logits per point (K targets; 1 for the paper's binary model).
     """
 
     def __init__(
-        self, latent_dim: int, local_dim: int, hidden: int, n_blocks: int, norm: str, activation: str
+        self, latent_dim: int, local_dim: int, hidden: int, n_blocks: int, norm: str, activation: str,
+        n_outputs: int = 1,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -77,7 +79,7 @@ class OccupancyDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             CBNResidualBlock(hidden, latent_dim, norm, activation) for _ in range(n_blocks)
         )
-        self.fc_out = nn.Linear(hidden, 1)
+        self.fc_out = nn.Linear(hidden, n_outputs)
 
     def _input_layer(self, points: Tensor, local: Tensor | None, latent0: Tensor) -> Tensor:
         """``fc_p`` applied to the concatenated input, without materialising the concatenation.
@@ -105,7 +107,7 @@ class OccupancyDecoder(nn.Module):
             latent: ``[B, L, latent_dim]`` with ``L == 1`` or ``L == 1 + n_blocks``.
 
         Returns:
-            Occupancy logits ``[B, N]``.
+            Occupancy logits ``[B, N]`` for one output, ``[B, N, K]`` for K.
         """
         check_shape("points", points, (-1, -1, 3))
         b, n = points.shape[:2]
@@ -125,7 +127,8 @@ class OccupancyDecoder(nn.Module):
         x = self._input_layer(points, local, latent[:, 0])
         for i, block in enumerate(self.blocks):
             x = block(x, latent[:, i + 1] if n_latents > 1 else latent[:, 0])
-        return self.fc_out(x).squeeze(-1)
+        out = self.fc_out(x)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 __all__ = ["CBNResidualBlock", "OccupancyDecoder"]

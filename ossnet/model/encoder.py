@@ -140,18 +140,19 @@ class SkipLatentHead(nn.Module):
 
 
 class LowResHead(nn.Module):
-    """conv5 (last -> 1) on the last block: low-resolution segmentation logits (variants C, D).
+    """conv5 (last -> K) on the last block: low-resolution segmentation logits (variants C, D).
 
     Args:
         in_channels: channels of the last encoder block.
+        n_outputs: K, one per target output (1 for the paper's binary model).
     """
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, n_outputs: int = 1) -> None:
         super().__init__()
-        self.conv = _conv5(in_channels, 1, bias=True)
+        self.conv = _conv5(in_channels, n_outputs, bias=True)
 
     def forward(self, last: Tensor) -> Tensor:
-        """``[B, C, *latent_shape]`` -> logits ``[B, 1, *latent_shape]``."""
+        """``[B, C, *latent_shape]`` -> logits ``[B, K, *latent_shape]``."""
         return self.conv(last)
 
 

@@ -21,7 +21,8 @@ class Encoding(NamedTuple):
 
     Attributes:
         latent: ``[B, L, latent_dim]``; ``L = 1`` (plain encoder) or ``1 + decoder.n_blocks`` (skip).
-        lowres_logits: ``[B, 1, *latent_shape]`` low-resolution segmentation logits (C, D), else None.
+        lowres_logits: ``[B, K, *latent_shape]`` low-resolution segmentation logits (C, D), else None
+            (K = ``config.targets.n_outputs``, 1 for the paper's binary model).
     """
 
     latent: Tensor
@@ -62,7 +63,8 @@ class OSSNet(nn.Module):
             self.latent_head = SkipLatentHead(tuple(enc.channels), config.latent_shape, n_latents, act, enc.norm)
         else:
             self.latent_head = PlainLatentHead(enc.channels[-1], act, enc.norm)
-        self.lowres_head = LowResHead(enc.channels[-1]) if enc.lowres_head else None
+        n_outputs = config.targets.n_outputs
+        self.lowres_head = LowResHead(enc.channels[-1], n_outputs) if enc.lowres_head else None
         self.patch_encoder = (
             PatchEncoder(config.patch_channels, config.patch.size, act, config.patch.conv_kernel)
             if config.patch.enabled
@@ -76,6 +78,7 @@ class OSSNet(nn.Module):
             n_blocks=dec.n_blocks,
             norm=dec.cbn_norm,
             activation=act,
+            n_outputs=n_outputs,
         )
 
     def encode(self, image_lowres: Tensor) -> Encoding:
@@ -103,7 +106,7 @@ class OSSNet(nn.Module):
             encoding: output of ``encode`` for the same ``B`` volumes.
 
         Returns:
-            Logits ``[B, N]``.
+            Logits ``[B, N]`` (binary), or ``[B, N, K]`` for K target outputs.
         """
         local = None
         if self.patch_encoder is not None:
@@ -120,7 +123,7 @@ class OSSNet(nn.Module):
         """Encode and decode in one call (the training path, and what DDP wraps).
 
         Returns:
-            ``(point logits [B, N], low-res logits [B, 1, *latent_shape] or None)``.
+            ``(point logits [B, N] or [B, N, K], low-res logits [B, K, *latent_shape] or None)``.
         """
         encoding = self.encode(image_lowres)
         return self.decode(points, patches, encoding), encoding.lowres_logits
