@@ -135,11 +135,14 @@ class TargetSpec:
     # ----------------------------------------------------------------- decisions -> label map
 
     def label_map(self, decisions: Any) -> np.ndarray:
-        """The label map in the source convention from per-target decisions.
+        """The label map in the source convention from per-target region decisions.
+
+        Every kind decides per target region (for classes: the region's summed class
+        probabilities), then writes each voxel as the source value whose set of regions is the
+        largest one the voxel is inside of (see the module docstring).
 
         Args:
-            decisions: binary: a mask ``(...)``; regions: ``(K, ...)`` bool per region; classes:
-                ``(...)`` int class indices (the argmax over the K logits).
+            decisions: binary: a mask ``(...)``; otherwise ``(T, ...)`` bool, one per target.
 
         Returns:
             ``(...)`` uint8 label values (binary: 0/1).
@@ -147,8 +150,6 @@ class TargetSpec:
         decisions = np.asarray(decisions)
         if self.kind == "binary":
             return (decisions > 0).astype(np.uint8)
-        if self.kind == "classes":
-            return np.asarray(self.label_values, dtype=np.uint8)[decisions.astype(np.int64)]
         if decisions.shape[0] != self.n_targets:
             raise ValueError(f"decisions: expected {self.n_targets} regions first, got shape {decisions.shape}")
         out = np.zeros(decisions.shape[1:], dtype=np.uint8)
@@ -156,6 +157,11 @@ class TargetSpec:
             if members:
                 out[np.logical_and.reduce([decisions[t] for t in members])] = value
         return out
+
+    def class_regions(self) -> np.ndarray:
+        """``(K, T)`` float32: 1 where class ``k`` (a label value) lies in target ``t``'s region,
+        so class probabilities ``@`` this matrix are the targets' region probabilities."""
+        return np.array([[float(v in region) for region in self.regions] for v in self.label_values], dtype=np.float32)
 
     def _value_regions(self) -> dict[int, tuple[int, ...]]:
         """Each non-zero source value -> the targets whose region contains it."""

@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Union, cast
+from typing import Any, Iterator, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -39,14 +39,21 @@ class InferenceResult:
     """Prediction for one volume.
 
     Attributes:
-        probability: ``(X, Y, Z)`` float32 (float16 if the inferer asks) at full resolution: the
+        probability: ``(X, Y, Z)`` float32 (float16 if the inferer asks) at full resolution, or
+            ``(T, X, Y, Z)`` for a model of T targets (each target region's probability): the
             decoder's occupancy probability where ``decoded``; elsewhere (MISE only) a trilinear
             interpolation of decoded values that lies on the same side of the threshold, not a
             probability (re-thresholding it at another value is wrong). NumPy on the host, or a
             tensor on ``Inferer.output_device``.
-        mask: ``(X, Y, Z)`` bool, ``probability >= threshold``.
+        mask: ``(X, Y, Z)`` bool, ``probability >= threshold`` (``(T, X, Y, Z)`` for T targets).
         decoded: ``(X, Y, Z)`` bool, voxels whose value came from the decoder (all for dense).
-        n_queries: points decoded by the model (a dense pass decodes ``X * Y * Z``).
+        n_queries: points decoded by the model (a dense pass decodes ``X * Y * Z``); for T
+            targets every decoded point gives all T values, so a point two targets' MISE need is
+            decoded once.
+        label_map: ``(X, Y, Z)`` uint8 in the source's label convention
+            (``TargetSpec.label_map``); None for binary models (the mask is the label). NumPy.
+        target_queries: per target, the points its own MISE evaluated: their sum is what
+            refining each target separately would decode (compare with ``n_queries``).
         seconds: wall time of encode + decode + assembly (device synchronised).
         mode: the mode that actually ran ("mise" when "mise_lowres" fell back).
         level_queries: points decoded per MISE stride, coarsest first (empty for dense).
@@ -59,6 +66,8 @@ class InferenceResult:
     mode: str
     level_queries: dict[int, int] = field(default_factory=dict)
     decoded: Array | None = None
+    label_map: np.ndarray | None = None
+    target_queries: dict[str, int] = field(default_factory=dict)
 
 
 @contextmanager
@@ -197,26 +206,41 @@ class Inferer:
             if mode == "mise_lowres" and self.stride > cfg.lowres_factor:
                 raise ValueError(f"inferer.coarse_stride: {self.stride} exceeds the model's low-res cell of "
                                  f"{cfg.lowres_factor} voxels (some cells would hold no node); use <= {cfg.lowres_factor}")
-            state = None
+            lowres_prob = (_target_lowres(encoding.lowres_logits[0].float(), cfg)
+                           if mode == "mise_lowres" else None)
+            level_queries: dict[int, int] = {}
+            target_queries: dict[str, int] = {}
             if mode == "dense":
                 probability = oracle.dense(cfg.volume_shape)
+                evaluated = None
+            elif oracle.n_targets == 1:
+                probability, evaluated = self._mise(oracle, cfg, device, mode, lowres_prob, level_queries)
             else:
-                state = mise.MiseState(cfg.volume_shape, device, oracle, self.threshold)
-                if mode == "mise":
-                    coords, start_stride = mise.dense_start(state, self.stride), self.stride
-                else:
-                    lowres_prob = torch.sigmoid(encoding.lowres_logits[0, 0].float())
-                    coords, start_stride = mise.lowres_start(
-                        state, self.stride, lowres_prob, cfg.lowres_factor, self.seed, self.safety_band,
-                        self.probe_stride,
-                    )
-                mise.refine(state, coords, start_stride, self.dilation, margin=self.recall_margin)
-                probability = state.values
+                # One decoder pass serves every target: each target runs its own MISE on a shared
+                # cache, so a point two targets need is decoded once (see ``target_queries``).
+                cache = _TargetCache(oracle, cfg.volume_shape, device)
+                maps = []
+                for t, name in enumerate(cfg.targets.names):
+                    counts: dict[int, int] = {}
+                    values, _ = self._mise(cache.oracle(t), cfg, device, mode,
+                                              None if lowres_prob is None else lowres_prob[t], counts)
+                    maps.append(values)
+                    target_queries[name] = sum(counts.values())
+                    for stride, n in counts.items():
+                        level_queries[stride] = level_queries.get(stride, 0) + n
+                probability, evaluated = torch.stack(maps), cache.done
             out_device = torch.device(self.output_device) if self.output_device is not None else torch.device("cpu")
             dtype = torch.float16 if self.probability_dtype == "float16" else torch.float32
             mask = (probability >= self.threshold).to(out_device)
-            decoded = state.evaluated.to(out_device) if state is not None else torch.ones_like(mask)
+            if evaluated is None:
+                decoded = torch.ones(tuple(cfg.volume_shape), dtype=torch.bool, device=out_device)
+            else:
+                decoded = evaluated.to(out_device)
             probability = probability.to(out_device, dtype)
+            label_map = None
+            if cfg.targets.kind != "binary":
+                mask_np = mask.cpu().numpy()
+                label_map = cfg.targets.label_map(mask_np if oracle.n_targets > 1 else mask_np[None])
             if out_device.type == "cuda":
                 torch.cuda.synchronize(out_device)
         seconds = time.perf_counter() - start
@@ -226,18 +250,80 @@ class Inferer:
             n_queries=oracle.n_queries,
             seconds=seconds,
             mode=mode,
-            level_queries=dict(state.level_queries) if state is not None else {},
+            level_queries=level_queries,
             decoded=decoded.numpy() if self.output_device is None else decoded,
+            label_map=label_map,
+            target_queries=target_queries,
         )
         logger.debug("inference %s: %d queries in %.3f s", mode, result.n_queries, seconds)
         return result
 
 
+    def _mise(self, oracle: mise.Oracle, cfg: ModelConfig, device: torch.device, mode: str,
+              lowres_prob: torch.Tensor | None, level_queries: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MISE run on one target's oracle: ``(values (X, Y, Z), evaluated (X, Y, Z))``;
+        adds its queries per stride to ``level_queries``."""
+        state = mise.MiseState(cfg.volume_shape, device, oracle, self.threshold)
+        if mode == "mise":
+            coords, start_stride = mise.dense_start(state, self.stride), self.stride
+        else:
+            assert lowres_prob is not None
+            coords, start_stride = mise.lowres_start(
+                state, self.stride, lowres_prob, cfg.lowres_factor, self.seed, self.safety_band, self.probe_stride,
+            )
+        mise.refine(state, coords, start_stride, self.dilation, margin=self.recall_margin)
+        level_queries.update(state.level_queries)
+        return state.values, state.evaluated
+
+
+def _target_lowres(lowres_logits: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The low-res head's probability per target: ``(lx, ly, lz)`` for one target, else
+    ``(T, lx, ly, lz)``; for classes, a region's cell probability is the largest of its classes'."""
+    targets = cfg.targets
+    prob = torch.sigmoid(lowres_logits)
+    if targets.n_outputs == 1:
+        return prob[0]
+    if targets.kind == "classes":
+        member = torch.as_tensor(targets.class_regions(), device=prob.device)  # (K, T)
+        return (prob[:, None] * member[:, :, None, None, None]).amax(dim=0)
+    return prob
+
+
+class _TargetCache:
+    """Every target's value at every decoded voxel, so several MISE runs share one decoder."""
+
+    def __init__(self, decoder: "_ChunkedDecoder", shape: Sequence[int], device: torch.device) -> None:
+        self.decoder = decoder
+        self.values = torch.zeros((decoder.n_targets, *shape), dtype=torch.float32, device=device)
+        self.done = torch.zeros(tuple(shape), dtype=torch.bool, device=device)
+
+    def oracle(self, target: int) -> mise.Oracle:
+        """Voxel indices ``(N, 3)`` -> target ``target``'s probabilities ``(N,)``."""
+
+        def evaluate(points: torch.Tensor) -> torch.Tensor:
+            x, y, z = points.unbind(1)
+            new = ~self.done[x, y, z]
+            if bool(new.any()):
+                fresh = points[new]
+                fx, fy, fz = fresh.unbind(1)
+                self.values[:, fx, fy, fz] = self.decoder(fresh).T
+                self.done[fx, fy, fz] = True
+            return self.values[target, x, y, z]
+
+        return evaluate
+
+
 class _ChunkedDecoder:
-    """Point oracle: voxel indices ``(K, 3)`` int64 -> probabilities ``(K,)`` float32, chunk by chunk."""
+    """Point oracle: voxel indices ``(N, 3)`` int64 -> probabilities ``(N,)`` float32 (``(N, T)``
+    for T targets: each target region's probability), chunk by chunk."""
 
     def __init__(self, model: nn.Module, volume: torch.Tensor, encoding: Any, chunk_points: int) -> None:
         cfg = cast(ModelConfig, model.config)
+        targets = cfg.targets
+        self.n_targets = 1 if targets.n_outputs == 1 else targets.n_targets
+        # Softmax classes -> region probabilities: probabilities @ (K, T) membership.
+        self.class_regions = (torch.as_tensor(targets.class_regions(), device=volume.device)
+                              if targets.kind == "classes" else None)
         self.model: Any = model  # anything with OSSNet's decode
         self.volume = volume
         self.encoding = encoding
@@ -256,11 +342,14 @@ class _ChunkedDecoder:
                 self.volume, points, size=self.patch_size, multiscale=self.multiscale, pooled=self.pooled
             )[None]
         coords = torch.as_tensor(normalize_points(points, self.shape)).to(self.volume.dtype)[None]
-        logits = self.model.decode(coords, patches, self.encoding)
-        return torch.sigmoid(logits[0].float())
+        logits = self.model.decode(coords, patches, self.encoding)[0].float()
+        if self.class_regions is not None:
+            return torch.softmax(logits, dim=-1) @ self.class_regions
+        return torch.sigmoid(logits)
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(points.shape[0], dtype=torch.float32, device=self.volume.device)
+        width = () if self.n_targets == 1 else (self.n_targets,)
+        out = torch.empty((points.shape[0], *width), dtype=torch.float32, device=self.volume.device)
         for lo in range(0, points.shape[0], self.chunk):
             out[lo : lo + self.chunk] = self._decode(points[lo : lo + self.chunk])
         self.n_queries += int(points.shape[0])
@@ -270,13 +359,14 @@ class _ChunkedDecoder:
         """Decode every voxel; index chunks are generated on the fly so memory stays per-chunk."""
         x, y, z = shape
         total = x * y * z
-        out = torch.empty(total, dtype=torch.float32, device=self.volume.device)
+        width = () if self.n_targets == 1 else (self.n_targets,)
+        out = torch.empty((total, *width), dtype=torch.float32, device=self.volume.device)
         for lo in range(0, total, self.chunk):
             flat = torch.arange(lo, min(lo + self.chunk, total), device=self.volume.device)
             points = torch.stack([flat // (y * z), (flat // z) % y, flat % z], dim=1)
             out[lo : lo + flat.numel()] = self._decode(points)
         self.n_queries += total
-        return out.view(shape)
+        return out.view(shape) if self.n_targets == 1 else out.T.reshape(self.n_targets, *shape)
 
 
 __all__ = [

@@ -473,3 +473,95 @@ def test_mise_lowres_finds_every_small_phantom_nodule_with_any_head(seed: int) -
         result = Inferer(mode="mise_lowres")(model, image_for(cfg))
         np.testing.assert_array_equal(result.mask, dense.mask, err_msg=name)
         assert result.n_queries * 8 < dense.n_queries, name
+
+
+class RegionsModel(BlobModel):
+    """Oracle of a multi-region label: region t's logit = sharpness * signed distance to its surface,
+    and a low-res head that is the max-pooled regions."""
+
+    def __init__(self, config: ModelConfig, label: np.ndarray, sharpness: float) -> None:
+        from scipy import ndimage
+
+        super().__init__(config, [[0.0, 0.0, 0.0]], [[1.0, 1.0, 1.0]], sharpness)
+        logits = []
+        for inside in config.targets.region_masks(label):
+            signed = ndimage.distance_transform_edt(inside) - ndimage.distance_transform_edt(~inside)
+            logits.append(sharpness * np.where(inside, signed - 0.5, signed + 0.5))
+        self.logits = torch.from_numpy(np.stack(logits, axis=-1).astype(np.float32))  # (X, Y, Z, T)
+        pooled = [lowres_label(m, config.lowres_factor) for m in config.targets.region_masks(label)]
+        self.lowres = torch.from_numpy(np.where(np.stack(pooled) > 0, 6.0, -6.0).astype(np.float32))
+
+    def encode(self, image_lowres: torch.Tensor) -> Encoding:
+        return Encoding(torch.zeros(image_lowres.shape[0], 1, 1), self.lowres[None])
+
+    def decode(self, points: torch.Tensor, patches: torch.Tensor | None, encoding: Encoding) -> torch.Tensor:
+        scale = torch.tensor(self.config.volume_shape, dtype=torch.float32) - 1
+        vox = torch.round((points + 1) / 2 * scale).long()
+        return self.logits[vox[..., 0], vox[..., 1], vox[..., 2]]
+
+
+def _nested_label(shape: Sequence[int]) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    r = np.sqrt(((grid - np.array([20, 24, 14])[:, None, None, None]) ** 2).sum(0))
+    label = np.zeros(shape, np.uint8)
+    label[r < 11] = 2
+    label[r < 7] = 1
+    label[(r >= 4) & (r < 7)] = 4
+    return label
+
+
+@pytest.mark.parametrize("mode", ["mise", "mise_lowres"])
+def test_multi_region_mise_writes_the_dense_label_map_decoding_shared_points_once(mode: str) -> None:
+    from dataclasses import replace
+
+    from ossnet.targets import TARGET_PRESETS
+
+    shape = (48, 48, 32)
+    label = _nested_label(shape)
+    cfg = replace(fake_config(shape, blocks=2), targets=TARGET_PRESETS["brats-regions"]).validate()
+    model = RegionsModel(cfg, label, sharpness=1.0)
+    dense = Inferer(mode="dense")(model, image_for(cfg))
+    assert dense.probability.shape == (3, *shape) and dense.mask.shape == (3, *shape)
+    np.testing.assert_array_equal(dense.label_map, label)
+    result = Inferer(mode=mode)(model, image_for(cfg))
+    np.testing.assert_array_equal(result.label_map, label)
+    assert set(result.target_queries) == {"wt", "tc", "et"}
+    separately = sum(result.target_queries.values())
+    # Nested surfaces share their points: one pass decodes fewer than three separate refinements,
+    # and at most 1.5x the largest single target's (what a binary model of it would decode).
+    assert result.n_queries < separately and result.n_queries <= 1.5 * max(result.target_queries.values())
+    assert result.decoded.shape == shape and int(result.decoded.sum()) == result.n_queries
+
+
+def test_classes_decide_on_their_regions_summed_probabilities() -> None:
+    from dataclasses import replace
+
+    from ossnet.targets import TARGET_PRESETS
+
+    spec = TARGET_PRESETS["lits-classes"]
+    shape = (16, 16, 8)
+    label = np.zeros(shape, np.uint8)
+    label[2:12, 2:12, 1:7] = 1
+    label[5:8, 5:8, 3:5] = 2
+    cfg = replace(fake_config(shape, blocks=1, head=False), targets=spec).validate()
+
+    class ClassesModel(LabelModel):
+        def __init__(self) -> None:
+            super().__init__(cfg, label > 0, 1.0)
+            # Background, liver and tumour probabilities: tumour voxels 0.2/0.25/0.55; the liver's
+            # first slab 0.45/0.30/0.25, where the argmax says background but the liver region
+            # (liver + tumour: 0.55) holds.
+            onehot = np.eye(3, dtype=np.float32)[spec.class_index(label)] * 4.0
+            onehot[label == 2] = np.log([0.2, 0.25, 0.55])
+            onehot[2:12, 2:12, 1] = np.log([0.45, 0.30, 0.25])
+            self.class_logits = torch.from_numpy(onehot)
+
+        def decode(self, points, patches, encoding):
+            scale = torch.tensor(self.config.volume_shape, dtype=torch.float32) - 1
+            vox = torch.round((points + 1) / 2 * scale).long()
+            return self.class_logits[vox[..., 0], vox[..., 1], vox[..., 2]]
+
+    result = Inferer(mode="dense")(ClassesModel(), image_for(cfg))
+    np.testing.assert_allclose(result.probability[0][label == 2], 0.8, atol=1e-5)  # the liver region's
+    np.testing.assert_allclose(result.probability[1][label == 2], 0.55, atol=1e-5)
+    np.testing.assert_array_equal(result.label_map, label)

@@ -98,7 +98,8 @@ def test_region_label_maps_are_nested_and_round_trip() -> None:
 def test_classes_map_values_to_indices_and_back() -> None:
     label = np.array([[[0, 1, 2, 2]]], np.uint8)
     assert LITS.point_targets(label.ravel()).tolist() == [0, 1, 2, 2]
-    np.testing.assert_array_equal(LITS.label_map(LITS.class_index(label)), label)
+    np.testing.assert_array_equal(LITS.label_map(LITS.region_masks(label)), label)
+    assert LITS.class_regions().tolist() == [[0, 0], [1, 0], [1, 1]]
     liver, tumour = LITS.region_masks(label)
     assert liver.ravel().tolist() == [False, True, True, True] and tumour.ravel().tolist() == [False, False, True, True]
     with pytest.raises(TargetError, match=r"^label: values \[3\] are not in the target map's label values \[0, 1, 2\]$"):
