@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import MultiStepLR
 
 from ossnet.loss import LossTerms, ossnet_loss
+from ossnet.targets import TargetSpec
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,13 @@ def _require(batch: Mapping[str, Tensor], key: str) -> Tensor:
     return batch[key]
 
 
+def _targets(model: nn.Module) -> TargetSpec:
+    config = getattr(getattr(model, "module", model), "config", None)
+    return config.targets if config is not None else TargetSpec()
+
+
 def _forward_loss(
-    model: nn.Module, batch: Mapping[str, Tensor], alpha: float, amp: bool
+    model: nn.Module, batch: Mapping[str, Tensor], alpha: float, amp: bool, weights: Sequence[float] | None = None
 ) -> tuple[LossTerms, Tensor, Tensor | None]:
     """Forward pass (optionally under fp16 autocast) and loss in float32."""
     image = _require(batch, "image_lowres")
@@ -160,24 +166,38 @@ def _forward_loss(
         point_logits, lowres_logits = model(image, points, batch.get("patches"))
     point_logits = point_logits.float()
     lowres_logits = lowres_logits.float() if lowres_logits is not None else None
-    terms = ossnet_loss(point_logits, labels, lowres_logits, batch.get("label_lowres"), alpha)
+    terms = ossnet_loss(point_logits, labels, lowres_logits, batch.get("label_lowres"), alpha,
+                        kind=_targets(model).kind, weights=weights)
     return terms, point_logits, lowres_logits
 
 
 @torch.no_grad()
 def _metrics(
-    terms: LossTerms, point_logits: Tensor, labels: Tensor, lowres_logits: Tensor | None, label_lowres: Tensor | None
+    terms: LossTerms, point_logits: Tensor, labels: Tensor, lowres_logits: Tensor | None, label_lowres: Tensor | None,
+    targets: TargetSpec | None = None,
 ) -> dict[str, float]:
-    """Scalar metrics, fetched from the device in one transfer."""
+    """Scalar metrics, fetched from the device in one transfer. Multi-target models add
+    ``points_<target>``: the mean number of a volume's training points inside each target."""
+    targets = targets or TargetSpec()
+    classes = targets.kind == "classes"
     names = ["loss", "point_loss", "aux_loss", "point_acc"]
     values = [
         terms.total.detach(),
         terms.point.detach(),
         terms.aux.detach(),
-        ((point_logits > 0) == (labels > 0.5)).float().mean(),
+        (point_logits.argmax(-1) == labels).float().mean() if classes
+        else ((point_logits > 0) == (labels > 0.5)).float().mean(),
     ]
+    if targets.kind != "binary":
+        if classes:
+            member = torch.as_tensor(targets.class_regions(), device=labels.device)
+            inside = member[labels.long()]  # [B, N, T]
+        else:
+            inside = (labels > 0.5).float().reshape(*labels.shape[:2], -1)
+        names += [f"points_{name}" for name in targets.names]
+        values += list(inside.sum(dim=1).mean(dim=0).unbind(0))
     if lowres_logits is not None and label_lowres is not None:
-        pred = lowres_logits.squeeze(1) > 0
+        pred = (lowres_logits.squeeze(1) if lowres_logits.shape[1] == 1 else lowres_logits) > 0
         ref = label_lowres > 0.5
         denom = (pred.sum() + ref.sum()).float()
         inter = (pred & ref).sum().float()
@@ -193,6 +213,7 @@ def train_step(
     optimizer: Optimizer,
     alpha: float,
     scaler: torch.amp.GradScaler | None = None,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """One optimisation step on a batch already on the model's device.
 
@@ -203,9 +224,11 @@ def train_step(
         optimizer: from ``make_optimizer``.
         alpha: auxiliary loss weight.
         scaler: enabled GradScaler for mixed precision; fp16 autocast is used on CUDA only.
+        weights: per-output loss weights of a multi-target model (``ossnet.loss.ossnet_loss``).
 
     Returns:
-        ``loss``, ``point_loss``, ``aux_loss``, ``point_acc`` and, with a low-res head, ``lowres_dice``.
+        ``loss``, ``point_loss``, ``aux_loss``, ``point_acc``, with a low-res head ``lowres_dice``,
+        and for several targets ``points_<target>``.
 
     Raises:
         FloatingPointError: non-finite loss without a scaler (with one, the scaler skips the step).
@@ -214,7 +237,7 @@ def train_step(
     model.train()
     use_scaler = scaler is not None and scaler.is_enabled()
     amp = use_scaler and _require(batch, "points").device.type == "cuda"
-    terms, point_logits, lowres_logits = _forward_loss(model, batch, alpha, amp)
+    terms, point_logits, lowres_logits = _forward_loss(model, batch, alpha, amp, weights)
     optimizer.zero_grad(set_to_none=True)
     if use_scaler:
         assert scaler is not None
@@ -226,7 +249,7 @@ def train_step(
             raise FloatingPointError(f"training loss is not finite ({terms.total.item()}); step skipped")
         terms.total.backward()
         optimizer.step()
-    return _metrics(terms, point_logits, batch["labels"], lowres_logits, batch.get("label_lowres"))
+    return _metrics(terms, point_logits, batch["labels"], lowres_logits, batch.get("label_lowres"), _targets(model))
 
 
 def train_epoch(
@@ -236,6 +259,7 @@ def train_epoch(
     alpha: float,
     device: torch.device | str,
     scaler: torch.amp.GradScaler | None = None,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """Run ``train_step`` over every batch; metrics are means weighted by volumes per batch.
 
@@ -247,7 +271,7 @@ def train_epoch(
     for raw in batches:
         batch = batch_to_device(raw, device)
         size = int(_require(batch, "points").shape[0])
-        for key, value in train_step(model, batch, optimizer, alpha, scaler).items():
+        for key, value in train_step(model, batch, optimizer, alpha, scaler, weights).items():
             sums[key] += value * size
         n_volumes += size
         n_batches += 1
@@ -258,7 +282,9 @@ def train_epoch(
     return out
 
 
-def evaluate_batch(model: nn.Module, batch: Mapping[str, Tensor], alpha: float) -> dict[str, float]:
+def evaluate_batch(
+    model: nn.Module, batch: Mapping[str, Tensor], alpha: float, weights: Sequence[float] | None = None
+) -> dict[str, float]:
     """Loss and metrics of a batch in eval mode without gradients (validation).
 
     The model's train/eval mode is restored afterwards. Returns the ``train_step`` keys.
@@ -267,8 +293,9 @@ def evaluate_batch(model: nn.Module, batch: Mapping[str, Tensor], alpha: float) 
     model.eval()
     try:
         with torch.no_grad():
-            terms, point_logits, lowres_logits = _forward_loss(model, batch, alpha, amp=False)
-            return _metrics(terms, point_logits, batch["labels"], lowres_logits, batch.get("label_lowres"))
+            terms, point_logits, lowres_logits = _forward_loss(model, batch, alpha, amp=False, weights=weights)
+            return _metrics(terms, point_logits, batch["labels"], lowres_logits, batch.get("label_lowres"),
+                            _targets(model))
     finally:
         model.train(was_training)
 

@@ -41,6 +41,7 @@ from zarr.errors import NodeNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
 from ossnet.preprocess import PreprocessRecord
+from ossnet.targets import BINARY, TargetSpec
 from ossnet_pipelines.constants import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ ARRAYS: tuple[str, ...] = ("image", "label", "border")
 # Store attributes that must agree between an existing store and a new ingest into it.
 COMPAT_FIELDS: tuple[str, ...] = (
     "format_version", "modalities", "volume_shape", "lowres_shape", "latent_shape", "band_width", "zscore_mask",
-    "resample", "target_spacing",
+    "resample", "target_spacing", "targets",
 )
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 64
@@ -250,6 +251,12 @@ class Store:
         return tuple(self.info["modalities"])
 
     @property
+    def targets(self) -> TargetSpec:
+        """What the labels mean (``ossnet.targets``): binary 0/1, or the source's values with the
+        target map that reads them (stores from before target maps are binary)."""
+        return TargetSpec.from_dict(self.info.get("targets"))
+
+    @property
     def volume_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.info["volume_shape"])  # type: ignore[return-value]
 
@@ -431,6 +438,7 @@ def create_store(
             old = existing.get(STORE_KEY)
             if old is None:
                 raise StoreError(f"{url}: exists and is not an ossnet store; choose another path or overwrite")
+            old = {"targets": BINARY.to_dict(), **old}  # stores from before target maps are binary
             for key in COMPAT_FIELDS:
                 if _norm(old.get(key)) != _norm(info.get(key)):
                     raise StoreError(f"{url}: existing store has {key}={old.get(key)}, this ingest wants "

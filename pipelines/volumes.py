@@ -136,11 +136,16 @@ def _block_values(block: np.ndarray) -> np.ndarray:
     return np.unique(block)
 
 
-def label_grid(label: Any, record: PreprocessRecord, allowed: Sequence[int], name: str) -> tuple[np.ndarray, int]:
-    """Check a lazy label, binarise it (label > 0) and bring it onto the model grid.
+def label_grid(label: Any, record: PreprocessRecord, allowed: Sequence[int], name: str,
+               keep_values: bool = False) -> tuple[np.ndarray, int]:
+    """Check a lazy label, binarise it (label > 0) or keep its values, and bring it onto the grid.
 
     One pass reads the label: it yields the distinct values (checked afterwards, as
     ``ossnet.preprocess.validate_label_values`` does), the grid and the foreground before crop/pad.
+
+    Args:
+        keep_values: keep the source's label values (multi-target stores, nearest neighbour
+            resampling), instead of 0/1.
 
     Returns:
         ``(grid uint8 (X', Y', Z'), foreground voxels lost to cropping)``: the loss is counted
@@ -153,11 +158,12 @@ def label_grid(label: Any, record: PreprocessRecord, allowed: Sequence[int], nam
 
     values = [dask.delayed(_block_values)(block) for block in label.to_delayed().ravel()]
     binary = (label > 0).astype(np.uint8)
+    stored = label.astype(np.uint8) if keep_values else binary
     before = resample(apply_orientation(binary, record.orientation), record.resampled, 0).sum()
-    found, grid, total = dask.compute(values, record.to_grid(binary, order=0, dtype=np.uint8), before)
+    found, grid, total = dask.compute(values, record.to_grid(stored, order=0, dtype=np.uint8), before)
     validate_label_values(np.unique(np.concatenate(found)), allowed, name)
     grid = np.ascontiguousarray(grid)
-    return grid, int(total) - int(grid.sum(dtype=np.int64))
+    return grid, int(total) - int(np.count_nonzero(grid))
 
 
 def store_grid(volume: Any, array: Any, lead: Sequence[int] = ()) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ossnet.targets import BINARY, TargetSpec
 from ossnet_pipelines import nifti, volumes
 from ossnet_pipelines.files import local_files
 from ossnet_pipelines.ingest.sources import CaseSpec, LayoutInfo
@@ -70,6 +71,7 @@ class CaseContext:
     scheduler: str = "threads"
     threads: int = 1
     extra_attrs: Mapping[str, Any] = field(default_factory=dict)
+    targets: TargetSpec = BINARY
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def ingest_case(spec: CaseSpec, ctx: CaseContext) -> CaseReport:
 
 
 def _ingest_case(spec: CaseSpec, ctx: CaseContext) -> dict[str, Any]:
-    from ossnet.border import border_band  # scipy only: ingest never imports torch
+    from ossnet.border import target_bands  # scipy only: ingest never imports torch
 
     files = spec.files
     with local_files(files.values(), ctx.source_options) as local, contextlib.ExitStack() as stack:
@@ -116,7 +118,8 @@ def _ingest_case(spec: CaseSpec, ctx: CaseContext) -> dict[str, Any]:
             lost = 0
             if spec.label is not None:
                 label = nifti.lazy_volume(imgs["label"], spec.label, dtype=None)
-                label_grid, lost = volumes.label_grid(label, record, ctx.layout.allowed_labels, spec.label)
+                label_grid, lost = volumes.label_grid(label, record, ctx.layout.allowed_labels, spec.label,
+                                                      keep_values=ctx.targets.kind != "binary")
                 if lost:
                     logger.warning("ingest: %s: cropping to %s removed %d foreground voxels", spec.case_id,
                                    ctx.volume_shape, lost)
@@ -127,11 +130,15 @@ def _ingest_case(spec: CaseSpec, ctx: CaseContext) -> dict[str, Any]:
                 for c in range(len(channels)):
                     volumes.store_grid(grid[c], array, lead=(c,))
                 label_voxels = border_voxels = 0
+                target_voxels: dict[str, int] = {}
                 if label_grid is not None:
-                    band = border_band(label_grid, ctx.band_width)
+                    band = target_bands(label_grid, ctx.targets, ctx.band_width)
                     writer.write_array("label", label_grid)
-                    writer.write_array("border", band.astype(np.uint8))
-                    label_voxels, border_voxels = int(label_grid.sum(dtype=np.int64)), int(band.sum(dtype=np.int64))
+                    writer.write_array("border", band)
+                    label_voxels, border_voxels = int(np.count_nonzero(label_grid)), int(np.count_nonzero(band))
+                    if ctx.targets.kind != "binary":
+                        target_voxels = {name: int(np.count_nonzero(mask)) for name, mask in
+                                         zip(ctx.targets.names, ctx.targets.region_masks(label_grid))}
                 sources = {key: {"path": path, "size": int(os.path.getsize(local[path])),
                                  "sha256": nifti.sha256_file(local[path])} for key, path in files.items()}
                 attrs = {
@@ -148,6 +155,7 @@ def _ingest_case(spec: CaseSpec, ctx: CaseContext) -> dict[str, Any]:
                     "label_voxels_cropped": int(lost),
                     "border_voxels": border_voxels,
                     "band_width": ctx.band_width,
+                    **({"target_voxels": target_voxels} if target_voxels else {}),
                 }
                 writer.commit(attrs)
         return attrs

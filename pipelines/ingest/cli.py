@@ -8,6 +8,7 @@ import sys
 from typing import TextIO
 
 from ossnet.config import PRESETS
+from ossnet.targets import TARGET_PRESETS
 from ossnet_pipelines.ingest.case import one_line
 from ossnet_pipelines.ingest.driver import ingest
 from ossnet_pipelines.ingest.job import EXECUTORS, RESAMPLE_CHOICES, ZSCORE_CHOICES, IngestJob
@@ -54,6 +55,10 @@ def configure_ingest_parser(parser: argparse.ArgumentParser) -> argparse.Argumen
                         help="threads: dask threads inside each case task; ray: one scan's slabs over the Ray cluster")
     parser.add_argument("--label-values", type=_int_list, default=None,
                         help="allowed source label values, e.g. 0,1,2 (default per layout; generic 0,1)")
+    parser.add_argument("--targets", choices=tuple(TARGET_PRESETS), default="binary",
+                        help="what the labels mean: binary (the paper: foreground = any non-zero value) or a "
+                             "target map that keeps the label values, e.g. brats-regions (WT 1,2,4 / TC 1,4 / "
+                             "ET 4), brats2023-regions (ET 3), lits-classes (liver 1,2 / tumour 2)")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation fraction (default: 0.15)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the deterministic split (default: 0)")
     parser.add_argument("--split-file", default=None,
@@ -73,7 +78,8 @@ def job_from_args(args: argparse.Namespace) -> IngestJob:
         volume_shape=tuple(args.volume_shape) if args.volume_shape else None, band_width=args.band_width,
         zscore_mask=args.zscore_mask, resample=args.resample,
         target_spacing=tuple(args.target_spacing) if args.target_spacing else None, threads=args.threads,
-        scheduler=args.scheduler, label_values=args.label_values, val_fraction=args.val_fraction,
+        scheduler=args.scheduler, label_values=args.label_values, targets=args.targets,
+        val_fraction=args.val_fraction,
         split_seed=args.split_seed, split_file=args.split_file, workers=args.workers, executor=args.executor,
         overwrite=args.overwrite, require_labels=not args.allow_unlabeled,
     )

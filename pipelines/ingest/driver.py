@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ossnet import __version__
 from ossnet.config import ConfigError, model_config, preset_resample
+from ossnet.targets import target_preset
 from ossnet_pipelines.ingest.case import CaseContext, CaseReport, one_line
 from ossnet_pipelines.ingest.executors import choose_executor, run_process, run_ray, run_serial
 from ossnet_pipelines.ingest.job import IngestJob, IngestReport
@@ -81,8 +82,15 @@ def ingest(job: IngestJob, progress: Callable[[CaseReport], None] | None = None)
     """
     t0 = time.perf_counter()
     fs, root = source_fs(job.source)
-    found = discover(fs, root, job.layout, labels_dir=job.labels, label_values=job.label_values,
+    targets = target_preset(job.targets)
+    label_values = job.label_values
+    if label_values is None and targets.kind != "binary":
+        label_values = targets.label_values  # the map decides which values a label may hold
+    found = discover(fs, root, job.layout, labels_dir=job.labels, label_values=label_values,
                      require_labels=job.require_labels)
+    if targets.kind != "binary" and not set(found.layout.allowed_labels) <= set(targets.label_values):
+        raise IngestError(f"ingest.label_values: {list(found.layout.allowed_labels)} include values the target map "
+                          f"{job.targets!r} does not read ({targets.describe()})")
     layout = found.layout
     try:
         cfg = model_config("C", job.preset, volume_shape=job.volume_shape)
@@ -102,7 +110,7 @@ def ingest(job: IngestJob, progress: Callable[[CaseReport], None] | None = None)
         "latent_shape": list(cfg.latent_shape), "lowres_factor": cfg.lowres_factor, "band_width": job.band_width,
         "zscore_mask": zscore_mask, "orientation": "RAS", "image_dtype": "float16",
         "resample": resample, "target_spacing": None if target_spacing is None else list(target_spacing),
-        "arrays": list(ARRAYS),
+        "arrays": list(ARRAYS), "targets": targets.to_dict(), "targets_name": job.targets,
     }
     if job.split_file is not None:
         parse_split_file(job.split_file)  # fail before any work if it is unreadable
@@ -135,7 +143,7 @@ def ingest(job: IngestJob, progress: Callable[[CaseReport], None] | None = None)
         volume_shape=cfg.volume_shape, band_width=job.band_width, zscore_mask=zscore_mask,
         affine_atol=job.affine_atol, resample=resample, target_spacing=target_spacing,  # type: ignore[arg-type]
         scheduler=job.scheduler, threads=job.threads,
-        extra_attrs={"layout": layout.name, "ossnet_version": __version__},
+        extra_attrs={"layout": layout.name, "ossnet_version": __version__}, targets=targets,
     )
     executor = choose_executor(job, len(todo))
     logger.info("ingest: %d cases in %s (%s layout): %d to ingest, %d skipped, %d invalid; executor %s x%d",

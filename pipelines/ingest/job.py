@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from ossnet.config import PRESETS, ConfigError
 from ossnet.geometry import RESAMPLE_MODES
+from ossnet.targets import TARGET_PRESETS
 from ossnet_pipelines.ingest.case import CaseReport
 from ossnet_pipelines.ingest.sources import LAYOUTS, IngestError
 from ossnet_pipelines.jobconfig import Job, NonBlank
@@ -45,7 +46,11 @@ class IngestJob(Job):
         threads: dask threads per case (chunks of one scan read and transformed in parallel).
         scheduler: "threads" (dask's threaded scheduler in each case task) or "ray" (one scan's
             chunks spread over the Ray cluster; the source must be on storage every node sees).
-        label_values: allowed source label values (default per layout; generic: 0, 1).
+        label_values: allowed source label values (default per layout; generic: 0, 1; with a
+            multi-target map: its label values).
+        targets: the target map of the store (``ossnet.targets.TARGET_PRESETS``): "binary" (the
+            paper: labels stored as 0/1), or e.g. "brats-regions" / "lits-classes" (labels keep
+            the source's values, each target gets its own border band, the map is recorded).
         val_fraction: fraction of cases in the validation split (when no split file).
         split_seed: seed of the deterministic split.
         split_file: JSON / CSV / reference-style text split file; overrides the seeded split.
@@ -73,6 +78,7 @@ class IngestJob(Job):
     threads: int = Field(1, ge=1)
     scheduler: Literal[SCHEDULERS] = "threads"
     label_values: Optional[tuple[Annotated[int, Field(ge=0)], ...]] = None
+    targets: Literal[tuple(TARGET_PRESETS)] = "binary"  # type: ignore[valid-type]
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     split_seed: int = 0
     split_file: Optional[NonBlank] = None

@@ -487,3 +487,36 @@ def test_degenerate_header_spacing_fails_the_case_naming_the_file(tmp_path: Path
     assert by_id["good"].status == "ingested"
     assert by_id["odd"].status == "failed" and "odd.nii.gz" in by_id["odd"].message and message in by_id["odd"].message
     assert "\n" not in by_id["odd"].message
+
+
+# ----------------------------------------------------------------------------- target maps
+
+
+def test_a_regions_store_keeps_the_label_values_and_a_band_per_target(tmp_path: Path) -> None:
+    from ossnet.border import target_bands
+    from ossnet.targets import TARGET_PRESETS
+
+    rng = np.random.default_rng(7)
+    data = _brats_case(tmp_path / "brats", "c1", rng)
+    _brats_case(tmp_path / "brats", "c2", rng, seg=np.where(_label(rng) == 4, 3, _label(rng)).astype(np.uint8))
+    report = ingest(_job(tmp_path / "brats", tmp_path / "s.zarr", targets="brats-regions"))
+    assert report.count("ingested") == 1 and report.count("failed") == 1
+    failed = report.failed[0]
+    assert failed.case_id == "c2" and "c2_seg.nii.gz" in failed.message and "3" in failed.message
+    assert "\n" not in failed.message
+    store = open_store(str(tmp_path / "s.zarr"))
+    brats = TARGET_PRESETS["brats-regions"]
+    assert store.targets == brats and store.info["targets_name"] == "brats-regions"
+    arrays = store.read_case("c1", ("label", "border"))
+    rec = store.record("c1")
+    kept = rec.to_original(np.ones(GRID, dtype=bool), order=0)
+    np.testing.assert_array_equal(rec.to_original(arrays["label"], order=0)[kept], data["seg"][kept])
+    assert set(np.unique(arrays["label"])) <= {0, 1, 2, 4}
+    np.testing.assert_array_equal(arrays["border"], target_bands(arrays["label"], brats, store.band_width))
+    attrs = store.case_attrs("c1")
+    assert attrs["target_voxels"] == {n: int(m.sum()) for n, m in zip(brats.names, brats.region_masks(arrays["label"]))}
+    # The same store cannot take another target map, nor can a binary ingest reuse it.
+    with pytest.raises(IngestError, match=r"existing store has targets="):
+        ingest(_job(tmp_path / "brats", tmp_path / "s.zarr", targets="brats2023-regions"))
+    with pytest.raises(IngestError, match=r"^ingest.targets: must be one of 'binary'"):
+        _job(tmp_path / "brats", tmp_path / "t.zarr", targets="brats")

@@ -175,3 +175,29 @@ def test_training_rows_for_regions_and_classes() -> None:
                           np.random.default_rng(1))
     assert row["labels"].dtype == np.int64 and set(np.unique(row["labels"])) == {0, 1, 2}
     assert row["label_lowres"].shape == (3, *cfg.latent_shape)
+
+
+@pytest.mark.parametrize("preset", ["brats-regions", "lits-classes"])
+def test_training_steps_on_multi_target_rows_learn_and_count_points_per_target(preset: str) -> None:
+    from ossnet.training import make_optimizer, train_step
+
+    spec = TARGET_PRESETS[preset]
+    label = _brats_label()
+    if preset == "lits-classes":
+        label = np.select([label == 4, label > 0], [2, 1], 0).astype(np.uint8)
+    image = np.stack([(label > 0) * 2.0 - 1.0, (label == 1) * 1.0, (label == 4) * 1.0, np.zeros(label.shape)])
+    image = image.astype(np.float32)
+    cfg = model_config("C", "tiny", targets=spec)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = make_optimizer(model, "adam", 3e-3)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(30):
+        rows = [training_sample(image, label, cfg, SamplingConfig(512, 0.5, 2), AugmentConfig.off(), rng) for _ in range(2)]
+        batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+        metrics = train_step(model, batch, optimizer, alpha=0.1, weights=[1.0] * spec.n_outputs)
+        losses.append(metrics["loss"])
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    counts = [metrics[f"points_{name}"] for name in spec.names]
+    assert all(c > 0 for c in counts) and counts == sorted(counts, reverse=True)  # nested: the inner ones hold fewer
