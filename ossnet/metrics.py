@@ -12,7 +12,7 @@ project reports them on the dense volume, so empty cases must be defined):
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -153,6 +153,39 @@ def hd95(pred: Mask, ref: Mask, spacing: Sequence[float] = (1.0, 1.0, 1.0), empt
     to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]
     to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
     return float(np.percentile(np.concatenate([to_ref, to_pred]), 95))
+
+
+BRATS_HD95_EMPTY = 373.13  # mm: the BraTS 2020 scheme's score when exactly one mask is empty
+
+
+def target_scores(pred_label: np.ndarray, ref_label: np.ndarray, targets: Any,
+                  spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, float]:
+    """Per-target scores of a label map against a reference, both in the source convention.
+
+    For each target ``t`` (``ossnet.targets.TargetSpec``): ``dice_<t>``, ``iou_<t>``, ``hd95_<t>``
+    (mm) and the voxel counts ``tp_<t>``, ``fp_<t>``, ``fn_<t>`` (summed over cases they give
+    the pooled, "global" Dice of LiTS). Conventions of the BraTS 2020 scheme: both regions empty
+    score Dice 1 and HD95 0; exactly one empty scores Dice 0 and HD95 373.13 mm.
+
+    Args:
+        pred_label, ref_label: ``(X, Y, Z)`` label maps.
+        targets: the ``TargetSpec`` that reads them.
+        spacing: voxel size in mm.
+    """
+    out: dict[str, float] = {}
+    for name, pred, ref in zip(targets.names, targets.region_masks(pred_label), targets.region_masks(ref_label)):
+        counts = confusion_counts(pred, ref)
+        out.update({f"dice_{name}": dice_of(counts), f"iou_{name}": iou_of(counts),
+                    f"hd95_{name}": hd95(pred, ref, spacing, empty_value=BRATS_HD95_EMPTY),
+                    f"tp_{name}": float(counts.tp), f"fp_{name}": float(counts.fp), f"fn_{name}": float(counts.fn)})
+    return out
+
+
+def pooled_dice(scores: Sequence[Mapping[str, float]], name: str) -> float:
+    """Dice of target ``name`` over all voxels of all cases (LiTS' "global" Dice), from
+    :func:`target_scores` of each case."""
+    tp, fp, fn = (int(sum(s[f"{k}_{name}"] for s in scores)) for k in ("tp", "fp", "fn"))
+    return dice_of(ConfusionCounts(tp=tp, fp=fp, fn=fn, tn=0))
 
 
 def collapse_warning(pred_voxels: Sequence[int], ref_voxels: Sequence[int], min_ratio: float = 0.1) -> str | None:

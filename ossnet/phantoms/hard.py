@@ -109,6 +109,7 @@ def brats_hard(
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     case_id: str | None = None,
     lesions: str = "mixed",
+    regions: bool = False,
 ) -> PhantomCase:
     """A skull-stripped four-modality brain whose lesions no single modality separates.
 
@@ -121,9 +122,12 @@ def brats_hard(
         lesions: "mixed" (1-3 lesions of radius 3-10 voxels at 96x96x64, satellites in half of
             the cases) or "small" (1-6 isolated nodules of radius 1.5-5 voxels whatever the
             grid, at least 12 voxels apart, for MISE recall checks; ``small_lesions``).
+        regions: label the sub-regions with the BraTS values (oedema 2, necrotic core 1,
+            enhancing core 4; ``ossnet.targets`` "brats-regions"); the image is the same.
 
     Returns:
-        ``image`` (4, X, Y, Z) float32 (zero outside the brain), ``label`` (X, Y, Z) uint8.
+        ``image`` (4, X, Y, Z) float32 (zero outside the brain), ``label`` (X, Y, Z) uint8:
+        0/1, or the BraTS values with ``regions``.
     """
     shape = check_shape(shape)
     rng = np.random.default_rng(seed)
@@ -173,7 +177,7 @@ def brats_hard(
             _paint(image, box, soft(s, radius), tissue["vessel"])
             point = point + step * radius * 1.2
 
-    label = np.zeros(shape, dtype=bool)
+    label = np.zeros(shape, dtype=np.uint8)
     if lesions not in LESION_SETS:
         raise ValueError(f"lesions: must be one of {', '.join(LESION_SETS)}, got {lesions!r}")
     if not empty and lesions == "small":
@@ -204,11 +208,11 @@ def brats_hard(
         inside = rician(rng, channel[brain], 0.04 * amplitude)
         channel[...] = 0.0
         channel[brain] = inside
-    label &= brain
+    label[~brain] = 0
     return PhantomCase(
         case_id=case_id or f"brats-hard-{seed}",
         image=image,
-        label=label.view(np.uint8),
+        label=label if regions else (label > 0).view(np.uint8),
         affine=spacing_affine(spacing),
         modalities=BRATS_MODALITIES,
     )
@@ -238,7 +242,8 @@ def small_lesions(
 
 
 def _lesion(rng, image, label, tissue, shape, center, radius: float, small: bool) -> None:
-    """Paint one lesion (oedema around an enhancing core, maybe necrotic) and add it to ``label``.
+    """Paint one lesion (oedema around an enhancing core, maybe necrotic) and add it to ``label``
+    with the BraTS values: oedema 2, enhancing core 4, necrosis 1 (inner parts win).
 
     A small (satellite) lesion is an enhancing nodule with a thin oedema rim.
     """
@@ -253,12 +258,15 @@ def _lesion(rng, image, label, tissue, shape, center, radius: float, small: bool
     core = soft(core_s, core_ratio * radius)
     _paint(image, box, edema, tissue["edema"])
     _paint(image, box, core, tissue["core"])
-    inside = (edema_s > 0) | (core_s > 0)
+    values = np.where(core_s > 0, np.uint8(4), np.where(edema_s > 0, np.uint8(2), np.uint8(0)))
     if not small and rng.random() < 0.6:
         necrotic_s = blob(rng, box, origin, core_center, 0.55 * core_ratio * radii, 0.2)
         _paint(image, box, soft(necrotic_s, 0.55 * core_ratio * radius), tissue["necrosis"])
-        inside |= necrotic_s > 0
-    label[box] |= inside
+        values[necrotic_s > 0] = 1
+    target = label[box]
+    # Overlapping lesions: an inner sub-region (necrosis, then enhancing core) wins over oedema.
+    rank = np.array([0, 3, 1, 0, 2], dtype=np.uint8)
+    np.copyto(target, values, where=rank[values] > rank[target])
 
 
 # --------------------------------------------------------------------------- head with skull
@@ -397,6 +405,7 @@ def lits_hard(
     empty: bool = False,
     spacing: tuple[float, float, float] = (0.8, 0.8, 1.5),
     case_id: str | None = None,
+    classes: bool = False,
 ) -> PhantomCase:
     """A CT-like abdomen whose liver shares its HU with spleen, kidneys and muscle.
 
@@ -406,9 +415,12 @@ def lits_hard(
         empty: no liver (empty label).
         spacing: voxel size in mm.
         case_id: defaults to ``"lits-hard-<seed>"``.
+        classes: label the tumours 2 and the rest of the liver 1 (the LiTS convention,
+            ``ossnet.targets`` "lits-classes"); the image is the same.
 
     Returns:
-        ``image`` (1, X, Y, Z) float32 in HU, ``label`` (X, Y, Z) uint8: liver and tumours.
+        ``image`` (1, X, Y, Z) float32 in HU, ``label`` (X, Y, Z) uint8: liver and tumours as 1,
+        or 1 and 2 with ``classes``.
     """
     shape = check_shape(shape)
     rng = np.random.default_rng(seed)
@@ -468,6 +480,7 @@ def lits_hard(
     liver_radii = dims * np.array([0.2, 0.2, 0.27]) * rng.uniform(0.85, 1.1, 3)
     liver_box, liver_s = _organ(rng, shape, liver_center, liver_radii, 0.25, cells=4)
     label = np.zeros(shape, dtype=bool)
+    tumours = np.zeros(shape, dtype=bool)
     if not empty:
         origin = tuple(s.start for s in liver_box)
         liver = soft(liver_s, float(liver_radii.min()))
@@ -486,7 +499,9 @@ def lits_hard(
         for _ in range(int(rng.integers(0, 4))):
             t_center = _point_in(rng, liver_center, liver_radii, 0.6)
             t_radii = r_liver * rng.uniform(0.08, 0.3) * rng.uniform(0.8, 1.2, 3)
-            mix(sub, hu["tumour"], soft(blob(rng, liver_box, origin, t_center, t_radii, 0.3), float(t_radii.min())) * liver)
+            t_s = blob(rng, liver_box, origin, t_center, t_radii, 0.3)
+            mix(sub, hu["tumour"], soft(t_s, float(t_radii.min())) * liver)
+            tumours[liver_box] |= t_s > 0
         label[liver_box] = liver_s > 0
         # The gallbladder sits in the liver's fossa but is not liver.
         gb_center = liver_center + liver_radii * np.array([0.3, -0.55, -0.6])
@@ -497,7 +512,7 @@ def lits_hard(
     return PhantomCase(
         case_id=case_id or f"lits-hard-{seed}",
         image=image[None],
-        label=label.view(np.uint8),
+        label=(label.view(np.uint8) + (label & tumours)) if classes else label.view(np.uint8),
         affine=spacing_affine(spacing),
         modalities=("ct",),
     )

@@ -42,6 +42,7 @@ from ossnet.config import (
     model_config,
 )
 from ossnet.inference import MODES
+from ossnet.targets import TARGET_PRESETS, TargetSpec
 from ossnet.training import OPTIMIZERS
 from ossnet_pipelines.files import absolute_url
 from ossnet_pipelines.jobconfig import Checked, Job, JobModel, NonBlank, config_hash, load_job, safe_name
@@ -76,13 +77,18 @@ class ModelSection(JobModel):
     encoder_norm: Literal[ENCODER_NORMS] = Field("batch", description="encoder norm: batch (the paper), instance, group")
     volume_shape: Optional[tuple[Annotated[int, Field(ge=2)], Annotated[int, Field(ge=2)], Annotated[int, Field(ge=2)]]] = \
         Field(None, description="grid override (X, Y, Z)")
+    targets: Optional[Literal[tuple(TARGET_PRESETS)]] = Field(  # type: ignore[valid-type]
+        None, description="target map (ossnet.targets); default the store's, which it must match")
 
-    def build(self, in_channels: int | None = None) -> ModelConfig:
-        """The validated ``ModelConfig`` (``in_channels`` from the store, else the preset's)."""
+    def build(self, in_channels: int | None = None, targets: TargetSpec | None = None) -> ModelConfig:
+        """The validated ``ModelConfig`` (``in_channels`` and ``targets`` from the store, else the
+        preset's channels and this section's target map)."""
+        if targets is None and self.targets is not None:
+            targets = TARGET_PRESETS[self.targets]
         return model_config(
             self.variant, self.preset, activation=self.activation, patch_size=self.patch_size,
             in_channels=in_channels, volume_shape=self.volume_shape, cbn_norm=self.cbn_norm,
-            encoder_norm=self.encoder_norm,
+            encoder_norm=self.encoder_norm, targets=targets,
         )
 
     @model_validator(mode="after")
@@ -107,6 +113,8 @@ class TrainSection(JobModel):
     validate_every: int = Field(1, ge=1, description="validate every k epochs (and the last)")
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every k epochs (and the last)")
     keep_checkpoints: int = Field(3, ge=1, description="best checkpoints kept by val_dice (plus the latest)")
+    target_weights: Optional[tuple[Annotated[float, Field(ge=0.0)], ...]] = Field(
+        None, description="loss weight per model output of a multi-target model (default equal)")
 
     @model_validator(mode="after")
     def _increasing(self) -> "TrainSection":
@@ -134,6 +142,8 @@ class ValidationSection(JobModel):
     png_cases: int = Field(1, ge=0, description="slice overlays logged per validation")
     n_points: Optional[int] = Field(None, ge=1,
                                     description="points of the auxiliary point metrics (default sampling.n_points)")
+    objective: str = Field("mean", description="multi-target models: val_dice is the mean Dice over the targets "
+                                               "('mean') or one target's (its name, e.g. 'et')")
 
 
 class DataSection(JobModel):
@@ -267,9 +277,19 @@ def check_against_store(job: TrainJob, store: Store | None = None) -> StoreFacts
         raise ConfigError(f"store: {exc}") from None
     modalities = tuple(store.modalities)
     try:
-        model = job.model.build(in_channels=len(modalities))
+        model = job.model.build(in_channels=len(modalities), targets=store.targets)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (store {job.store})") from None
+    targets = model.targets
+    if job.model.targets is not None and TARGET_PRESETS[job.model.targets] != targets:
+        raise ConfigError(f"model.targets: {job.model.targets} but the store {job.store} holds {targets.describe()} "
+                          "(ingest with --targets, or leave model.targets unset)")
+    if job.train.target_weights is not None and len(job.train.target_weights) != targets.n_outputs:
+        raise ConfigError(f"train.target_weights: {len(job.train.target_weights)} weights for the "
+                          f"{targets.n_outputs} outputs of {targets.describe()}")
+    if job.validation.objective not in ("mean", *targets.names):
+        raise ConfigError(f"validation.objective: must be 'mean' or a target of the store "
+                          f"({', '.join(targets.names)}), got {job.validation.objective!r}")
     if tuple(store.volume_shape) != tuple(model.volume_shape):
         raise ConfigError(
             f"model.preset: {job.model.preset} works on a {tuple(model.volume_shape)} grid but the store "

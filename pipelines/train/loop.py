@@ -252,6 +252,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         alpha=job.train.alpha,
         png_cases=job.validation.png_cases if rank == 0 else 0,
         png_dir=png_dir,
+        objective=job.validation.objective,
+        weights=job.train.target_weights,
     )
     shard = session.shard()
     clock = config["clock"]
@@ -264,7 +266,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             batches = _TimedBatches(shard.iter_torch_batches(
                 batch_size=job.per_worker_batch, prefetch_batches=job.data.prefetch_batches, drop_last=False,
             ))
-            stats = train_epoch(model, batches, optimizer, job.train.alpha, device, scaler)
+            stats = train_epoch(model, batches, optimizer, job.train.alpha, device, scaler, job.train.target_weights)
             stats.update(seconds=time.perf_counter() - start, wait_s=batches.wait_s)
             scheduler.step()
             metrics: dict[str, float] = {"epoch": float(epoch), "lr": lr}

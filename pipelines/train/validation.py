@@ -1,6 +1,11 @@
 """Validation inside the training loop: dense full-resolution metrics through MISE, plus the
 auxiliary point and low-resolution metrics, and PNG slice overlays.
 
+Multi-target models are scored on the label map they write, per target (``dice_<t>``,
+``iou_<t>``, ``hd95_<t>`` in mm with the BraTS 2020 conventions, ``ossnet.metrics.target_scores``),
+with ``dice`` the mean over targets or one target's (``validation.objective``), and the pooled
+"global" Dice per target over all validation cases (``val_global_dice_<t>``, LiTS' second score).
+
 Each rank validates its share of the validation cases (``cases[rank::world_size]``) on the bare
 model in eval mode (no DDP hooks, so no collective runs inside); the loop then gathers the
 per-case scores and averages them. The auxiliary metrics use one un-augmented sample per case
@@ -20,7 +25,7 @@ import torch
 from torch import nn
 
 from ossnet.inference import Inferer
-from ossnet.metrics import collapse_warning, dice, iou
+from ossnet.metrics import collapse_warning, dice, iou, pooled_dice, target_scores
 from ossnet.training import batch_to_device, evaluate_batch
 from ossnet_pipelines.data import SampleSpec, cached_store, collate_rows, sample_case_rows
 from ossnet_pipelines.tracking.tags import COLLAPSE_TAG
@@ -29,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # Scalar keys of one case's scores (the loop averages each over all cases).
 CASE_KEYS = ("dice", "iou", "queries", "seconds", "loss", "point_loss", "aux_loss", "point_acc", "lowres_dice")
+# Per-target keys of multi-target models (``dice_wt``...), averaged too; the counts are pooled.
+_TARGET_KEYS = ("dice_", "iou_", "hd95_", "points_")
 
 
 @dataclass
@@ -52,6 +59,8 @@ class Validator:
     alpha: float
     png_cases: int = 0
     png_dir: Path | None = None
+    objective: str = "mean"
+    weights: Sequence[float] | None = None
     _device: torch.device = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,27 +77,38 @@ class Validator:
             Per-case score dicts (``CASE_KEYS`` plus ``case_id``), and the PNGs written.
         """
         store = cached_store(self.store_url)
+        targets = getattr(model, "config").targets
         scores: list[dict[str, Any]] = []
         pngs: list[Path] = []
         for index, case_id in enumerate(self.case_ids):
             arrays = store.read_case(case_id, arrays=self.spec.arrays)
             image = np.asarray(arrays["image"], dtype=np.float32)
-            label = np.asarray(arrays["label"]) > 0
+            values = np.asarray(arrays["label"])
+            label = values > 0
             start = time.perf_counter()
             result = self.inferer(model, image)
-            mask = np.asarray(result.mask)
-            score: dict[str, Any] = {
+            seconds = time.perf_counter() - start
+            if targets.kind == "binary":
+                mask = np.asarray(result.mask)
+                score: dict[str, Any] = {"dice": dice(mask, label), "iou": iou(mask, label)}
+            else:
+                written = np.asarray(result.label_map)
+                mask = written > 0
+                spacing = store.case_attrs(case_id).get("spacing", (1.0, 1.0, 1.0))
+                score = target_scores(written, values, targets, spacing)
+                names = targets.names if self.objective == "mean" else (self.objective,)
+                score["dice"] = float(np.mean([score[f"dice_{n}"] for n in names]))
+                score["iou"] = float(np.mean([score[f"iou_{n}"] for n in names]))
+            score.update({
                 "case_id": case_id,
-                "dice": dice(mask, label),
-                "iou": iou(mask, label),
                 "queries": float(result.n_queries),
-                "seconds": time.perf_counter() - start,
+                "seconds": seconds,
                 "pred_voxels": int(np.count_nonzero(mask)),
                 "ref_voxels": int(np.count_nonzero(label)),
-            }
+            })
             rows = sample_case_rows(arrays, case_id, 0, self.spec)
             batch = batch_to_device(collate_rows(rows), self._device)
-            score.update(evaluate_batch(model, batch, self.alpha))
+            score.update(evaluate_batch(model, batch, self.alpha, self.weights))
             scores.append(score)
             if index < self.png_cases and self.png_dir is not None:
                 from ossnet_pipelines.figures import slice_overlay_png
@@ -106,10 +126,14 @@ def summarize(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     if not scores:
         raise ValueError("validation: no case was scored")
     out: dict[str, float] = {}
-    for key in CASE_KEYS:
+    per_target = sorted({k for s in scores for k in s if k.startswith(_TARGET_KEYS)})
+    for key in (*CASE_KEYS, *per_target):
         values = [float(s[key]) for s in scores if key in s]
         if values:
             out[f"val_{key}"] = float(np.mean(values))
+    for key in per_target:
+        if key.startswith("dice_"):
+            out[f"val_global_{key}"] = pooled_dice(scores, key.removeprefix("dice_"))
     out["val_cases"] = float(len(scores))
     ref = sum(int(s["ref_voxels"]) for s in scores)
     if ref:
