@@ -43,6 +43,8 @@ FLAGS: tuple[OverrideFlag, ...] = (
     OverrideFlag("--cpus-per-actor", "cpus_per_actor", float, "CPUs per actor (default: 1)"),
     OverrideFlag("--save-probabilities", "save_probabilities", bool, "also write float32 probability maps"),
     OverrideFlag("--save-zarr", "save_zarr", bool, "also write a Zarr copy (predictions.zarr)"),
+    OverrideFlag("--target-masks", "save_target_masks", bool,
+                 "multi-target models: also write each target as its own mask (targets/<target>/<case>.nii.gz)"),
     OverrideFlag("--overwrite", "overwrite", bool, "redo every case, even finished ones"),
     OverrideFlag("--report-every", "report_every_s", float, "rewrite the report at least every S seconds (default 30)"),
 )

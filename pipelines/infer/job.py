@@ -5,6 +5,7 @@ Pure Python: no torch, Ray or MLflow here, so the CLI parser and the unit tests 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Iterable, Literal, Mapping, Optional
@@ -25,7 +26,7 @@ MODES: tuple[str, ...] = ("auto", *INFERENCE_MODES)  # "auto": mise_lowres if th
 STATUSES: tuple[str, ...] = ("ok", "failed", "skipped")
 REPORT_COLUMNS: tuple[str, ...] = (
     "case_id", "status", "error", "seconds", "predict_seconds", "n_queries", "foreground_ml", "dice", "iou", "mode",
-    "model", "model_sha256", "mask",
+    "model", "model_sha256", "mask", "targets",
 )
 
 
@@ -63,6 +64,8 @@ class InferJob(Job):
             (mode "auto" runs "dense"): off the surface MISE's map is an interpolation, not a
             probability.
         save_zarr: also write masks (and probabilities) into ``predictions.zarr``.
+        save_target_masks: multi-target models: also write each target's region as its own
+            mask (``targets/<target>/<case>.nii.gz``), besides the label map in ``masks/``.
         overwrite: redo every case, even those a previous run finished.
         storage_options: fsspec options for input and output URLs.
         affine_atol: tolerance (mm) when comparing the affines of a case's files.
@@ -89,6 +92,7 @@ class InferJob(Job):
     cpus_per_actor: float = Field(1.0, gt=0.0)
     save_probabilities: bool = False
     save_zarr: bool = False
+    save_target_masks: bool = False
     overwrite: bool = False
     storage_options: Optional[dict[str, Any]] = None
     affine_atol: float = Field(1e-3, ge=0.0)
@@ -117,7 +121,7 @@ class InferJob(Job):
 
 @dataclass(frozen=True)
 class CaseResult:
-    """One row of the report.
+    """One row of the report (multi-target models add per-target columns, see ``targets``).
 
     Attributes:
         case_id: the case.
@@ -132,7 +136,10 @@ class CaseResult:
         model: the model as resolved (``models:/NAME/VERSION``, ``models:/<id>`` or a file).
         model_sha256: SHA-256 of the checkpoint (first 16 hex digits): a re-run with another
             model redoes the case.
-        mask: URL of the written mask.
+        mask: URL of the written mask (multi-target models: the label map in the source's
+            convention).
+        targets: multi-target models: JSON ``{target: {dice, iou, hd95, tp, fp, fn}}`` against
+            the reference (the report expands it into ``dice_<target>``... columns); "" otherwise.
     """
 
     case_id: str
@@ -148,6 +155,7 @@ class CaseResult:
     model: str = ""
     model_sha256: str = ""
     mask: str = ""
+    targets: str = ""
 
     def to_row(self) -> dict[str, Any]:
         """Plain dict in ``REPORT_COLUMNS`` order."""
@@ -220,6 +228,26 @@ class InferReport(CaseCounts):
         values = _finite(c.iou for c in self.cases if c.status != "failed")
         return sum(values) / len(values) if values else math.nan
 
+    def target_summary(self) -> list[str]:
+        """Multi-target models: per target, the mean Dice over cases (and HD95) and the global
+        Dice pooled over all voxels of all cases, with the conventions used; [] otherwise."""
+        scored = [json.loads(c.targets) for c in self.cases if c.status != "failed" and c.targets]
+        if not scored:
+            return []
+        lines = []
+        for name in scored[0]:
+            per_case = [s[name] for s in scored if name in s]
+            tp, fp, fn = (sum(float(s[k]) for s in per_case) for k in ("tp", "fp", "fn"))
+            pooled = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+            hd = _finite(s.get("hd95", math.nan) for s in per_case)
+            hd_text = f", HD95 {sum(hd) / len(hd):.2f} mm" if hd else ""
+            lines.append(f"infer: {name}: mean Dice {sum(s['dice'] for s in per_case) / len(per_case):.4f} over "
+                         f"{len(per_case)} cases, global Dice {pooled:.4f}{hd_text}")
+        lines.append("infer: conventions: Dice/IoU per case on the written label map (both empty 1, one empty 0); "
+                     "HD95 in mm, both empty 0, one empty 373.13 (BraTS 2020); global Dice pools every case's "
+                     "voxels (LiTS)")
+        return lines
+
     def summary(self) -> str:
         """Counts, mean Dice, throughput and where the outputs are, in a few lines."""
         n_ref = len(_finite(c.dice for c in self.cases if c.status != "failed"))
@@ -232,6 +260,7 @@ class InferReport(CaseCounts):
             f"infer: {len(self.cases)} cases: {self.count('ok')} ok, {self.count('failed')} failed, "
             f"{self.count('skipped')} skipped in {self.seconds:.1f} s ({rate_text}, {self.actors} actor(s))",
             f"infer: {dice_text}",
+            *self.target_summary(),
             f"infer: outputs in {self.output} (masks/), report {self.report_path}",
         ])
 

@@ -20,6 +20,7 @@ model checkpoint and every requested output of it exists; everything else is red
 from __future__ import annotations
 
 import io
+import json
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -72,11 +73,19 @@ class OutputLayout:
     def probability(self, case_id: str) -> str:
         return self._join("probabilities", f"{case_id}.nii.gz")
 
-    def prepare(self, save_probabilities: bool, save_zarr: bool) -> None:
-        """Create the folders (and the Zarr root group) and remove stale temporary files."""
+    def target_masks(self, target: str) -> str:
+        return self._join("targets", target)
+
+    def target_mask(self, target: str, case_id: str) -> str:
+        return self._join("targets", target, f"{case_id}.nii.gz")
+
+    def prepare(self, save_probabilities: bool, save_zarr: bool, target_names: Sequence[str] = ()) -> None:
+        """Create the folders (and the Zarr root group) and remove stale temporary files;
+        ``target_names``: the per-target mask folders to create."""
         fs, root = fsspec.core.url_to_fs(self.root, **dict(self.storage_options or {}))
         fs.makedirs(root, exist_ok=True)
         folders = [self.root, self.masks] + ([self.probabilities] if save_probabilities else [])
+        folders += [self.target_masks(name) for name in target_names]
         for url in folders[1:]:
             fs.makedirs(fsspec.core.url_to_fs(url, **dict(self.storage_options or {}))[1], exist_ok=True)
         remove_stale_temps(folders, self.storage_options)
@@ -109,9 +118,11 @@ class OutputLayout:
         return {name for name, node in root.members(max_depth=0)
                 if isinstance(node, zarr.Group) and node.attrs.get("complete") is True}
 
-    def done_outputs(self, save_probabilities: bool, save_zarr: bool) -> set[str]:
+    def done_outputs(self, save_probabilities: bool, save_zarr: bool, target_names: Sequence[str] = ()) -> set[str]:
         """Case ids for which every requested output exists."""
         done = self.existing(self.masks)
+        for name in target_names:
+            done &= self.existing(self.target_masks(name))
         if save_probabilities:
             done &= self.existing(self.probabilities)
         if save_zarr:
@@ -154,13 +165,20 @@ def write_zarr_case(layout: OutputLayout, case_id: str, mask: Any, probability: 
 
 
 def report_frame(rows: Iterable[CaseResult]) -> Any:
-    """The report as a pandas DataFrame in ``REPORT_COLUMNS`` order, sorted by case id."""
+    """The report as a pandas DataFrame in ``REPORT_COLUMNS`` order, sorted by case id; for
+    multi-target models followed by ``dice_<target>``, ``iou_<target>``, ``hd95_<target>`` and the
+    voxel counts ``tp_/fp_/fn_<target>`` (the ``targets`` JSON, expanded)."""
     import pandas as pd
 
     records = sorted((r.to_row() for r in rows), key=lambda r: r["case_id"])
     frame = pd.DataFrame.from_records(records, columns=list(REPORT_COLUMNS))
     floats = ("seconds", "predict_seconds", "foreground_ml", "dice", "iou")
-    return frame.astype({**{c: "float64" for c in floats}, "n_queries": "int64"})
+    frame = frame.astype({**{c: "float64" for c in floats}, "n_queries": "int64"})
+    expanded = [{f"{key}_{name}": value for name, score in (json.loads(r["targets"]) if r["targets"] else {}).items()
+                 for key, value in score.items()} for r in records]
+    if any(expanded):
+        frame = pd.concat([frame, pd.DataFrame.from_records(expanded).astype("float64")], axis=1)
+    return frame
 
 
 def write_report(layout: OutputLayout, rows: Iterable[CaseResult]) -> str:

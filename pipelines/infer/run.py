@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from ossnet_pipelines.infer.cases import CaseListing, InferCase, list_cases
-from ossnet_pipelines.infer.job import CaseResult, InferJob, InferReport
+from ossnet_pipelines.infer.job import CaseResult, InferError, InferJob, InferReport
 from ossnet_pipelines.infer.outputs import OutputLayout, plan_cases, read_report, remove_stale_temps, write_report
 from ossnet_pipelines.progress import CaseProgress
 from ossnet_pipelines.raystart import ensure_ray
@@ -117,8 +117,13 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
     job = job.normalized()
     model_name, checkpoint = _model(job)
     model, info = load_checkpoint(io.BytesIO(checkpoint))
-    spec, has_head = info.preprocess, bool(model.config.has_lowres_head)
+    spec, has_head, targets = info.preprocess, bool(model.config.has_lowres_head), model.config.targets
     del model
+    multi = targets.kind != "binary"
+    if multi and (job.save_probabilities or job.save_zarr):
+        raise InferError(f"infer.save_probabilities/save_zarr: not available for the multi-target model {model_name} "
+                         f"({targets.describe()}); it writes the label map (and --target-masks)")
+    target_names = targets.names if multi and job.save_target_masks else ()
     sha = _digest(checkpoint)
     listing: CaseListing = list_cases(
         job.input, spec.modalities, layout=job.layout, labels=job.labels, split=job.split,
@@ -126,11 +131,11 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
         exclude=job.output, resample=spec.resample,
     )
     layout = OutputLayout(job.output, job.storage_options)
-    layout.prepare(job.save_probabilities, job.save_zarr)
+    layout.prepare(job.save_probabilities, job.save_zarr, target_names)
     previous = read_report(layout)
     invalid = [c for c in listing.cases if c.error is not None]
     valid = {c.case_id: c for c in listing.cases if c.error is None}
-    plan = plan_cases(list(valid), previous, layout.done_outputs(job.save_probabilities, job.save_zarr), sha,
+    plan = plan_cases(list(valid), previous, layout.done_outputs(job.save_probabilities, job.save_zarr, target_names), sha,
                       job.overwrite)
     for cid, why in sorted(plan.redo_reasons.items()):
         logger.debug("infer: redoing %s (%s)", cid, why)
@@ -147,7 +152,8 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
         outputs=layout, save_probabilities=job.save_probabilities, save_zarr=job.save_zarr, model=model_name,
         model_sha256=sha, source_options=job.storage_options, affine_atol=job.affine_atol,
         store_url=listing.store_url, store_channels=listing.store_channels, resample=spec.resample,
-        target_spacing=spec.target_spacing, threshold=float(spec.threshold),
+        target_spacing=spec.target_spacing, threshold=float(spec.threshold), targets=targets,
+        save_target_masks=bool(target_names),
     )
     pipeline_seconds = 0.0
     actors, gpus = 0, 0.0

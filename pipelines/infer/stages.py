@@ -34,14 +34,17 @@ case never stops the Ray pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from ossnet.targets import BINARY, TargetSpec
 
 from ossnet_pipelines.infer.cases import InferCase
 from ossnet_pipelines.infer.job import CaseResult
@@ -74,6 +77,9 @@ class StageContext:
         resample, target_spacing: the model's resampling (its ``PreprocessSpec``).
         threshold: the model's decision threshold on the probability.
         threads: dask threads per case for reading and writing scans.
+        targets: the model's target map; multi-target models write the label map in the
+            source's convention and score every target.
+        save_target_masks: also write each target's region as its own mask.
     """
 
     modalities: tuple[str, ...]
@@ -92,6 +98,8 @@ class StageContext:
     target_spacing: tuple[float, float, float] | None = None
     threshold: float = 0.5
     threads: int = 1
+    targets: TargetSpec = BINARY
+    save_target_masks: bool = False
 
 
 def case_item(case: InferCase) -> dict[str, Any]:
@@ -266,15 +274,15 @@ class CasePredictor:
 # --------------------------------------------------------------------------------------------
 
 
-def _reference_counts(case_id: str, label: str, record: Any, mask: Any, ctx: StageContext) -> Any:
-    """Confusion counts of the scan-geometry mask against the reference label, chunk by chunk."""
-    import contextlib
-
+@contextlib.contextmanager
+def _reference(case_id: str, label: str, record: Any, ctx: StageContext) -> Iterator[Any]:
+    """The reference label on the scan's grid, lazy (the source's values), while its file is open."""
     if label == "store":
         from ossnet_pipelines.store import open_store
 
         grid = open_store(str(ctx.store_url), "r", ctx.source_options).read_case(case_id, ("label",))["label"]
-        return volumes.mask_counts(mask, volumes.scan_view(np.asarray(grid), record, order=0))
+        yield volumes.scan_view(np.asarray(grid), record, order=0)
+        return
     with local_files([label], ctx.source_options) as local, contextlib.ExitStack() as stack:
         img = nifti.load(stack.enter_context(nifti.seekable(local[label], label)), label)
         nifti.check_same_grid(img, label, "label", record.original_shape, record.original_affine, "the image",
@@ -282,6 +290,12 @@ def _reference_counts(case_id: str, label: str, record: Any, mask: Any, ctx: Sta
         ref = nifti.lazy_volume(img, label, dtype=None)
         if np.issubdtype(ref.dtype, np.floating):  # checked in the same pass that counts
             ref = ref.map_blocks(_finite_block, label, dtype=ref.dtype)
+        yield ref
+
+
+def _reference_counts(case_id: str, label: str, record: Any, mask: Any, ctx: StageContext) -> Any:
+    """Confusion counts of the scan-geometry mask against the reference label, chunk by chunk."""
+    with _reference(case_id, label, record, ctx) as ref:
         return volumes.mask_counts(mask, ref > 0)
 
 
@@ -310,8 +324,17 @@ def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
             record = PreprocessRecord.from_dict(meta["record"])
             affine = np.asarray(record.original_affine, dtype=np.float64)
             grid_probability = np.asarray(row["probability"], dtype=np.float32)
-            mask = volumes.scan_mask(grid_probability, record, ctx.threshold)
             codes = {"sform_code": int(meta.get("sform_code", 1)), "qform_code": int(meta.get("qform_code", 1))}
+            regions: list[Any] = []
+            if grid_probability.ndim == 4:  # several targets: the label map in the source's values
+                regions = [volumes.scan_mask(p, record, ctx.threshold) for p in grid_probability]
+                mask = scan_label_map(regions, ctx.targets)
+                if ctx.save_target_masks:
+                    for name, region in zip(ctx.targets.names, regions):
+                        nifti.write_volume(ctx.outputs.target_mask(name, case_id), region, affine, dtype=np.uint8,
+                                           **codes, storage_options=ctx.outputs.storage_options)
+            else:
+                mask = volumes.scan_mask(grid_probability, record, ctx.threshold)
             n_foreground = nifti.write_volume(ctx.outputs.mask(case_id), mask, affine, dtype=np.uint8, **codes,
                                               storage_options=ctx.outputs.storage_options)
             probability = None
@@ -331,16 +354,61 @@ def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
                               seconds=seconds + time.perf_counter() - t0, **common).to_row()
         d = j = float("nan")
         note = ""
+        per_target = ""
         label = _text(row.get("label", ""))
         if label:
             try:
-                counts = _reference_counts(case_id, label, record, mask, ctx)
-                d, j = dice_of(counts), iou_of(counts)
+                if regions:
+                    scores = _target_reference_scores(case_id, label, record, regions, mask, ctx)
+                    per_target = json.dumps(scores)
+                    d = float(np.mean([s["dice"] for s in scores.values()]))
+                    j = float(np.mean([s["iou"] for s in scores.values()]))
+                else:
+                    counts = _reference_counts(case_id, label, record, mask, ctx)
+                    d, j = dice_of(counts), iou_of(counts)
             except Exception as exc:  # the prediction stands; only the metric is missing
                 note = one_line(f"reference label: {_failure_message(exc, label)}")
     return CaseResult(status="ok", error=note, seconds=seconds + time.perf_counter() - t0,
                       foreground_ml=float(foreground), dice=float(d), iou=float(j), mask=ctx.outputs.mask(case_id),
-                      **common).to_row()
+                      targets=per_target, **common).to_row()
+
+
+#: Scans up to this many voxels get HD95 per target in the report (it needs whole masks in memory).
+HD95_MAX_VOXELS = 2**25
+
+
+def scan_label_map(regions: Sequence[Any], targets: TargetSpec) -> Any:
+    """The lazy label map (uint8, the source's values) of lazy per-target scan masks."""
+    import dask.array as da
+
+    return da.map_blocks(lambda *blocks: targets.label_map(np.stack(blocks)), *regions, dtype=np.uint8)
+
+
+def _target_reference_scores(case_id: str, label: str, record: Any, regions: Sequence[Any], label_map: Any,
+                             ctx: StageContext) -> dict[str, dict[str, float]]:
+    """Per target: Dice, IoU (and HD95 in mm for scans up to ``HD95_MAX_VOXELS``) of the written
+    label map against the reference, with the voxel counts that pool into a global Dice."""
+    import dask.array as da
+
+    from ossnet.metrics import BRATS_HD95_EMPTY, dice_of, hd95, iou_of
+
+    targets = ctx.targets
+    spacing = tuple(float(s) for s in np.sqrt((np.asarray(record.original_affine)[:3, :3] ** 2).sum(axis=0)))
+    out: dict[str, dict[str, float]] = {}
+    with _reference(case_id, label, record, ctx) as lazy:
+        ref = da.asarray(lazy)
+        targets.check_values(da.unique(ref).compute(), what=label)
+        small = int(np.prod(ref.shape, dtype=np.int64)) <= HD95_MAX_VOXELS
+        for t, name in enumerate(targets.names):
+            region_values = list(targets.regions[t])
+            pred = da.asarray(label_map).map_blocks(np.isin, region_values, dtype=bool)
+            truth = ref.map_blocks(np.isin, region_values, dtype=bool)
+            counts = volumes.mask_counts(pred, truth)
+            score = {"dice": dice_of(counts), "iou": iou_of(counts), "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
+            if small:
+                score["hd95"] = hd95(pred.compute(), truth.compute(), spacing, empty_value=BRATS_HD95_EMPTY)
+            out[name] = score
+    return out
 
 
 def process_case(case: InferCase, ctx: StageContext, predictor: CasePredictor) -> CaseResult:

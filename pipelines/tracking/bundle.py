@@ -109,6 +109,7 @@ def log_model_bundle(
         "volume_shape": list(cfg.volume_shape),
         "in_channels": cfg.encoder.in_channels,
         "has_lowres_head": bool(cfg.has_lowres_head),
+        "targets": {**cfg.targets.to_dict(), "summary": cfg.targets.describe()},
         "checkpoint": f"artifacts/{CHECKPOINT_FILENAME}",
     }
     with tempfile.TemporaryDirectory(prefix="ossnet-bundle-") as tmp, warnings.catch_warnings():

@@ -28,8 +28,9 @@ class VolumePrediction:
     """Prediction at the input's size.
 
     Attributes:
-        probability: (X, Y, Z) float32 in [0, 1].
-        mask: (X, Y, Z) uint8 {0, 1} (``probability >= threshold``).
+        probability: (X, Y, Z) float32 in [0, 1]; (T, X, Y, Z) for a model of T targets.
+        mask: (X, Y, Z) uint8 {0, 1} (``probability >= threshold``); for T targets the label map
+            in the source's values (``ossnet.targets.TargetSpec.label_map`` of the T regions).
         n_queries: points decoded by the model.
         seconds: inference wall time.
         mode: the inference mode that ran.
@@ -137,8 +138,13 @@ def predict_volume(
             inferer = make_inferer(model, threshold=float(getattr(preprocess, "threshold", 0.5)))
         result = inferer(model, grid)
         grid_probability = np.asarray(result.probability, dtype=np.float32)
-        probability = np.ascontiguousarray(volumes.scan_view(grid_probability, record, order=1).compute())
-        mask = (probability >= np.float32(inferer.threshold)).astype(np.uint8)  # scan_mask, from the computed map
+        maps = grid_probability if grid_probability.ndim == 4 else grid_probability[None]
+        probability = np.stack([np.asarray(volumes.scan_view(p, record, order=1).compute()) for p in maps])
+        regions = probability >= np.float32(inferer.threshold)  # scan_mask, from the computed maps
+        if grid_probability.ndim == 4:
+            mask = cfg.targets.label_map(regions)
+        else:
+            probability, mask = np.ascontiguousarray(probability[0]), regions[0].astype(np.uint8)
     logger.debug("predicted %s volume on grid %s: %d queries", tuple(arr.shape[1:]), cfg.volume_shape, result.n_queries)
     return VolumePrediction(probability=probability, mask=mask, n_queries=int(result.n_queries),
                             seconds=float(result.seconds), mode=str(result.mode))

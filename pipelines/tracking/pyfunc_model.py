@@ -15,6 +15,10 @@ Params (a params schema is logged with the model, so ``predict(x, params={...})`
 mise_lowres; a probability output always decodes densely: off the surface MISE's map is an
 interpolation, not a probability), ``device``, ``chunk_points``, ``threshold`` (0 = the checkpoint's own threshold),
 ``normalized`` (the input is already z-scored).
+
+Multi-target models (``ossnet.targets``): the mask is the label map in the source's values
+(BraTS 0, 1, 2, 4; LiTS 0, 1, 2) and the probability is ``(T, X, Y, Z)``, one map per target;
+the model's metadata (``ossnet.targets``) says which value and which map means what.
 """
 
 from __future__ import annotations

@@ -420,3 +420,51 @@ def test_a_bad_reference_label_leaves_the_prediction_and_says_why(tmp_path: Path
         assert result.status == "ok" and Path(result.mask).is_file(), name
         assert math.isnan(result.dice) and message in result.error, (name, result.error)
         assert "\n" not in result.error
+
+
+def test_a_multi_target_model_writes_the_label_map_in_the_source_values_and_scores_each_target(tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    from ossnet.targets import TARGET_PRESETS
+
+    targets = TARGET_PRESETS["brats-regions"]
+    torch.manual_seed(3)
+    cfg = model_config("C", "tiny", in_channels=1, volume_shape=GRID, targets=targets)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # a decoder bias per target: nested, non-empty regions from an untrained model
+        model.decoder.fc_out.bias.copy_(torch.tensor([2.0, 0.0, -1.0]))
+    spec = PreprocessSpec(modalities=("t1",), volume_shape=GRID)
+    shape = (23, 17, 11)
+    scan = _scan(shape, 5)
+    path = _save(tmp_path / "in" / "s.nii.gz", scan)
+    grid, record = preprocess_image([scan], AFFINE, nib.io_orientation(AFFINE), GRID)
+    expected = Inferer(mode="dense", chunk_points=1024)(model, grid)
+    regions = np.stack([record.to_original(p, order=1) >= 0.5 for p in expected.probability])
+    label_ref = targets.label_map(regions)
+    assert len(np.unique(label_ref)) >= 3, np.unique(label_ref)
+    _save(tmp_path / "ref.nii.gz", label_ref)
+
+    ctx = _ctx(spec, tmp_path / "out", targets=targets, save_target_masks=True)
+    ctx.outputs.prepare(False, False, targets.names)
+    predictor = CasePredictor(checkpoint_bytes(model, spec), mode="dense", chunk_points=1024)
+    result = process_case(InferCase("s", images=(("t1", path),), label=str(tmp_path / "ref.nii.gz")), ctx, predictor)
+    assert result.status == "ok", result.error
+    written = np.asarray(nib.load(result.mask).dataobj)
+    np.testing.assert_array_equal(written, label_ref)  # the source's values (0, 1, 2, 4), in the scan's geometry
+    for t, name in enumerate(targets.names):
+        np.testing.assert_array_equal(np.asarray(nib.load(ctx.outputs.target_mask(name, "s")).dataobj), regions[t])
+    scores = json.loads(result.targets)
+    assert all(scores[n]["dice"] == 1.0 and scores[n]["hd95"] == 0.0 for n in targets.names)
+    assert ctx.outputs.done_outputs(False, False, targets.names) == {"s"}
+    # A reference holding a value the map does not read: the prediction stands, the metric says why.
+    _save(tmp_path / "bad.nii.gz", np.where(label_ref == 2, 3, label_ref).astype(np.uint8))
+    bad = process_case(InferCase("b", images=(("t1", path),), label=str(tmp_path / "bad.nii.gz")), ctx, predictor)
+    assert bad.status == "ok" and "values [3]" in bad.error and math.isnan(bad.dice)
+    # The report expands the per-target scores into columns and states its conventions.
+    report_path = write_report(ctx.outputs, [result, bad])
+    frame = pd.read_parquet(report_path)
+    assert {"dice_wt", "iou_tc", "hd95_et", "tp_et"} <= set(frame.columns) and frame["dice_wt"].iloc[1] == 1.0
+    summary = InferReport(output=str(tmp_path / "out"), cases=(result, bad), seconds=1.0).summary()
+    assert "wt: mean Dice 1.0000 over 1 cases, global Dice 1.0000" in summary and "373.13" in summary
