@@ -92,6 +92,7 @@ def phantom_dataset(
     empty_every: int = 0,
     level: str = "easy",
     slice_factor: int = 1,
+    sub_regions: bool = False,
 ) -> list[PhantomCase]:
     """``n`` independent cases; case ``i`` is seeded from ``(seed, i)`` (independent of ``n``).
 
@@ -104,11 +105,19 @@ def phantom_dataset(
         level: "easy" or "hard" (see the module docstring).
         slice_factor: Z slices this many times thicker than in-plane voxels (``thick_slices``);
             the spacing's Z grows by the same factor.
+        sub_regions: hard brats / lits only: label in the source convention (BraTS oedema 2,
+            necrosis 1, enhancing core 4; LiTS liver 1, tumour 2) instead of 0/1, for
+            multi-target models (``ossnet.targets``); needs ``slice_factor`` 1.
 
     Returns:
         Cases with ids ``"<kind>-<seed>-<i:04d>"`` (easy) or ``"<kind>-hard-<seed>-<i:04d>"``.
     """
     make = generator(kind, level)
+    extra: dict[str, bool] = {}
+    if sub_regions:
+        if level != "hard" or kind not in ("brats", "lits") or slice_factor != 1:
+            raise ValueError("sub_regions: only for hard brats or lits phantoms with slice_factor 1")
+        extra = {"regions": True} if kind == "brats" else {"classes": True}
     if n < 0:
         raise ValueError(f"n: must be >= 0, got {n}")
     if empty_every < 0:
@@ -122,7 +131,7 @@ def phantom_dataset(
         case_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1, dtype=np.uint64)[0])
         empty = empty_every > 0 and (i + 1) % empty_every == 0
         cases.append(thick_slices(make, grid, slice_factor, seed=case_seed, empty=empty, spacing=spacing,
-                                  case_id=f"{prefix}-{seed}-{i:04d}"))
+                                  case_id=f"{prefix}-{seed}-{i:04d}", **extra))
     logger.debug("generated %d %s/%s phantoms of shape %s", n, kind, level, grid)
     return cases
 

@@ -302,3 +302,17 @@ def test_override_flags_helpers() -> None:
     args = parser.parse_args(["--set", "a.x=1", "--n", "4", "--no-fast", "--off"])
     assert overrides_from_args(args, flags) == [("a.x", 1), ("a.n", 4), ("a.fast", False), ("a.on", False)]
     assert overrides_from_args(parser.parse_args([]), flags) == []
+
+
+def test_multi_target_configs_name_their_target_maps() -> None:
+    from ossnet.targets import TARGET_PRESETS
+
+    regions = load_train_job(CONFIGS / "brats2020-regions.yaml")
+    assert regions.model.targets == "brats-regions" and regions.model.build(in_channels=4).targets.n_outputs == 3
+    assert regions.sampling.border_ratio > 0  # each region gets its share of border points
+    lits = load_train_job(CONFIGS / "lits-tumour.yaml")
+    spec = TARGET_PRESETS[lits.model.targets]
+    assert spec.kind == "classes" and len(lits.train.target_weights) == spec.n_outputs
+    assert lits.tracking.model_name != load_train_job(CONFIGS / "lits.yaml").tracking.model_name
+    with pytest.raises(ConfigError, match=r"^model.targets: must be one of 'binary'"):
+        job(**{"model.targets": "brats"})
