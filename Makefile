@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) -m ossnet_bench.data --quick
 	$(PY) -m ossnet_bench.train --quick
 	$(PY) -m ossnet_bench.infer --quick
+	$(PY) -m ossnet_bench.multiclass --quick
 
 lint: $(STAMP)
 	$(PY) -m ruff check ossnet ossnet_cli pipelines tune bench tests
