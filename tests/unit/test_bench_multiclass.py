@@ -39,7 +39,9 @@ def test_summary_keys_and_goals() -> None:
              _outcome("lits", "unet3d", 0.7)]
     result = summarise(close)
     assert {f"dice_C_{n}" for n in ("wt", "tc", "et", "liver", "tumour")} <= set(result)
+    assert result["targets_learned"] == ["wt", "tc", "et", "liver", "tumour"]
     assert result["queries_ratio"] == 1.25 and result["goals"] == {
         "dice_within_0.03_of_unet3d_on_every_target": True, "queries_at_most_1.5x_binary": True}
     far = summarise([_outcome("brats", "C", 0.7, (200, 100)), _outcome("brats", "unet3d", 0.8)])
+    assert summarise([_outcome("lits", "C", 0.05), _outcome("lits", "unet3d", 0.02)])["targets_learned"] == []
     assert far["goals"] == {"dice_within_0.03_of_unet3d_on_every_target": False, "queries_at_most_1.5x_binary": False}
