@@ -102,3 +102,18 @@ def test_validation_scores_every_target_and_pools_the_global_dice(regions_store:
     for name in BRATS.names:
         assert f"val_dice_{name}" in metrics and f"val_global_dice_{name}" in metrics and f"val_hd95_{name}" in metrics
     assert metrics["val_dice"] == pytest.approx(np.mean([s["dice_et"] for s in scores]))
+
+
+def test_predict_volume_returns_the_label_map_and_a_probability_map_per_target() -> None:
+    from ossnet.config import model_config
+    from ossnet_pipelines.tracking.predict import make_inferer, predict_volume
+
+    torch.manual_seed(0)
+    model = build_model(model_config("C", "tiny", in_channels=1, volume_shape=GRID, targets=BRATS)).eval()
+    with torch.no_grad():
+        model.decoder.fc_out.bias.copy_(torch.tensor([2.0, 0.0, -1.0]))
+    scan = np.random.default_rng(0).normal(size=(37, 29, 19)).astype(np.float32)
+    out = predict_volume(model, scan, make_inferer(model, mode="dense", chunk_points=4096))
+    assert out.probability.shape == (3, *scan.shape) and out.mask.shape == scan.shape
+    assert set(np.unique(out.mask)) <= {0, 1, 2, 4} and len(np.unique(out.mask)) >= 2
+    np.testing.assert_array_equal(out.mask, BRATS.label_map(out.probability >= 0.5))
