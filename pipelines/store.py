@@ -32,6 +32,7 @@ import logging
 import math
 import re
 import time
+import unicodedata
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -68,6 +69,16 @@ class CaseNotFoundError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+def case_id_for(name: str) -> str:
+    """A store case id for a file or folder name as hospital exports write them: accents
+    dropped (NFKD), every run of other characters than letters, digits, '.', '_' and '-' (spaces,
+    parentheses, non-Latin letters) made one '_', leading and trailing '.', '_', '-' removed,
+    at most 128 characters. ``"Patient 01"`` -> ``"Patient_01"``, ``"Müller (2)"`` -> ``"Muller_2"``;
+    "" when nothing is left."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_name).strip("._-")[:128].rstrip("._-")
 
 
 def validate_case_id(case_id: str) -> str:
@@ -477,5 +488,6 @@ __all__ = [
     "create_store",
     "iter_cases",
     "open_store",
+    "case_id_for",
     "validate_case_id",
 ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -70,12 +70,23 @@ def _block_moments(block: np.ndarray, mask: str) -> np.ndarray:
     return out.reshape((1,) * block.ndim + (5,))
 
 
-def zscore_moments(channel: Any, mask: str) -> tuple[float, float, int, int]:
+class Moments(NamedTuple):
+    """What one pass over a channel found: the z-score statistics, the non-finite voxel counts,
+    and whether the channel is constant over its mask (then ``std`` is 1 and it z-scores to 0)."""
+
+    mean: float
+    std: float
+    n_nan: int
+    n_inf: int
+    constant: bool = False
+
+
+def zscore_moments(channel: Any, mask: str) -> Moments:
     """Mean and std of a lazy channel, and its NaN and Inf counts, from one pass over it.
 
     Each block is reduced to five numbers as soon as it is read, so the pass holds about one
     slab per thread. The mask follows ``ossnet.preprocess.zscore_stats``: ``"nonzero"`` voxels or
-    ``"all"``; an empty mask gives (0, 1) and a constant channel std 1.
+    ``"all"``; an empty mask gives (0, 1) and a constant channel std 1 (``Moments.constant``).
     """
     import dask.array as da
 
@@ -83,16 +94,13 @@ def zscore_moments(channel: Any, mask: str) -> tuple[float, float, int, int]:
                           chunks=tuple((1,) * len(c) for c in channel.chunks) + ((5,),))
     count, total, squares, n_nan, n_inf = parts.reshape(-1, 5).sum(axis=0).compute()
     if count == 0:
-        logger.warning("z-score: empty %s mask; using mean 0, std 1", mask)
-        return 0.0, 1.0, int(n_nan), int(n_inf)
+        return Moments(0.0, 1.0, int(n_nan), int(n_inf), constant=True)
     mean = float(total) / float(count)
     std = math.sqrt(max(float(squares) / float(count) - mean * mean, 0.0))
     # Relative: one-pass variance leaves rounding noise of about 1e-8 * |mean| on a constant channel.
     if not math.isfinite(std) or std < 1e-6 * max(1.0, abs(mean)):
-        if n_nan == n_inf == 0:
-            logger.warning("z-score: constant channel (value %g); using std 1", mean)
-        std = 1.0
-    return mean, std, int(n_nan), int(n_inf)
+        return Moments(mean, 1.0, int(n_nan), int(n_inf), constant=True)
+    return Moments(mean, std, int(n_nan), int(n_inf))
 
 
 def normalise(channel: Any, mean: float, std: float, mask: str) -> Any:
@@ -101,12 +109,17 @@ def normalise(channel: Any, mean: float, std: float, mask: str) -> Any:
     return np.where(channel != 0, normed, np.float32(0)) if mask == "nonzero" else normed
 
 
-def image_grid(channels: Sequence[tuple[Any, str]], record: PreprocessRecord) -> tuple[Any, PreprocessRecord]:
+def image_grid(channels: Sequence[tuple[Any, str]], record: PreprocessRecord,
+               warnings: list[str] | None = None) -> tuple[Any, PreprocessRecord]:
     """The case's model-grid image as a lazy ``(C, *volume_shape)`` float32 dask array.
+
+    A constant channel (or one whose z-score mask is empty) is z-scored to zeros: that is
+    logged, naming the file, and appended to ``warnings`` when given.
 
     Args:
         channels: ``(lazy (X, Y, Z) channel, file name)`` per modality (``nifti.lazy_volume``).
         record: the case geometry (``PreprocessRecord.create``).
+        warnings: collects one line per constant channel.
 
     Returns:
         ``(lazy grid, record with the z-score statistics)``.
@@ -118,9 +131,15 @@ def image_grid(channels: Sequence[tuple[Any, str]], record: PreprocessRecord) ->
 
     grids, means, stds = [], [], []
     for channel, name in channels:
-        mean, std, n_nan, n_inf = zscore_moments(channel, record.zscore_mask)
+        mean, std, n_nan, n_inf, constant = zscore_moments(channel, record.zscore_mask)
         if n_nan or n_inf:
             raise ValueError(f"{name}: non-finite voxels (NaN: {n_nan}, Inf: {n_inf})")
+        if constant:
+            message = (f"{name}: constant image (value {mean:g} over its {record.zscore_mask} z-score mask); "
+                       "it carries no information and z-scores to zeros")
+            logger.warning("%s", message)
+            if warnings is not None:
+                warnings.append(message)
         grids.append(record.to_grid(normalise(channel, mean, std, record.zscore_mask), order=1, dtype=np.float32))
         means.append(mean)
         stds.append(std)

@@ -24,12 +24,12 @@ from typing import Any, Mapping, Sequence
 
 from ossnet_pipelines.infer.job import InferError
 from ossnet_pipelines.ingest.sources import IngestError, detect_layout, discover, source_fs
+from ossnet_pipelines.store import case_id_for
 
 logger = logging.getLogger(__name__)
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,9 @@ class CaseListing:
 
 
 def safe_case_id(name: str) -> str:
-    """A file-name-safe case id from a file stem: runs of unsafe characters become ``_``."""
-    cid = _UNSAFE.sub("_", name).strip("._-")
-    return cid[:128] or "case"
+    """A file-name-safe case id from a file stem (``ossnet_pipelines.store.case_id_for``, as ingest
+    derives them), "case" when nothing is left."""
+    return case_id_for(name) or "case"
 
 
 def _stem(path: str) -> str:

@@ -94,7 +94,7 @@ def ingest_case(spec: CaseSpec, ctx: CaseContext) -> CaseReport:
                           time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
     logger.debug("ingest: %s done in %.1f s (%d label voxels)", spec.case_id, seconds, attrs["label_voxels"])
-    return CaseReport(spec.case_id, "ingested", "", seconds)
+    return CaseReport(spec.case_id, "ingested", "; ".join(attrs.get("warnings", [])), seconds)
 
 
 def _ingest_case(spec: CaseSpec, ctx: CaseContext) -> dict[str, Any]:
@@ -124,7 +124,8 @@ def _ingest_case(spec: CaseSpec, ctx: CaseContext) -> dict[str, Any]:
                     logger.warning("ingest: %s: cropping to %s removed %d foreground voxels", spec.case_id,
                                    ctx.volume_shape, lost)
             channels = [(nifti.lazy_volume(imgs[mod], path), path) for mod, path in spec.images]
-            grid, record = volumes.image_grid(channels, record)
+            notes: list[str] = []
+            grid, record = volumes.image_grid(channels, record, notes)
             with store.case_writer(spec.case_id) as writer:
                 array = writer.create_array("image", (len(channels), *ctx.volume_shape), np.float16)
                 for c in range(len(channels)):
@@ -156,6 +157,8 @@ def _ingest_case(spec: CaseSpec, ctx: CaseContext) -> dict[str, Any]:
                     "border_voxels": border_voxels,
                     "band_width": ctx.band_width,
                     **({"target_voxels": target_voxels} if target_voxels else {}),
+                    **({"warnings": notes} if notes else {}),
+                    **({"source_name": spec.source_name} if spec.source_name else {}),
                 }
                 writer.commit(attrs)
         return attrs

@@ -168,7 +168,9 @@ def ingest(job: IngestJob, progress: Callable[[CaseReport], None] | None = None)
                                     "failed": failed})
     reports = [CaseReport(r.case_id, r.status, r.message, r.seconds, splits.get(r.case_id)) for r in reports]
     report = IngestReport(str(job.store), layout.name, tuple(sorted(reports, key=lambda r: r.case_id)),
-                          time.perf_counter() - t0, executor)
+                          time.perf_counter() - t0, executor, tuple(found.hidden))
+    if found.hidden:
+        logger.info("ingest: skipped %d hidden files or folders (names starting with '.' or '__')", len(found.hidden))
     logger.info("ingest: %d ingested, %d skipped, %d failed in %.1f s", report.count("ingested"),
                 report.count("skipped"), report.count("failed"), report.seconds)
     return report

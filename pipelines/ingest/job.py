@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import posixpath
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
@@ -98,13 +99,19 @@ class IngestJob(Job):
 
 @dataclass(frozen=True)
 class IngestReport(CaseCounts):
-    """Outcome of an ingest run (``count``, ``failed`` and ``ok`` from ``CaseCounts``)."""
+    """Outcome of an ingest run (``count``, ``failed`` and ``ok`` from ``CaseCounts``).
+
+    Attributes:
+        hidden: hidden files and folders of the source that were skipped (names starting with
+            '.' or '__'), said in the summary.
+    """
 
     store: str
     layout: str
     cases: tuple[CaseReport, ...]
     seconds: float
     executor: str = "serial"
+    hidden: tuple[str, ...] = ()
 
     def table(self) -> str:
         """A fixed-width summary table: one row per case, then the totals."""
@@ -115,6 +122,11 @@ class IngestReport(CaseCounts):
             lines.append(row.rstrip())
         lines.append(f"{self.count('ingested')} ingested, {self.count('skipped')} skipped, "
                      f"{self.count('failed')} failed in {self.seconds:.1f} s -> {self.store}")
+        if self.hidden:
+            shown = ", ".join(posixpath.basename(p.rstrip("/")) for p in self.hidden[:5])
+            more = f" and {len(self.hidden) - 5} more" if len(self.hidden) > 5 else ""
+            lines.append(f"{len(self.hidden)} hidden files or folders skipped (names starting with '.' or '__'): "
+                         f"{shown}{more}")
         return "\n".join(lines)
 
 

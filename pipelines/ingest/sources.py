@@ -24,12 +24,12 @@ import json
 import logging
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import fsspec
 
-from ossnet_pipelines.store import SPLITS, validate_case_id
+from ossnet_pipelines.store import SPLITS, case_id_for, validate_case_id
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +69,20 @@ class CaseSpec:
     """One case to ingest: where its files are, or why it cannot be ingested.
 
     Attributes:
-        case_id: store name of the case.
+        case_id: store name of the case (``case_id_for``: a file or folder name mapped to
+            letters, digits, '.', '_' and '-').
         images: ``(modality, path)`` per channel, in ``LayoutInfo.modalities`` order.
         label: label path, or None (unlabelled).
         error: a one-line reason this case fails before any file is read, or None.
+        source_name: the name the id was derived from, when it differs (kept in the case's
+            attributes).
     """
 
     case_id: str
     images: tuple[tuple[str, str], ...] = ()
     label: str | None = None
     error: str | None = None
+    source_name: str | None = None
 
     @property
     def files(self) -> dict[str, str]:
@@ -91,10 +95,17 @@ class CaseSpec:
 
 @dataclass
 class Discovery:
-    """Result of scanning a source."""
+    """Result of scanning a source.
+
+    Attributes:
+        layout: what the layout's labels mean.
+        cases: one spec per case, failed ones included.
+        hidden: hidden entries skipped (names starting with '.' or '__'), so the summary can say so.
+    """
 
     layout: LayoutInfo
     cases: list[CaseSpec] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
 
 
 def source_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
@@ -111,23 +122,31 @@ def _stem(path: str) -> str:
     return _NIFTI.sub("", _name(path))
 
 
-def _ls(fs: Any, path: str) -> tuple[list[str], list[str]]:
-    """``(folders, files)`` directly under ``path``, sorted, hidden entries skipped."""
+HIDDEN_PREFIXES: tuple[str, ...] = (".", "__")
+
+
+def _ls(fs: Any, path: str, hidden: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """``(folders, files)`` directly under ``path``, sorted; hidden entries (names starting with
+    ``HIDDEN_PREFIXES``) are skipped and appended to ``hidden``."""
     dirs, files = [], []
     for entry in fs.ls(path, detail=True):
         name = _name(entry["name"])
-        if name.startswith((".", "__")):
+        if name.startswith(HIDDEN_PREFIXES):
+            if hidden is not None:
+                hidden.append(entry["name"])
             continue
         (dirs if entry["type"] == "directory" else files).append(entry["name"])
     return sorted(dirs), sorted(files)
 
 
-def _safe_id(case_id: str, where: str) -> str | None:
+def _case_id(name: str, where: str) -> tuple[str, str | None, str | None]:
+    """``(case id, the original name when it differs, error)`` for a file or folder name."""
+    case_id = case_id_for(name)
     try:
         validate_case_id(case_id)
-        return None
-    except ValueError as exc:
-        return f"{where}: {exc}"
+    except ValueError:
+        return name, None, f"{where}: {name!r} cannot be made into a case id (no letters or digits left)"
+    return case_id, (name if case_id != name else None), None
 
 
 def detect_layout(fs: Any, root: str) -> str:
@@ -185,12 +204,14 @@ def discover(
                                   found.layout.label_meaning, found.layout.zscore_mask)
     if not found.cases:
         raise IngestError(f"{root}: no cases found for the {layout} layout")
-    seen: dict[str, int] = {}
+    first: dict[str, str] = {}
     cases = []
     for spec in found.cases:
-        seen[spec.case_id] = seen.get(spec.case_id, 0) + 1
-        if seen[spec.case_id] > 1 and spec.error is None:
-            spec = CaseSpec(spec.case_id, spec.images, spec.label, f"{root}: duplicate case id {spec.case_id!r}")
+        name = spec.source_name or spec.case_id
+        if spec.case_id in first and spec.error is None:
+            spec = replace(spec, error=f"{root}: duplicate case id {spec.case_id!r} (from {name!r} and "
+                                       f"{first[spec.case_id]!r})")
+        first.setdefault(spec.case_id, name)
         cases.append(spec)
     found.cases = cases
     return found
@@ -198,12 +219,12 @@ def discover(
 
 def _discover_brats(fs: Any, root: str, require_labels: bool) -> Discovery:
     info = LayoutInfo("brats", BRATS_MODALITIES, (0, 1, 2, 4), "whole tumour (BraTS labels 1, 2, 4)", "nonzero")
-    dirs, _ = _ls(fs, root)
+    hidden: list[str] = []
+    dirs, _ = _ls(fs, root, hidden)
     cases = []
     for folder in dirs:
-        case_id = _name(folder)
-        error = _safe_id(case_id, folder)
-        _, files = _ls(fs, folder)
+        case_id, source_name, error = _case_id(_name(folder), folder)
+        _, files = _ls(fs, folder, hidden)
         niftis = [f for f in files if _NIFTI.search(f)]
         if error is None and not files:
             error = f"{folder}: empty folder"
@@ -228,8 +249,8 @@ def _discover_brats(fs: Any, root: str, require_labels: bool) -> Discovery:
             error = f"{folder}: several label files: {', '.join(_name(s) for s in segs)}"
         if error is None and label is None and require_labels:
             error = f"{folder}: missing label (no *_seg.nii[.gz])"
-        cases.append(CaseSpec(case_id, tuple(images), label, error))
-    return Discovery(info, cases)
+        cases.append(CaseSpec(case_id, tuple(images), label, error, source_name))
+    return Discovery(info, cases, hidden)
 
 
 def _discover_lits(fs: Any, root: str, require_labels: bool) -> Discovery:
@@ -276,7 +297,8 @@ def _discover_generic_dirs(fs: Any, root: str, labels_dir: str | None, require_l
             raise IngestError(f"{labels_dir}: labels folder not found")
     else:
         label_root = _pick_dir(fs, root, ("labels", "labelsTr"))
-    _, files = _ls(fs, images_dir)
+    hidden: list[str] = []
+    _, files = _ls(fs, images_dir, hidden)
     files = [f for f in files if _NIFTI.search(f)]
     if not files:
         raise IngestError(f"{images_dir}: no NIfTI files (.nii, .nii.gz)")
@@ -294,27 +316,29 @@ def _discover_generic_dirs(fs: Any, root: str, labels_dir: str | None, require_l
     modalities = tuple(f"ch{c}" for c in range(n_channels)) if multichannel else ("image",)
     labels: dict[str, str] = {}
     if label_root is not None:
-        for f in _ls(fs, label_root)[1]:
+        for f in _ls(fs, label_root, hidden)[1]:
             if _NIFTI.search(f):
                 labels[_stem(f)] = f
     elif require_labels:
         raise IngestError(f"{root}: no labels/ folder (pass --labels DIR, or allow unlabelled cases)")
     info = LayoutInfo("generic", modalities, (0, 1), "foreground (label > 0)", "all")
     cases = []
-    for case_id in sorted(channels):
-        chs = channels[case_id]
-        error = _safe_id(case_id, images_dir)
+    for stem in sorted(channels):
+        chs = channels[stem]
+        case_id, source_name, error = _case_id(stem, images_dir)
         missing = [c for c in range(n_channels) if c not in chs]
         if error is None and missing:
             error = f"{images_dir}: case {case_id} is missing modality {modalities[missing[0]]} ({case_id}_{missing[0]:04d})"
-        label = labels.get(case_id)
+        label = labels.get(stem)
         if error is None and label is None and require_labels:
-            error = f"{label_root}: no label for case {case_id}"
+            error = f"{label_root}: no label for case {stem}"
         images = tuple((modalities[c], chs[c]) for c in sorted(chs))
-        cases.append(CaseSpec(case_id, images, label, error))
+        cases.append(CaseSpec(case_id, images, label, error, source_name))
     for stem in sorted(set(labels) - set(channels)):
-        cases.append(CaseSpec(stem, (), labels[stem], f"{labels[stem]}: label without an image in {images_dir}"))
-    return Discovery(info, cases)
+        case_id, source_name, _ = _case_id(stem, images_dir)
+        cases.append(CaseSpec(case_id, (), labels[stem], f"{labels[stem]}: label without an image in {images_dir}",
+                              source_name))
+    return Discovery(info, cases, hidden)
 
 
 def _discover_csv(fs: Any, path: str, require_labels: bool) -> Discovery:
@@ -340,8 +364,8 @@ def _discover_csv(fs: Any, path: str, require_labels: bool) -> Discovery:
     for i, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         first = next((row[c] for c in channel_cols if row.get(c)), "")
-        case_id = row.get("case_id") or (_stem(first) if first else f"row{i}")
-        error = _safe_id(case_id, f"{path} line {i}")
+        case_id, source_name, error = _case_id(row.get("case_id") or (_stem(first) if first else f"row{i}"),
+                                               f"{path} line {i}")
         images = []
         for col, mod in zip(channel_cols, modalities):
             if row.get(col):
@@ -351,7 +375,7 @@ def _discover_csv(fs: Any, path: str, require_labels: bool) -> Discovery:
         label = resolve(row["label"]) if row.get("label") else None
         if error is None and label is None and require_labels:
             error = f"{path} line {i}: missing label path"
-        cases.append(CaseSpec(case_id, tuple(images), label, error))
+        cases.append(CaseSpec(case_id, tuple(images), label, error, source_name))
     return Discovery(info, cases)
 
 

@@ -257,16 +257,49 @@ def test_bad_inputs_fail_alone_with_one_line_errors(tmp_path: Path, capsys: pyte
     assert f"2 ingested, 0 skipped, {len(expected)} failed" in table
 
 
-def test_case_id_escaping_the_store_is_rejected(tmp_path: Path) -> None:
+def test_case_ids_never_escape_the_store_and_unmappable_names_are_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     _save(tmp_path / "img.nii.gz", _image(rng))
     _save(tmp_path / "seg.nii.gz", _label(rng, values=(1,)))
-    (tmp_path / "cases.csv").write_text("case_id,image,label\n../x,img.nii.gz,seg.nii.gz\nok,img.nii.gz,seg.nii.gz\n")
+    (tmp_path / "cases.csv").write_text("case_id,image,label\n../x,img.nii.gz,seg.nii.gz\n???,img.nii.gz,seg.nii.gz\n"
+                                        "ok,img.nii.gz,seg.nii.gz\n")
     report = ingest(_job(tmp_path / "cases.csv", tmp_path / "out" / "s.zarr"))
     failed = {c.case_id: c.message for c in report.failed}
-    assert list(failed) == ["../x"] and "cases.csv line 2" in failed["../x"] and "escape the store path" in failed["../x"]
-    assert not (tmp_path / "out" / "x").exists() and not (tmp_path / "out" / "s.zarr" / "x").exists()
-    assert open_store(str(tmp_path / "out" / "s.zarr")).case_ids() == ["ok"]
+    assert list(failed) == ["???"] and "cases.csv line 3" in failed["???"] and "cannot be made into a case id" in failed["???"]
+    store = open_store(str(tmp_path / "out" / "s.zarr"))
+    assert sorted(store.case_ids()) == ["ok", "x"] and store.case_attrs("x")["source_name"] == "../x"
+    assert sorted(p.name for p in (tmp_path / "out" / "s.zarr" / "cases").iterdir() if p.is_dir()) == ["ok", "x"]
+    assert not (tmp_path / "out" / "x").exists() and not (tmp_path / "x").exists()
+
+
+def test_everyday_file_names_hidden_files_and_constant_images(tmp_path: Path) -> None:
+    from ossnet_pipelines.ingest.sources import case_id_for
+
+    assert case_id_for("Patient 01") == "Patient_01" and case_id_for("Müller (2)") == "Muller_2"
+    assert case_id_for("患者") == "" and case_id_for(".hidden") == "hidden"
+    rng = np.random.default_rng(11)
+    src = tmp_path / "g"
+    for name in ("Patient 01", "Patiënt 02"):
+        _save(src / "images" / f"{name}.nii.gz", _image(rng))
+        _save(src / "labels" / f"{name}.nii.gz", _label(rng, values=(1,)))
+    _save(src / "images" / "flat.nii.gz", np.full(SHAPE, 5.0, dtype=np.float32))
+    _save(src / "labels" / "flat.nii.gz", _label(rng, values=(1,)))
+    _save(src / "images" / "Patient_01.nii.gz", _image(rng))  # collides with "Patient 01"
+    _save(src / "labels" / "Patient_01.nii.gz", _label(rng, values=(1,)))
+    _save(src / "images" / ".scratch.nii.gz", _image(rng))
+    (src / "labels" / ".DS_Store").write_text("x")
+    report = ingest(_job(src, tmp_path / "s.zarr", layout="generic"))
+    status = {c.case_id: (c.status, c.message) for c in report.cases}
+    assert status["Patient_02"][0] == "ingested" and status["flat"][0] == "ingested"
+    assert sum(s == "ingested" for s, _ in status.values()) == 3 and report.count("failed") == 1
+    assert "duplicate case id 'Patient_01' (from 'Patient_01' and 'Patient 01')" in report.failed[0].message
+    store = open_store(str(tmp_path / "s.zarr"))
+    assert store.case_attrs("Patient_02")["source_name"] == "Patiënt 02"
+    # A constant image: ingested, said in the summary and kept with the case.
+    assert "constant image" in status["flat"][1] and "flat.nii.gz" in status["flat"][1]
+    assert "constant image" in store.case_attrs("flat")["warnings"][0]
+    table = report.table()
+    assert "2 hidden files or folders skipped (names starting with '.' or '__'): .scratch.nii.gz, .DS_Store" in table
 
 
 def test_source_level_errors_exit_2(tmp_path: Path) -> None:

@@ -64,14 +64,16 @@ def test_truncated_files_fail_with_the_file_name(tmp_path: Path) -> None:
 def test_chunked_z_score_matches_the_in_memory_one(mask: str) -> None:
     scan = _scan(seed=1)
     expected, mean, std = zscore_channel(scan, mask)
-    got_mean, got_std, n_nan, n_inf = volumes.zscore_moments(da.from_array(scan, chunks=(23, 19, 4)), mask)
-    assert (n_nan, n_inf) == (0, 0)
+    got_mean, got_std, n_nan, n_inf, constant = volumes.zscore_moments(da.from_array(scan, chunks=(23, 19, 4)), mask)
+    assert (n_nan, n_inf, constant) == (0, 0, False)
     assert got_mean == pytest.approx(mean, rel=1e-9) and got_std == pytest.approx(std, rel=1e-6)
     normed = volumes.normalise(da.from_array(scan, chunks=(23, 19, 4)), got_mean, got_std, mask).compute()
     np.testing.assert_allclose(normed, expected, rtol=1e-5, atol=1e-5)
     bad = scan.copy()
     bad[5, 5, 5], bad[6, 6, 6] = np.nan, np.inf
-    assert volumes.zscore_moments(da.from_array(bad, chunks=(23, 19, 4)), mask)[2:] == (1, 1)
+    assert volumes.zscore_moments(da.from_array(bad, chunks=(23, 19, 4)), mask)[2:4] == (1, 1)
+    flat = np.full_like(scan, 7.0)
+    assert volumes.zscore_moments(da.from_array(flat, chunks=(23, 19, 4)), mask).constant
 
 
 def test_store_grid_writes_every_shard_once(tmp_path: Path) -> None:
