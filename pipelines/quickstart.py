@@ -80,6 +80,7 @@ class QuickstartResult:
     png: Path | None
     tracking_uri: str
     window_dice: dict[str, float]  # case id (or "<case>/<target>") -> trivial-baseline Dice on the held-out cases
+    model_name: str = "ossnet"  # the registered model
 
 
 def _write_archives(
@@ -187,7 +188,8 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     report = run_inference(InferJob(input=str(heldout), output=str(out / "predictions"), model=model,
                                     tracking_uri=uri, mode="auto"))
     png = _overlay_png(heldout, report, out)
-    return QuickstartResult(store=store, train=trained, infer=report, png=png, tracking_uri=uri, window_dice=window)
+    return QuickstartResult(store=store, train=trained, infer=report, png=png, tracking_uri=uri, window_dice=window,
+                            model_name=job.tracking.model_name)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -227,7 +229,7 @@ def run_cli(args: argparse.Namespace) -> int:
           else f"training:    run {tr.run_name}, {tr.epochs} epochs")
     print(f"mlflow run:  {tr.mlflow_run_id}")
     print(f"model:       {tr.model_uri} version {tr.model_version}"
-          f"{' (now models:/ossnet@champion)' if tr.promoted else ''}")
+          f"{f' (now models:/{res.model_name}@champion)' if tr.promoted else ''}")
     print(rep.summary())
     if res.window_dice and opts.task == "regions":
         names = sorted({key.rsplit("/", 1)[1] for key in res.window_dice})

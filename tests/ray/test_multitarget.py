@@ -28,7 +28,7 @@ def test_the_regions_quickstart_writes_brats_label_maps_scored_per_region(ray_se
                                               overrides=overrides, tracking_uri=uri))
     store = open_store(result.store)
     assert store.targets.names == ("wt", "tc", "et") and store.info["targets_name"] == "brats-regions"
-    assert result.infer.ok and result.train.model_version is not None
+    assert result.infer.ok and result.train.model_version is not None and result.model_name == "ossnet-regions"
     # Masks in the BraTS convention, in each held-out scan's own geometry.
     for case in result.infer.cases:
         written = np.asarray(nib.load(case.mask.removeprefix("file://")).dataobj)
