@@ -93,6 +93,7 @@ def _unet3d(plan: dict[str, Any], targets: Any, train: list, test: list, rng: np
     import torch.nn.functional as F
 
     from ossnet.baselines import ResidualUNet3D
+    from ossnet.inference import region_probabilities
 
     device = plan["device"]
     k = targets.n_outputs
@@ -115,16 +116,13 @@ def _unet3d(plan: dict[str, Any], targets: Any, train: list, test: list, rng: np
 
     out = _fit(plan, model, step)
     model.eval()
-    member = torch.as_tensor(targets.class_regions()) if classes else None
     label_maps, seconds = [], []
     for _, image, _ in test:
         start = time.perf_counter()
         with torch.no_grad():
             logits = model(torch.from_numpy(image)[None].to(device))[0].cpu()
-        if member is not None:  # the same rule as OSS-Net: regions' summed class probabilities
-            regions = torch.einsum("k...,kt->t...", torch.softmax(logits, dim=0), member) >= 0.5
-        else:
-            regions = logits > 0
+        # The same decision rule as OSS-Net's (for classes: the regions' summed class probabilities).
+        regions = region_probabilities(logits, targets, dim=0) >= 0.5
         label_maps.append(targets.label_map(regions.numpy()))
         seconds.append(time.perf_counter() - start)
     return {**out, "label_maps": label_maps, "infer_s": seconds}

@@ -174,11 +174,16 @@ def target_scores(pred_label: np.ndarray, ref_label: np.ndarray, targets: Any,
     """
     out: dict[str, float] = {}
     for name, pred, ref in zip(targets.names, targets.region_masks(pred_label), targets.region_masks(ref_label)):
-        counts = confusion_counts(pred, ref)
-        out.update({f"dice_{name}": dice_of(counts), f"iou_{name}": iou_of(counts),
-                    f"hd95_{name}": hd95(pred, ref, spacing, empty_value=BRATS_HD95_EMPTY),
-                    f"tp_{name}": float(counts.tp), f"fp_{name}": float(counts.fp), f"fn_{name}": float(counts.fn)})
+        out.update(count_scores(name, confusion_counts(pred, ref)))
+        out[f"hd95_{name}"] = hd95(pred, ref, spacing, empty_value=BRATS_HD95_EMPTY)
     return out
+
+
+def count_scores(name: str, counts: ConfusionCounts) -> dict[str, float]:
+    """``dice_<name>``, ``iou_<name>`` and the counts ``tp_/fp_/fn_<name>`` of one target, as
+    :func:`target_scores` gives them (for counts computed elsewhere, chunk by chunk)."""
+    return {f"dice_{name}": dice_of(counts), f"iou_{name}": iou_of(counts),
+            f"tp_{name}": float(counts.tp), f"fp_{name}": float(counts.fp), f"fn_{name}": float(counts.fn)}
 
 
 def pooled_dice(scores: Sequence[Mapping[str, float]], name: str) -> float:

@@ -28,7 +28,7 @@ import numpy as np
 from ossnet.errors import ConfigError
 
 TASK_KINDS: tuple[str, ...] = ("binary", "regions", "classes")
-MAX_REGIONS = 8  # one bit each in the stored border-band mask
+MAX_REGIONS = 8  # targets of one map: one bit each in the stored border-band mask
 
 
 class TargetError(ConfigError):
@@ -70,8 +70,8 @@ class TargetSpec:
                                   f"got {list(region)}")
         if self.kind == "binary" and len(self.names) != 1:
             raise TargetError(f"targets.names: a binary task has one target, got {len(self.names)}")
-        if self.kind == "regions" and len(self.names) > MAX_REGIONS:
-            raise TargetError(f"targets.names: at most {MAX_REGIONS} regions, got {len(self.names)}")
+        if len(self.names) > MAX_REGIONS:  # every target's border band is one bit of a uint8
+            raise TargetError(f"targets.names: at most {MAX_REGIONS} targets, got {len(self.names)}")
         return self
 
     @property

@@ -245,15 +245,26 @@ def scan_mask(probability: np.ndarray, record: PreprocessRecord, threshold: floa
 
 def mask_counts(pred: Any, ref: Any) -> Any:
     """``ossnet.metrics.ConfusionCounts`` of two (lazy or computed) masks, chunk by chunk."""
+    return mask_counts_many([(pred, ref)])[0]
+
+
+def mask_counts_many(pairs: Sequence[tuple[Any, Any]]) -> list[Any]:
+    """``mask_counts`` of several ``(pred, ref)`` pairs in one pass: masks derived from the same
+    lazy volumes (the regions of one label map) read those volumes once."""
     import dask
     import dask.array as da
 
     from ossnet.metrics import ConfusionCounts
 
-    p, r = da.asarray(pred) != 0, da.asarray(ref) != 0
-    tp, n_pred, n_ref = dask.compute((p & r).sum(), p.sum(), r.sum())
-    total = int(np.prod(p.shape, dtype=np.int64))
-    return ConfusionCounts(tp=int(tp), fp=int(n_pred - tp), fn=int(n_ref - tp), tn=total - int(n_pred + n_ref - tp))
+    sums = []
+    for pred, ref in pairs:
+        p, r = da.asarray(pred) != 0, da.asarray(ref) != 0
+        sums.append(((p & r).sum(), p.sum(), r.sum(), int(np.prod(p.shape, dtype=np.int64))))
+    out = []
+    for tp, n_pred, n_ref, total in dask.compute(sums)[0]:
+        out.append(ConfusionCounts(tp=int(tp), fp=int(n_pred - tp), fn=int(n_ref - tp),
+                                   tn=total - int(n_pred + n_ref - tp)))
+    return out
 
 
 def case_record(shape: Sequence[int], affine: Any, volume_shape: Sequence[int], zscore_mask: str,
@@ -279,5 +290,6 @@ __all__ = [
     "scan_mask",
     "scan_view",
     "store_grid",
+    "mask_counts_many",
     "zscore_moments",
 ]

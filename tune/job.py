@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 from pydantic import Field, model_validator
 
 from ossnet.config import ConfigError
-from ossnet_pipelines.files import local_path
+from ossnet_pipelines.files import absolute_url, local_path
 from ossnet_pipelines.jobconfig import JobModel, NonBlank, config_hash, load_job, safe_name
 from ossnet_pipelines.train.job import TrainJob
 from ossnet_tune.space import SearchSpace
@@ -125,8 +125,6 @@ class TuneJob(TrainJob):
         """A copy whose local paths are absolute and whose sweep name is fixed, so trials (which
         run in Tune's per-trial folders, maybe on other nodes) read the same store and state.
         The Train run name stays unset: each trial sets its own."""
-        from ossnet_pipelines.files import absolute_url
-
         return self.updated({"store": absolute_url(self.store), "run.storage_path": absolute_url(self.run.storage_path),
                              "sweep.name": self.name, "sweep.storage_path": local_path(self.sweep.storage_path)})
 

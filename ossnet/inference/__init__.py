@@ -15,6 +15,7 @@ from ossnet.inference.inferer import (
     MODES,
     InferenceResult,
     Inferer,
+    region_probabilities,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "InferenceResult",
     "Inferer",
     "MODES",
+    "region_probabilities",
 ]

@@ -22,6 +22,7 @@ from torch import nn
 from ossnet.config import ModelConfig
 from ossnet.inference import mise
 from ossnet.sampling import downsample_image, extract_patches, normalize_points, pool_volume
+from ossnet.targets import TargetSpec
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class InferenceResult:
             refining each target separately would decode (compare with ``n_queries``).
         seconds: wall time of encode + decode + assembly (device synchronised).
         mode: the mode that actually ran ("mise" when "mise_lowres" fell back).
-        level_queries: points decoded per MISE stride, coarsest first (empty for dense).
+        level_queries: points decoded per MISE stride, coarsest first (empty for dense); for T
+            targets, each target's own MISE evaluations summed (see ``target_queries``).
     """
 
     probability: Array
@@ -258,7 +260,6 @@ class Inferer:
         logger.debug("inference %s: %d queries in %.3f s", mode, result.n_queries, seconds)
         return result
 
-
     def _mise(self, oracle: mise.Oracle, cfg: ModelConfig, device: torch.device, mode: str,
               lowres_prob: torch.Tensor | None, level_queries: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One MISE run on one target's oracle: ``(values (X, Y, Z), evaluated (X, Y, Z))``;
@@ -274,6 +275,22 @@ class Inferer:
         mise.refine(state, coords, start_stride, self.dilation, margin=self.recall_margin)
         level_queries.update(state.level_queries)
         return state.values, state.evaluated
+
+
+def region_probabilities(logits: torch.Tensor, targets: TargetSpec, dim: int = -1) -> torch.Tensor:
+    """Each target region's probability from a model's logits, with the output channels along
+    ``dim``: the sigmoid for binary and regions; for classes the softmax over the K classes summed
+    over each region's classes (liver = liver + tumour), the rule every decision here follows.
+
+    Returns:
+        ``logits``' shape with the K channels along ``dim`` replaced by the T regions (binary:
+        the sigmoid of the single output, whatever its shape).
+    """
+    if targets.kind != "classes":
+        return torch.sigmoid(logits)
+    member = torch.as_tensor(targets.class_regions(), device=logits.device, dtype=torch.float32)  # (K, T)
+    probs = torch.movedim(torch.softmax(logits.float(), dim=dim), dim, -1) @ member
+    return torch.movedim(probs, -1, dim)
 
 
 def _target_lowres(lowres_logits: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -321,9 +338,7 @@ class _ChunkedDecoder:
         cfg = cast(ModelConfig, model.config)
         targets = cfg.targets
         self.n_targets = 1 if targets.n_outputs == 1 else targets.n_targets
-        # Softmax classes -> region probabilities: probabilities @ (K, T) membership.
-        self.class_regions = (torch.as_tensor(targets.class_regions(), device=volume.device)
-                              if targets.kind == "classes" else None)
+        self.targets = targets
         self.model: Any = model  # anything with OSSNet's decode
         self.volume = volume
         self.encoding = encoding
@@ -342,10 +357,7 @@ class _ChunkedDecoder:
                 self.volume, points, size=self.patch_size, multiscale=self.multiscale, pooled=self.pooled
             )[None]
         coords = torch.as_tensor(normalize_points(points, self.shape)).to(self.volume.dtype)[None]
-        logits = self.model.decode(coords, patches, self.encoding)[0].float()
-        if self.class_regions is not None:
-            return torch.softmax(logits, dim=-1) @ self.class_regions
-        return torch.sigmoid(logits)
+        return region_probabilities(self.model.decode(coords, patches, self.encoding)[0].float(), self.targets)
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         width = () if self.n_targets == 1 else (self.n_targets,)
@@ -378,4 +390,5 @@ __all__ = [
     "InferenceResult",
     "Inferer",
     "MODES",
+    "region_probabilities",
 ]

@@ -138,8 +138,9 @@ class CaseResult:
             model redoes the case.
         mask: URL of the written mask (multi-target models: the label map in the source's
             convention).
-        targets: multi-target models: JSON ``{target: {dice, iou, hd95, tp, fp, fn}}`` against
-            the reference (the report expands it into ``dice_<target>``... columns); "" otherwise.
+        targets: multi-target models: JSON of ``ossnet.metrics.target_scores`` against the
+            reference (``dice_<target>``, ``iou_<target>``, ``hd95_<target>``, ``tp_/fp_/fn_<target>``;
+            the report expands it into columns); "" otherwise.
     """
 
     case_id: str
@@ -234,15 +235,16 @@ class InferReport(CaseCounts):
         scored = [json.loads(c.targets) for c in self.cases if c.status != "failed" and c.targets]
         if not scored:
             return []
+        from ossnet.metrics import pooled_dice  # torch: only for a multi-target report
+
         lines = []
-        for name in scored[0]:
-            per_case = [s[name] for s in scored if name in s]
-            tp, fp, fn = (sum(float(s[k]) for s in per_case) for k in ("tp", "fp", "fn"))
-            pooled = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-            hd = _finite(s.get("hd95", math.nan) for s in per_case)
+        for name in (key.removeprefix("dice_") for key in scored[0] if key.startswith("dice_")):
+            per_case = [s for s in scored if f"dice_{name}" in s]
+            hd = _finite(s.get(f"hd95_{name}", math.nan) for s in per_case)
             hd_text = f", HD95 {sum(hd) / len(hd):.2f} mm" if hd else ""
-            lines.append(f"infer: {name}: mean Dice {sum(s['dice'] for s in per_case) / len(per_case):.4f} over "
-                         f"{len(per_case)} cases, global Dice {pooled:.4f}{hd_text}")
+            mean = sum(s[f"dice_{name}"] for s in per_case) / len(per_case)
+            lines.append(f"infer: {name}: mean Dice {mean:.4f} over {len(per_case)} cases, "
+                         f"global Dice {pooled_dice(per_case, name):.4f}{hd_text}")
         lines.append("infer: conventions: Dice/IoU per case on the written label map (both empty 1, one empty 0); "
                      "HD95 in mm, both empty 0, one empty 373.13 (BraTS 2020); global Dice pools every case's "
                      "voxels (LiTS)")

@@ -174,8 +174,7 @@ def report_frame(rows: Iterable[CaseResult]) -> Any:
     frame = pd.DataFrame.from_records(records, columns=list(REPORT_COLUMNS))
     floats = ("seconds", "predict_seconds", "foreground_ml", "dice", "iou")
     frame = frame.astype({**{c: "float64" for c in floats}, "n_queries": "int64"})
-    expanded = [{f"{key}_{name}": value for name, score in (json.loads(r["targets"]) if r["targets"] else {}).items()
-                 for key, value in score.items()} for r in records]
+    expanded = [json.loads(r["targets"]) if r["targets"] else {} for r in records]
     if any(expanded):
         frame = pd.concat([frame, pd.DataFrame.from_records(expanded).astype("float64")], axis=1)
     return frame

@@ -325,8 +325,8 @@ def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
             affine = np.asarray(record.original_affine, dtype=np.float64)
             grid_probability = np.asarray(row["probability"], dtype=np.float32)
             codes = {"sform_code": int(meta.get("sform_code", 1)), "qform_code": int(meta.get("qform_code", 1))}
-            regions: list[Any] = []
-            if grid_probability.ndim == 4:  # several targets: the label map in the source's values
+            multi = grid_probability.ndim == 4
+            if multi:  # several targets: the label map in the source's values
                 regions = [volumes.scan_mask(p, record, ctx.threshold) for p in grid_probability]
                 mask = scan_label_map(regions, ctx.targets)
                 if ctx.save_target_masks:
@@ -358,11 +358,11 @@ def write_case(row: Mapping[str, Any], ctx: StageContext) -> dict[str, Any]:
         label = _text(row.get("label", ""))
         if label:
             try:
-                if regions:
-                    scores = _target_reference_scores(case_id, label, record, regions, mask, ctx)
+                if multi:
+                    scores = _target_reference_scores(case_id, label, record, mask, ctx)
                     per_target = json.dumps(scores)
-                    d = float(np.mean([s["dice"] for s in scores.values()]))
-                    j = float(np.mean([s["iou"] for s in scores.values()]))
+                    d = float(np.mean([scores[f"dice_{n}"] for n in ctx.targets.names]))
+                    j = float(np.mean([scores[f"iou_{n}"] for n in ctx.targets.names]))
                 else:
                     counts = _reference_counts(case_id, label, record, mask, ctx)
                     d, j = dice_of(counts), iou_of(counts)
@@ -384,31 +384,31 @@ def scan_label_map(regions: Sequence[Any], targets: TargetSpec) -> Any:
     return da.map_blocks(lambda *blocks: targets.label_map(np.stack(blocks)), *regions, dtype=np.uint8)
 
 
-def _target_reference_scores(case_id: str, label: str, record: Any, regions: Sequence[Any], label_map: Any,
-                             ctx: StageContext) -> dict[str, dict[str, float]]:
-    """Per target: Dice, IoU (and HD95 in mm for scans up to ``HD95_MAX_VOXELS``) of the written
-    label map against the reference, with the voxel counts that pool into a global Dice."""
+def _target_reference_scores(case_id: str, label: str, record: Any, label_map: Any,
+                             ctx: StageContext) -> dict[str, float]:
+    """``ossnet.metrics.target_scores`` of the written label map against the reference (Dice, IoU,
+    HD95 in mm, the counts that pool into a global Dice) for scans up to ``HD95_MAX_VOXELS``;
+    larger scans get the same without HD95, counted slab by slab in one pass."""
+    import dask
     import dask.array as da
 
-    from ossnet.metrics import BRATS_HD95_EMPTY, dice_of, hd95, iou_of
+    from ossnet.geometry import voxel_spacing
+    from ossnet.metrics import count_scores, target_scores
 
     targets = ctx.targets
-    spacing = tuple(float(s) for s in np.sqrt((np.asarray(record.original_affine)[:3, :3] ** 2).sum(axis=0)))
-    out: dict[str, dict[str, float]] = {}
     with _reference(case_id, label, record, ctx) as lazy:
         ref = da.asarray(lazy)
+        if int(np.prod(ref.shape, dtype=np.int64)) <= HD95_MAX_VOXELS:
+            written, truth = dask.compute(da.asarray(label_map), ref)
+            targets.check_values(truth, what=label)
+            return target_scores(written, truth, targets, voxel_spacing(record.original_affine))
         targets.check_values(da.unique(ref).compute(), what=label)
-        small = int(np.prod(ref.shape, dtype=np.int64)) <= HD95_MAX_VOXELS
-        for t, name in enumerate(targets.names):
-            region_values = list(targets.regions[t])
-            pred = da.asarray(label_map).map_blocks(np.isin, region_values, dtype=bool)
-            truth = ref.map_blocks(np.isin, region_values, dtype=bool)
-            counts = volumes.mask_counts(pred, truth)
-            score = {"dice": dice_of(counts), "iou": iou_of(counts), "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
-            if small:
-                score["hd95"] = hd95(pred.compute(), truth.compute(), spacing, empty_value=BRATS_HD95_EMPTY)
-            out[name] = score
-    return out
+        pairs = [(da.asarray(label_map).map_blocks(np.isin, list(region), dtype=bool),
+                  ref.map_blocks(np.isin, list(region), dtype=bool)) for region in targets.regions]
+        out: dict[str, float] = {}
+        for name, counts in zip(targets.names, volumes.mask_counts_many(pairs)):
+            out.update(count_scores(name, counts))
+        return out
 
 
 def process_case(case: InferCase, ctx: StageContext, predictor: CasePredictor) -> CaseResult:

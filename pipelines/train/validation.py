@@ -77,7 +77,7 @@ class Validator:
             Per-case score dicts (``CASE_KEYS`` plus ``case_id``), and the PNGs written.
         """
         store = cached_store(self.store_url)
-        targets = getattr(model, "config").targets
+        targets = model.config.targets
         scores: list[dict[str, Any]] = []
         pngs: list[Path] = []
         for index, case_id in enumerate(self.case_ids):

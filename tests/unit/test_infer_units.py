@@ -456,7 +456,7 @@ def test_a_multi_target_model_writes_the_label_map_in_the_source_values_and_scor
     for t, name in enumerate(targets.names):
         np.testing.assert_array_equal(np.asarray(nib.load(ctx.outputs.target_mask(name, "s")).dataobj), regions[t])
     scores = json.loads(result.targets)
-    assert all(scores[n]["dice"] == 1.0 and scores[n]["hd95"] == 0.0 for n in targets.names)
+    assert all(scores[f"dice_{n}"] == 1.0 and scores[f"hd95_{n}"] == 0.0 for n in targets.names)
     assert ctx.outputs.done_outputs(False, False, targets.names) == {"s"}
     # A reference holding a value the map does not read: the prediction stands, the metric says why.
     _save(tmp_path / "bad.nii.gz", np.where(label_ref == 2, 3, label_ref).astype(np.uint8))

@@ -201,3 +201,11 @@ def test_training_steps_on_multi_target_rows_learn_and_count_points_per_target(p
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
     counts = [metrics[f"points_{name}"] for name in spec.names]
     assert all(c > 0 for c in counts) and counts == sorted(counts, reverse=True)  # nested: the inner ones hold fewer
+
+
+def test_a_map_holds_at_most_eight_targets_of_either_kind() -> None:
+    values = tuple(range(10))
+    for kind in ("regions", "classes"):
+        spec = TargetSpec(kind, values, tuple(f"t{v}" for v in values[1:]), tuple((v,) for v in values[1:]))
+        with pytest.raises(TargetError, match=r"^targets.names: at most 8 targets, got 9$"):
+            spec.validate()
