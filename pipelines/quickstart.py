@@ -79,14 +79,15 @@ class QuickstartResult:
     infer: Any  # ossnet_pipelines.infer.InferReport
     png: Path | None
     tracking_uri: str
-    window_dice: dict[str, float]  # case id (or "<case>/<target>") -> trivial-baseline Dice on the held-out cases
+    window_dice: dict[str, dict[str, float]]  # target -> case id -> trivial-baseline Dice on the held-out cases
     model_name: str = "ossnet"  # the registered model
 
 
 def _write_archives(
     opts: QuickstartOptions, volume_shape: tuple[int, int, int]
-) -> tuple[Path, Path, dict[str, float]]:
-    """The training and held-out archives, and the trivial baseline's Dice per held-out case."""
+) -> tuple[Path, Path, dict[str, dict[str, float]]]:
+    """The training and held-out archives, and the trivial baseline's Dice per target and
+    held-out case."""
     from ossnet.baselines.window import best_window
     from ossnet.phantoms import phantom_dataset
     from ossnet_pipelines.synthetic import write_brats_archive
@@ -99,12 +100,10 @@ def _write_archives(
                             level="hard", sub_regions=regions)
     write_brats_archive(cases[: opts.n_cases], archive)
     write_brats_archive(cases[opts.n_cases :], heldout)
-    if regions:
-        targets = target_preset(TASK_TARGETS[opts.task])
-        window = {f"{c.case_id}/{name}": best_window(c.image, mask).dice for c in cases[opts.n_cases :]
-                  for name, mask in zip(targets.names, targets.region_masks(c.label))}
-    else:
-        window = {c.case_id: best_window(c.image, c.label).dice for c in cases[opts.n_cases :]}
+    targets = target_preset(TASK_TARGETS[opts.task])
+    masks = {c.case_id: targets.region_masks(c.label) for c in cases[opts.n_cases :]}
+    window = {name: {c.case_id: best_window(c.image, masks[c.case_id][t]).dice for c in cases[opts.n_cases :]}
+              for t, name in enumerate(targets.names)}
     logger.info("wrote %d training and %d held-out synthetic cases under %s", opts.n_cases, opts.n_heldout, opts.out_dir)
     return archive, heldout, window
 
@@ -231,15 +230,15 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"model:       {tr.model_uri} version {tr.model_version}"
           f"{f' (now models:/{res.model_name}@champion)' if tr.promoted else ''}")
     print(rep.summary())
-    if res.window_dice and opts.task == "regions":
-        names = sorted({key.rsplit("/", 1)[1] for key in res.window_dice})
-        per_target = ", ".join(f"{n} {np.mean([v for k, v in res.window_dice.items() if k.endswith('/' + n)]):.4f}"
-                               for n in names)
+    window = {name: cases for name, cases in res.window_dice.items() if cases}  # none without held-out cases
+    if len(window) > 1:
+        per_target = ", ".join(f"{name} {np.mean(list(cases.values())):.4f}" for name, cases in window.items())
         print(f"baseline:    best single-channel intensity window per region, tuned on each held-out case's own "
               f"label: mean Dice {per_target}")
-    elif res.window_dice:
+    elif window:
+        (cases,) = window.values()
         print(f"baseline:    best single-channel intensity window, tuned per held-out case on its own label: "
-              f"mean Dice {np.mean(list(res.window_dice.values())):.4f} over {len(res.window_dice)} cases")
+              f"mean Dice {np.mean(list(cases.values())):.4f} over {len(cases)} cases")
     if res.png is not None:
         print(f"slices:      {res.png}")
     print(f"MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {db} --host 127.0.0.1 --port 5000")

@@ -37,7 +37,8 @@ def test_the_regions_quickstart_writes_brats_label_maps_scored_per_region(ray_se
         assert {k for k in json.loads(case.targets) if k.startswith("dice_")} == {"dice_wt", "dice_tc", "dice_et"}
     frame = pd.read_parquet(result.infer.report_path.removeprefix("file://"))
     assert {"dice_wt", "dice_tc", "dice_et", "hd95_et"} <= set(frame.columns)
-    assert {key.rsplit("/", 1)[1] for key in result.window_dice} == {"wt", "tc", "et"}
+    assert set(result.window_dice) == {"wt", "tc", "et"}
+    assert all(set(cases) == {c.case_id for c in result.infer.cases} for cases in result.window_dice.values())
     # Per-region validation metrics and the points each region got, in the training run.
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     metrics = client.get_run(result.train.mlflow_run_id).data.metrics
