@@ -85,6 +85,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+class JobIncomplete(RuntimeError):
+    """A job stopped for a reason its one-line message explains fully, with what to do next
+    (exit 1, no traceback): e.g. training finished but the tracking server was gone."""
+
+
 def run_job_command(command: JobCommand, args: argparse.Namespace, out: TextIO | None = None,
                     err: TextIO | None = None) -> int:
     """Build, then dry-run, submit or run ``command``'s job; returns the process exit code."""
@@ -111,6 +116,9 @@ def run_job_command(command: JobCommand, args: argparse.Namespace, out: TextIO |
         hint = command.hint(job, exc) if command.hint is not None and job is not None else ""
         err.write(f"error: {exc}{hint}\n")
         return EXIT_BAD_INPUT
+    except JobIncomplete as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - the command reports any failure in one line
         logger.exception("%s failed", command.what)
         err.write(f"error: {command.what} failed: {type(exc).__name__}: {_first_line(exc)}\n")

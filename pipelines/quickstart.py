@@ -49,7 +49,8 @@ class QuickstartOptions:
 
     Attributes:
         out_dir: folder for the archive, store, checkpoints and predictions.
-        n_cases: synthetic cases in the training archive (train + validation splits).
+        n_cases: synthetic cases in the training archive (train, validation and test splits:
+            12, 2 and 2 by default; the test cases decide ``champion``).
         n_heldout: synthetic cases segmented by the batch inference job at the end.
         seed: data seed (the training seed comes from the config).
         config: training YAML.
@@ -61,7 +62,7 @@ class QuickstartOptions:
     """
 
     out_dir: Path = Path(".ossnet/quickstart")
-    n_cases: int = 14
+    n_cases: int = 16
     n_heldout: int = 3
     seed: int = 0
     config: Path = QUICKSTART_CONFIG
@@ -173,7 +174,8 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
 
     logger.info("[2/4] ingest into %s", store)
     ingested = ingest_own_store(IngestJob(source=str(archive), store=store, layout="brats", preset=job.model.preset,
-                                          val_fraction=0.15, split_seed=opts.seed, executor="serial",
+                                          val_fraction=0.125, test_fraction=0.125, split_seed=opts.seed,
+                                          executor="serial",
                                           targets=TASK_TARGETS[opts.task]))
     if not ingested.ok:
         raise RuntimeError("quickstart: ingestion failed:\n" + ingested.table())
@@ -229,6 +231,8 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"mlflow run:  {tr.mlflow_run_id}")
     print(f"model:       {tr.model_uri} version {tr.model_version}"
           f"{f' (now models:/{res.model_name}@champion)' if tr.promoted else ''}")
+    if tr.test_dice is not None:
+        print(f"test Dice:   {tr.test_dice:.4f} on the store's test split; {tr.promotion}")
     print(rep.summary())
     window = {name: cases for name, cases in res.window_dice.items() if cases}  # none without held-out cases
     if len(window) > 1:

@@ -85,6 +85,7 @@ def write_case_store(
     preset: str = "tiny",
     splits: Mapping[str, str] | None = None,
     val_fraction: float = 0.25,
+    test_fraction: float = 0.0,
     volume_shape: tuple[int, int, int] | None = None,
 ) -> str:
     """Phantom cases written as a BraTS-style archive under ``root`` and ingested into a store.
@@ -96,6 +97,7 @@ def write_case_store(
         splits: case id -> "train" / "val" (written as a split file); default a seeded split
             with ``val_fraction``.
         val_fraction: validation fraction of the seeded split.
+        test_fraction: test fraction of the seeded split (the promotion evidence).
         volume_shape: override of the preset's grid.
 
     Returns:
@@ -119,7 +121,7 @@ def write_case_store(
     source = write_brats_archive(cases, root / "archive") if layout == "brats" else write_generic_archive(
         cases, root / "archive")
     report = ingest(IngestJob(source=str(source), store=url, layout=layout, preset=preset,
-                              volume_shape=volume_shape, val_fraction=val_fraction,
+                              volume_shape=volume_shape, val_fraction=val_fraction, test_fraction=test_fraction,
                               split_file=None if split_file is None else str(split_file), executor="serial"))
     if not report.ok:
         raise RuntimeError(f"phantom store {url}: ingestion failed\n{report.table()}")
@@ -133,13 +135,14 @@ def write_phantom_store(
     source_shape: tuple[int, int, int] = (37, 41, 29),
     preset: str = "tiny",
     val_fraction: float = 0.25,
+    test_fraction: float = 0.0,
 ) -> str:
     """The small stores of the tests: one easy BraTS-like phantom per seed (id ``brats-<seed>``),
     ingested serially onto ``preset``'s grid with a seeded train/val split (``write_case_store``)."""
     from ossnet.phantoms import brats_like
 
     cases = [brats_like(source_shape, seed=int(s), case_id=f"brats-{int(s)}") for s in seeds]
-    return write_case_store(root, cases, preset=preset, val_fraction=val_fraction)
+    return write_case_store(root, cases, preset=preset, val_fraction=val_fraction, test_fraction=test_fraction)
 
 
 __all__ = ["ellipsoid_scan", "write_brats_archive", "write_case_store", "write_generic_archive", "write_phantom_store"]

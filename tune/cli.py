@@ -13,7 +13,8 @@ The config is a training config (every trial starts from it) plus ``space``, ``s
 starts. The sweep keeps its state under ``<sweep.storage_path>/<sweep name>``; an interrupted
 sweep continues with the same command and ``--resume`` (finished trials are not run again).
 At the end it prints the summary table (all trials, best first), registers the best trial's
-model and moves the ``champion`` alias to it if it beats the current champion. With
+model, scores it on the store's test split (cases no trial saw) and moves the ``champion``
+alias to it only if that test Dice beats the champion's on the same cases. With
 ``--address`` the resolved sweep is submitted as a Ray job and its log streams here.
 """
 
@@ -95,9 +96,11 @@ def _print_result(result, job, out: TextIO) -> None:  # result: SweepResult, job
         out.write(f"best trial {b.trial_id}: val_dice {b.best_val_dice:.4f} at epoch {b.best_epoch} ({settings})\n")
     if result.parent_run_id:
         out.write(f"MLflow parent run id: {result.parent_run_id}\n")
-    if result.model_version is not None:
-        state = "promoted to champion" if result.promoted else "not promoted (the champion is at least as good)"
-        out.write(f"model {job.base.tracking.model_name} version {result.model_version}: {state}\n")
+    if result.test_dice is not None:
+        out.write(f"best trial's test Dice {result.test_dice:.4f} on the store's test split (no trial saw it; "
+                  "the promotion evidence)\n")
+    if result.promotion:
+        out.write(f"{result.promotion}\n")
     if counts["unfinished"]:
         out.write("the sweep stopped early: continue it with the same command and --resume\n")
 

@@ -10,7 +10,8 @@ Steps, all on the sweep driver:
    trial is a Train driver whose epochs reach ASHA through ``TuneReportCallback``;
 4. read every trial back from the experiment state, tag and close the MLflow child runs,
    write the summary table (CSV + Markdown) next to the Tune state and into the parent run;
-5. register the best trial's model; ``champion`` moves only if it beats the current holder.
+5. register the best trial's model (chosen on validation Dice); ``champion`` moves only if its
+   Dice on the store's test split, which no trial saw, beats the current holder's.
 
 A failed trial (bad settings, a crash) is recorded and the others go on (``fail_fast`` off,
 ``sweep.max_failures`` retries). A sweep whose driver died continues with ``resume=True``:
@@ -60,6 +61,8 @@ class SweepResult:
         parent_run_id: the MLflow parent run (None with tracking off).
         model_uri, model_version, promoted: the best trial's logged model, its registered
             version and whether ``champion`` moved to it.
+        test_dice: the best trial's model's Dice on the store's test split (the promotion evidence).
+        promotion: the promotion rule and what it decided, one line.
         summary_csv: the summary table's CSV file; ``summary_markdown``: the table as text.
     """
 
@@ -72,6 +75,8 @@ class SweepResult:
     model_uri: str | None = None
     model_version: int | None = None
     promoted: bool = False
+    test_dice: float | None = None
+    promotion: str = ""
     summary_csv: str | None = None
     summary_markdown: str = ""
 
@@ -133,9 +138,11 @@ def prepare(job: TuneJob) -> tuple[TuneJob, str | None]:
     uri = None
     if job.base.tracking.enabled:
         from ossnet_pipelines.tracking import TrackingConfigError, resolve_tracking_uri
+        from ossnet_pipelines.tracking.uri import check_reachable
 
         try:
             uri = resolve_tracking_uri(job.base.tracking.uri)
+            check_reachable(uri)
         except TrackingConfigError as exc:
             raise ConfigError(f"tracking.uri: {exc}") from None
         # Trials run in Tune's per-trial folders: they must get the URI, not re-resolve it.
@@ -316,7 +323,8 @@ def run_sweep(
         name=job.name, experiment_path=job.experiment_path, trials=trials, best=best,
         max_concurrent_trials=max_concurrent, parent_run_id=parent_id,
         model_uri=reg.model_uri if reg else None, model_version=reg.model_version if reg else None,
-        promoted=bool(reg and reg.promoted), summary_csv=str(Path(job.experiment_path) / SUMMARY_CSV),
+        promoted=bool(reg and reg.promoted), test_dice=reg.test_dice if reg else None,
+        promotion=reg.promotion if reg else "", summary_csv=str(Path(job.experiment_path) / SUMMARY_CSV),
         summary_markdown=to_markdown(trials, job.space.searched()),
     )
 
@@ -342,8 +350,7 @@ def _finish(parent: RunLogger, job: TuneJob, trials: tuple[TrialSummary, ...],
         return _Finished(trials, None)
     if best is None:
         return _Finished(trials, None)
-    registration = register_best(parent, best, experiment=job.base.tracking.experiment,
-                                 model_name=job.base.tracking.model_name, register=job.base.tracking.register)
+    registration = register_best(parent, best, base=job.base)
     return _Finished(trials, registration)
 
 

@@ -8,7 +8,8 @@ KILLED (FAILED for failed trials) and tags every child with its trial id and swe
 
 Trials do not register models. :func:`register_best` registers the best trial's model once
 (the parent run records which trial it registered, so a resumed or re-finalised sweep does not
-add another version) and moves ``champion`` only if it beats the current champion.
+add another version); ``champion`` moves on the model's test-split Dice, never on the
+validation Dice the sweep selected on.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ossnet_pipelines.tracking import RUN_KEY_TAG, RunLogger, register_and_promote
+from ossnet_pipelines.tracking import RUN_KEY_TAG, RunLogger
 from ossnet_pipelines.tracking.tags import (
     MODEL_EPOCH_TAG,
     MODEL_URI_TAG,
     MODEL_VERSION_TAG,
     PARENT_RUN_TAG,
     PROMOTED_TAG,
+    PROMOTION_TAG,
     REGISTERED_PROMOTED_TAG,
     REGISTERED_TRIAL_TAG,
     REGISTERED_URI_TAG,
@@ -41,6 +43,8 @@ from ossnet_tune.summary import TrialSummary
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from ossnet_pipelines.train.job import TrainJob
+
 logger = logging.getLogger(__name__)
 
 _END_STATUS = {"early_stopped": "KILLED", "failed": "FAILED"}
@@ -53,6 +57,8 @@ class Registration:
     model_uri: str | None = None
     model_version: int | None = None
     promoted: bool = False
+    promotion: str = ""  # the promotion rule and what it decided
+    test_dice: float | None = None
 
 
 def parent_run(name: str, experiment: str, tracking_uri: str) -> RunLogger:
@@ -117,23 +123,25 @@ def register_best(
     parent: RunLogger,
     best: TrialSummary,
     *,
-    experiment: str,
-    model_name: str,
-    register: bool,
+    base: TrainJob,
 ) -> Registration:
-    """Log (if needed) and register the best trial's model; move ``champion`` if it is better.
+    """Log (if needed) and register the best trial's model; ``champion`` moves on test evidence.
 
     A trial that ran to the end logged its best checkpoint as a model bundle in its child run
     (tag ``ossnet.model_uri``); an early-stopped one did not, so its best checkpoint is logged
-    into its child run here.
+    into its child run here. The best trial was chosen on validation Dice; the model is then
+    scored on the store's test split, which no trial saw, and that score decides promotion
+    (``ossnet_pipelines.train.promotion``). Both scores go on the version, the parent run and
+    the trial's run.
 
     Args:
         parent: the sweep's started parent run.
         best: the best trial (with its MLflow child run id).
-        experiment: the MLflow experiment.
-        model_name: registered model name.
-        register: register it (False: only make sure the model is logged).
+        base: the sweep's training job (store, experiment, model name, validation settings;
+            ``tracking.register`` False only makes sure the model is logged).
     """
+    from ossnet_pipelines.train.promotion import TestSet, register_on_test_evidence
+
     client = parent.client
     tags = client.get_run(parent.run_id).data.tags
     if tags.get(REGISTERED_TRIAL_TAG) == best.trial_id and tags.get(REGISTERED_URI_TAG):
@@ -141,26 +149,47 @@ def register_best(
         logger.info("sweep %s already registered trial %s (version %s)", parent.run_key, best.trial_id, version)
         # A resumed sweep whose first run got as far as registering reports what that run did.
         promoted_before = tags.get(REGISTERED_PROMOTED_TAG) == "True"
-        return Registration(tags[REGISTERED_URI_TAG], int(version) if version else None, promoted_before)
+        return Registration(tags[REGISTERED_URI_TAG], int(version) if version else None, promoted_before,
+                            tags.get(PROMOTION_TAG, ""))
     if best.mlflow_run_id is None:
         logger.warning("best trial %s has no MLflow run; nothing to register", best.trial_id)
         return Registration()
-    model_uri = _model_of_best_epoch(client, parent, best, experiment)
+    model_uri = _model_of_best_epoch(client, parent, best, base.tracking.experiment)
     if model_uri is None:
         return Registration()
-    version: int | None = None
-    promoted = False
-    if register:
-        version, promoted = register_and_promote(
-            model_uri, model_name, float(best.best_val_dice or 0.0), SCORE_METRIC, tracking_uri=parent.tracking_uri,
-            tags={"ossnet.run_name": best.run_name, "epoch": best.best_epoch, SWEEP_TAG: parent.run_key,
-                  TRIAL_ID_TAG: best.trial_id},
-        )
-        client.set_tag(best.mlflow_run_id, MODEL_VERSION_TAG, str(version))
-        client.set_tag(best.mlflow_run_id, PROMOTED_TAG, str(promoted))
+    if not base.tracking.register:
+        parent.set_tags({REGISTERED_TRIAL_TAG: best.trial_id, REGISTERED_URI_TAG: model_uri,
+                         REGISTERED_VERSION_TAG: "", REGISTERED_PROMOTED_TAG: False})
+        return Registration(model_uri)
+    test_cases = _test_cases(base.store)
+    evidence = register_on_test_evidence(
+        model_uri, model_name=base.tracking.model_name, val_dice=float(best.best_val_dice or 0.0),
+        test_set=TestSet.of(base.store, test_cases) if test_cases else None, tracking_uri=parent.tracking_uri,
+        mode=base.validation.mode, chunk_points=base.validation.chunk_points, objective=base.validation.objective,
+        tags={"ossnet.run_name": best.run_name, "epoch": best.best_epoch, SWEEP_TAG: parent.run_key,
+              TRIAL_ID_TAG: best.trial_id},
+    )
+    client.set_tag(best.mlflow_run_id, MODEL_VERSION_TAG, str(evidence.version))
+    client.set_tag(best.mlflow_run_id, PROMOTED_TAG, str(evidence.promoted))
+    if evidence.test is not None:
+        for run_id in (best.mlflow_run_id, parent.run_id):
+            client.log_metric(run_id, "test_dice", evidence.test.dice)
+            client.log_metric(run_id, "test_iou", evidence.test.iou)
     parent.set_tags({REGISTERED_TRIAL_TAG: best.trial_id, REGISTERED_URI_TAG: model_uri,
-                     REGISTERED_VERSION_TAG: "" if version is None else version, REGISTERED_PROMOTED_TAG: promoted})
-    return Registration(model_uri, version, promoted)
+                     REGISTERED_VERSION_TAG: "" if evidence.version is None else evidence.version,
+                     REGISTERED_PROMOTED_TAG: evidence.promoted, PROMOTION_TAG: evidence.message})
+    return Registration(model_uri, evidence.version, evidence.promoted, evidence.message,
+                        evidence.test.dice if evidence.test is not None else None)
+
+
+def _test_cases(store_url: str) -> list[str]:
+    """The store's complete labelled test cases (none: an empty list)."""
+    from ossnet_pipelines.data import cached_store, split_case_ids
+
+    try:
+        return split_case_ids(cached_store(store_url), "test", None)
+    except ValueError:
+        return []
 
 
 def _model_of_best_epoch(client: MlflowClient, parent: RunLogger, best: TrialSummary, experiment: str) -> str | None:

@@ -88,6 +88,9 @@ class OutputLayout:
         folders += [self.target_masks(name) for name in target_names]
         for url in folders[1:]:
             fs.makedirs(fsspec.core.url_to_fs(url, **dict(self.storage_options or {}))[1], exist_ok=True)
+        if "file" in _protocols(fs):
+            _refuse_links_outside(root, [fsspec.core.url_to_fs(u)[1] for u in folders[1:]]
+                                  + ([fsspec.core.url_to_fs(self.zarr)[1]] if save_zarr else []))
         remove_stale_temps(folders, self.storage_options)
         if save_zarr:
             import zarr
@@ -128,6 +131,32 @@ class OutputLayout:
         if save_zarr:
             done &= self.complete_zarr_cases()
         return done
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _refuse_links_outside(root: str, folders: Sequence[str]) -> None:
+    """Refuse output sub-folders that are symbolic links leading outside the output folder.
+
+    Files are safe without this: each is written to a temporary name and renamed, which
+    replaces a link rather than writing through it. A linked folder would send every case there.
+
+    Raises:
+        InferError: naming the folder and where it leads.
+    """
+    import os
+
+    from ossnet_pipelines.infer.job import InferError
+
+    real_root = os.path.realpath(root)
+    for folder in folders:
+        real = os.path.realpath(folder)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise InferError(f"{folder}: a symbolic link leading outside the output folder (to {real}); "
+                             "remove it or choose another --output")
 
 
 def write_zarr_case(layout: OutputLayout, case_id: str, mask: Any, probability: Any | None,

@@ -32,6 +32,8 @@ from ossnet_pipelines.raystart import ensure_ray
 
 logger = logging.getLogger(__name__)
 
+LOST_CASE_RETRIES = 1  # extra passes over cases whose worker or node died under them
+
 
 def _model(job: InferJob) -> tuple[str, bytes]:
     """``(resolved model description, checkpoint bytes)``; raises ``ModelNotFoundError`` first."""
@@ -90,6 +92,17 @@ def _gpus_per_actor(requested: float | None, cluster_gpus: float, actors: int) -
     if cluster_gpus <= 0:
         return 0.0
     return min(1.0, cluster_gpus / max(1, actors))
+
+
+def _write_report(layout: OutputLayout, rows: Iterable[CaseResult]) -> str:
+    """``write_report``; a report that cannot be written (a full disk) is one error line, and
+    the job goes on (the previous report, if any, stays whole: it is replaced atomically)."""
+    try:
+        return write_report(layout, rows)
+    except OSError as exc:
+        logger.error("infer: the report could not be written to %s: %s", layout.report_parquet,
+                     " ".join(str(exc).split()))
+        return layout.report_parquet
 
 
 def _digest(data: bytes) -> str:
@@ -157,7 +170,7 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
     )
     pipeline_seconds = 0.0
     actors, gpus = 0, 0.0
-    report_path = write_report(layout, results.values()) if not plan.todo else layout.report_parquet
+    report_path = _write_report(layout, results.values()) if not plan.todo else layout.report_parquet
     if plan.todo:
         import ray
 
@@ -168,27 +181,37 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
             gpus = _gpus_per_actor(job.gpus_per_actor, float(ray.cluster_resources().get("GPU", 0.0)), actors)
             tracker = CaseProgress("infer", len(plan.todo), job.progress_every)
             t0 = last_flush = time.perf_counter()
+            todo = list(plan.todo)
             try:
-                for row in _pipeline([valid[c] for c in plan.todo], job, ctx, checkpoint, gpus):
-                    result = CaseResult.from_row(row)
-                    results[result.case_id] = result
-                    tracker.update(result.status == "failed")
-                    if progress is not None:
-                        progress(result)
-                    if time.perf_counter() - last_flush > job.report_every_s:
-                        write_report(layout, results.values())
-                        last_flush = time.perf_counter()
+                # A case whose block was lost with its worker or node comes back without a row: it
+                # gets a second pass (on what is left of the cluster) before it counts as failed.
+                for attempt in range(1 + LOST_CASE_RETRIES):
+                    if attempt:
+                        logger.warning("infer: %d case(s) lost with a worker or node; running them again: %s",
+                                       len(todo), ", ".join(todo[:5]) + (" ..." if len(todo) > 5 else ""))
+                    for row in _pipeline([valid[c] for c in todo], job, ctx, checkpoint, gpus):
+                        result = CaseResult.from_row(row)
+                        results[result.case_id] = result
+                        tracker.update(result.status == "failed")
+                        if progress is not None:
+                            progress(result)
+                        if time.perf_counter() - last_flush > job.report_every_s:
+                            _write_report(layout, results.values())
+                            last_flush = time.perf_counter()
+                    todo = [c for c in plan.todo if c not in results]
+                    if not todo:
+                        break
             finally:
                 pipeline_seconds = time.perf_counter() - t0
                 # Whatever happened (Ctrl-C, a lost cluster), keep the record of finished cases.
                 lost = [c for c in plan.todo if c not in results]
-                report_path = write_report(layout, results.values())
-            for cid in lost:  # the pipeline dropped the case: its worker died (e.g. out of memory)
+                report_path = _write_report(layout, results.values())
+            for cid in lost:  # the pipeline dropped the case twice: its worker died (e.g. out of memory)
                 results[cid] = CaseResult(cid, "failed", error=f"{cid}: no result from the pipeline (worker died, "
                                           "possibly out of memory; see the Ray logs)", model=model_name,
                                           model_sha256=sha)
             if lost:
-                report_path = write_report(layout, results.values())
+                report_path = _write_report(layout, results.values())
         finally:
             if started:
                 ray.shutdown()

@@ -59,10 +59,17 @@ def configure_ingest_parser(parser: argparse.ArgumentParser) -> argparse.Argumen
                         help="what the labels mean: binary (the paper: foreground = any non-zero value) or a "
                              "target map that keeps the label values, e.g. brats-regions (WT 1,2,4 / TC 1,4 / "
                              "ET 4), brats2023-regions (ET 3), lits-classes (liver 1,2 / tumour 2)")
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="validation fraction (default: 0.15)")
+    parser.add_argument("--val-fraction", type=float, default=0.15,
+                        help="validation fraction: the cases that pick the best epoch and the sweep's best trial "
+                             "(default: 0.15)")
+    parser.add_argument("--test-fraction", type=float, default=0.15,
+                        help="test fraction: cases nothing trains or selects on; their Dice decides which model "
+                             "becomes champion (default: 0.15; 0: no test split, models are registered but never "
+                             "promoted)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the deterministic split (default: 0)")
     parser.add_argument("--split-file", default=None,
-                        help="split file (JSON, CSV case_id,split, or reference 'Training:/Validation:' text)")
+                        help="split file (JSON, CSV case_id,split, or reference 'Training:/Validation:/Testing:' text); "
+                             "overrides --val-fraction and --test-fraction")
     parser.add_argument("--workers", type=int, default=1, help="cases in parallel (default: 1)")
     parser.add_argument("--executor", choices=EXECUTORS, default="auto",
                         help="auto: Ray if a cluster is up, else processes when --workers > 1")
@@ -79,7 +86,7 @@ def job_from_args(args: argparse.Namespace) -> IngestJob:
         zscore_mask=args.zscore_mask, resample=args.resample,
         target_spacing=tuple(args.target_spacing) if args.target_spacing else None, threads=args.threads,
         scheduler=args.scheduler, label_values=args.label_values, targets=args.targets,
-        val_fraction=args.val_fraction,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         split_seed=args.split_seed, split_file=args.split_file, workers=args.workers, executor=args.executor,
         overwrite=args.overwrite, require_labels=not args.allow_unlabeled,
     )

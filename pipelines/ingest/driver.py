@@ -20,26 +20,34 @@ from ossnet_pipelines.store import ARRAYS, StoreError, create_store
 logger = logging.getLogger(__name__)
 
 
-def seeded_split(case_ids: Iterable[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Deterministic train/val split: the ``round(val_fraction * n)`` ids ranking lowest by
-    ``sha256(f"{seed}:{id}")`` are validation.
+def seeded_split(case_ids: Iterable[str], val_fraction: float, seed: int,
+                 test_fraction: float = 0.0) -> dict[str, str]:
+    """Deterministic train/val/test split: ids ranked by ``sha256(f"{seed}:{id}")``; the first
+    ``round(val_fraction * n)`` are validation, the next ``round(test_fraction * n)`` test.
 
-    Independent of discovery order and of the executor; adding cases moves few others.
-    At least one case goes to each split when ``val_fraction > 0`` and there are >= 2 cases.
+    Independent of discovery order and of the executor; adding cases moves few others, and a
+    test fraction takes its cases from the training ones (the validation cases stay).
+    A non-zero fraction gets at least one case when at least one training case remains.
     """
     ids = sorted(set(case_ids))
     n_val = round(val_fraction * len(ids))
     if val_fraction > 0 and len(ids) >= 2:
         n_val = min(max(n_val, 1), len(ids) - 1)
+    n_test = round(test_fraction * len(ids))
+    if test_fraction > 0 and len(ids) - n_val >= 2:
+        n_test = min(max(n_test, 1), len(ids) - n_val - 1)
+    n_test = max(0, min(n_test, len(ids) - n_val - 1))
     ranked = sorted(ids, key=lambda cid: hashlib.sha256(f"{seed}:{cid}".encode()).hexdigest())
-    val = set(ranked[:n_val])
-    return {cid: ("val" if cid in val else "train") for cid in ids}
+    split = {cid: "val" for cid in ranked[:n_val]}
+    split.update({cid: "test" for cid in ranked[n_val:n_val + n_test]})
+    return {cid: split.get(cid, "train") for cid in ids}
 
 
 def _assign_splits(job: IngestJob, case_ids: Sequence[str]) -> tuple[dict[str, str], dict[str, Any]]:
     if job.split_file is None:
-        info = {"method": "seed", "seed": job.split_seed, "val_fraction": job.val_fraction}
-        return seeded_split(case_ids, job.val_fraction, job.split_seed), info
+        info = {"method": "seed", "seed": job.split_seed, "val_fraction": job.val_fraction,
+                "test_fraction": job.test_fraction}
+        return seeded_split(case_ids, job.val_fraction, job.split_seed, job.test_fraction), info
     listed = parse_split_file(job.split_file)
     unlisted = sorted(set(case_ids) - set(listed))
     if unlisted:

@@ -53,6 +53,8 @@ class IngestJob(Job):
             paper: labels stored as 0/1), or e.g. "brats-regions" / "lits-classes" (labels keep
             the source's values, each target gets its own border band, the map is recorded).
         val_fraction: fraction of cases in the validation split (when no split file).
+        test_fraction: fraction of cases in the test split (when no split file): cases no training,
+            checkpoint selection or sweep selection sees, whose Dice decides ``champion``.
         split_seed: seed of the deterministic split.
         split_file: JSON / CSV / reference-style text split file; overrides the seeded split.
         workers: cases processed in parallel.
@@ -81,6 +83,7 @@ class IngestJob(Job):
     label_values: Optional[tuple[Annotated[int, Field(ge=0)], ...]] = None
     targets: Literal[tuple(TARGET_PRESETS)] = "binary"  # type: ignore[valid-type]
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     split_seed: int = 0
     split_file: Optional[NonBlank] = None
     workers: int = Field(1, ge=1)
@@ -89,6 +92,13 @@ class IngestJob(Job):
     require_labels: bool = True
     affine_atol: float = Field(1e-3, ge=0.0)
     storage_options: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_cases(self) -> "IngestJob":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(f"test_fraction: val_fraction + test_fraction must be < 1, got "
+                              f"{self.val_fraction:g} + {self.test_fraction:g}")
+        return self
 
     @model_validator(mode="after")
     def _spacing_given(self) -> "IngestJob":

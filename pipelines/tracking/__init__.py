@@ -29,10 +29,12 @@ from ossnet_pipelines.tracking.registry import (
     DEFAULT_MODEL_SPEC,
     ModelLocation,
     ModelNotFoundError,
+    Promotion,
     load_checkpoint_from_mlflow,
     locate_model,
     register_and_promote,
     resolve_model_uri,
+    settle_alias,
 )
 from ossnet_pipelines.tracking.runs import RUN_KEY_TAG, RunLogger, flatten_params, log_figure_png
 from ossnet_pipelines.tracking.uri import (
@@ -55,6 +57,7 @@ __all__ = [
     "ModelLocation",
     "ModelNotFoundError",
     "OSSNET_HOME_ENV",
+    "Promotion",
     "RUN_KEY_TAG",
     "RunLogger",
     "TrackingConfigError",
@@ -73,5 +76,6 @@ __all__ = [
     "register_and_promote",
     "resolve_model_uri",
     "resolve_tracking_uri",
+    "settle_alias",
     "state_dir",
 ]

@@ -1,7 +1,8 @@
 """Model registry: register + promote the ``champion`` alias, and resolve model specs to files.
 
-Aliases, not stages: ``register_and_promote`` adds a version tagged with its validation metric
-and moves the alias only when that metric beats the current holder's. ``locate_model`` checks
+Aliases, not stages: ``register_and_promote`` adds a version tagged with its promotion score and
+settles the alias on the best-scoring version (a rule over the registered versions, re-checked
+after every write, so concurrent promoters converge on the same winner). ``locate_model`` checks
 that a model spec exists (registry lookups only, no download) so jobs fail before any work;
 ``resolve_model_uri`` then downloads the bundle into a cache and returns the checkpoint file.
 
@@ -15,15 +16,23 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from ossnet_pipelines.tracking.uri import resolve_tracking_uri, sqlite_path, state_dir
+from ossnet_pipelines.tracking.uri import (
+    TrackingConfigError,
+    check_reachable,
+    resolve_tracking_uri,
+    sqlite_path,
+    state_dir,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -137,6 +146,10 @@ def locate_model(spec: str, tracking_uri: str | None = None) -> ModelLocation:
         if not _RUN_ID_RE.match(spec):
             raise ModelNotFoundError(f"model: {spec!r} is not a file, a models:/ or runs:/ URI, or an MLflow run id")
     uri = resolve_tracking_uri(tracking_uri)
+    try:
+        check_reachable(uri)
+    except TrackingConfigError as exc:
+        raise ModelNotFoundError(f"model: {spec!r}: {exc}") from None
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
         # Opening it would create an empty database (and run MLflow's migrations) first.
@@ -263,35 +276,127 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """What :func:`register_and_promote` did.
+
+    Attributes:
+        version: the new version.
+        promoted: whether ``alias`` points to the new version when the call returns.
+        champion: the version holding ``alias`` when the call returns (None: unset).
+        message: one line: the rule and the outcome, for the console and the version's tags.
+    """
+
+    version: int
+    promoted: bool
+    champion: int | None
+    message: str
+
+
+def _finite(raw: Any) -> float | None:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _version_scores(client: "MlflowClient", name: str, score_key: str) -> dict[int, float]:
+    """Version -> its finite ``score_key`` tag, for every version of ``name`` that has one."""
+    versions = client.search_model_versions(f"name = '{name}'", max_results=10000)
+    scores = {int(mv.version): _finite(mv.tags.get(score_key)) for mv in versions}
+    return {v: s for v, s in scores.items() if s is not None}
+
+
+def settle_alias(
+    client: "MlflowClient",
+    name: str,
+    score_key: str,
+    *,
+    alias: str = CHAMPION_ALIAS,
+    rescore: Callable[[int], float | None] | None = None,
+    max_rounds: int = 20,
+) -> tuple[int | None, str]:
+    """Point ``alias`` at the best-scoring version of ``name`` by its ``score_key`` tag.
+
+    The rule is a function of the registered versions only (highest score wins, the older
+    version on ties), so concurrent promoters agree whatever their order. MLflow has no
+    compare-and-set on an alias: each promoter sets it, then reads the versions and the alias
+    again and sets it again until what it reads agrees with the rule. A promoter that set the
+    alias from a stale read therefore corrects itself; one that reads after every version is
+    registered only ever writes the winner. Two writes of the alias at the same instant can
+    collide in the registry's database; the loser of that collision reads again.
+
+    A current holder without a score under ``score_key`` (scored on other cases, or before
+    scores existed) is scored by ``rescore(version)`` and tagged; when it cannot be scored
+    (``rescore`` missing or returning None) the alias stays where it is.
+
+    Returns:
+        ``(holder, reason)``: the version holding the alias afterwards (None: unset), and why
+        it did not move when it could not be decided ("" otherwise).
+    """
+    from mlflow.exceptions import MlflowException
+
+    rescored: set[int] = set()
+    for _ in range(max_rounds):
+        raw = client.get_registered_model(name).aliases.get(alias)
+        holder = int(raw) if raw is not None else None
+        scores = _version_scores(client, name, score_key)
+        if holder is not None and holder not in scores:
+            value = rescore(holder) if rescore is not None and holder not in rescored else None
+            rescored.add(holder)
+            if value is None or not math.isfinite(value):
+                return holder, (f"the current {alias!r} v{holder} has no score under {score_key!r} and could not "
+                                "be scored on the same cases")
+            client.set_model_version_tag(name, str(holder), score_key, repr(float(value)))
+            continue
+        if not scores:
+            return holder, f"no version has a score under {score_key!r}"
+        winner = max(scores, key=lambda v: (scores[v], -v))
+        if holder == winner:
+            return holder, ""
+        try:
+            client.set_registered_model_alias(name, alias, str(winner))
+        except MlflowException as exc:  # another promoter wrote the alias at the same moment: read again
+            logger.debug("model %s: setting %r collided with another promoter (%s)", name, alias, exc)
+            time.sleep(random.uniform(0.05, 0.3))
+            continue
+        logger.info("model %s: %r -> v%d (%s %.4f; was %s)", name, alias, winner, score_key, scores[winner],
+                    f"v{holder}" if holder is not None else "unset")
+    raise RuntimeError(f"model {name}: alias {alias!r} did not settle after {max_rounds} rounds")
+
+
 def register_and_promote(
     model_uri: str,
     name: str,
-    metric_value: float,
-    metric_name: str = "val_dice",
+    score: float | None,
+    score_key: str,
     *,
     alias: str = CHAMPION_ALIAS,
-    greater_is_better: bool = True,
     tracking_uri: str | None = None,
     tags: Mapping[str, Any] | None = None,
-) -> tuple[int, bool]:
-    """Register ``model_uri`` as a new version of ``name``; move ``alias`` to it if it is better.
+    rescore: Callable[[int], float | None] | None = None,
+    rule: str = "",
+) -> Promotion:
+    """Register ``model_uri`` as a new version of ``name`` and settle ``alias`` (:func:`settle_alias`).
 
-    The version is tagged ``{metric_name: metric_value}``. The alias moves when there is no
-    current holder, the holder has no valid metric tag, or the new metric is strictly better.
-    A NaN metric never takes the alias. Not atomic: run one promoter per model name at a time.
+    The version is tagged ``{score_key: score}`` plus ``tags``; higher scores are better. A
+    ``None`` or NaN score registers the version without ever giving it the alias (and leaves
+    the alias alone). Safe to run from several processes at once.
 
     Args:
         model_uri: ``models:/<model_id>`` (``ModelInfo.model_uri``) or ``runs:/<run_id>/<name>``.
         name: registered model name (created when missing).
-        metric_value: the version's validation metric.
-        metric_name: tag key of the metric.
-        alias: the alias to move.
-        greater_is_better: direction of the comparison.
+        score: the promotion score (e.g. the test Dice on cases no selection saw), or None.
+        score_key: the version tag holding it; only versions scored under the same key compete.
+        alias: the alias to settle.
         tracking_uri: tracking/registry URI; default the resolved one.
         tags: extra version tags.
+        rescore: scores an earlier version under ``score_key`` when the holder has no score.
+        rule: the promotion rule in words, kept in the message.
 
     Returns:
-        ``(version, promoted)``.
+        A :class:`Promotion`.
     """
     from mlflow.exceptions import MlflowException
 
@@ -305,38 +410,33 @@ def register_and_promote(
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    value = float(metric_value)
-    version_tags = {metric_name: repr(value), **{str(k): str(v) for k, v in (tags or {}).items()}}
+    value = _finite(score)
+    version_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+    if value is not None:
+        version_tags[score_key] = repr(value)
     with _process_tracking_uri(client.tracking_uri):
         mv = client.create_model_version(name, source=f"models:/{loc.model_id}", run_id=loc.run_id,
                                          tags=version_tags, model_id=loc.model_id)
     version = int(mv.version)
-
-    current = client.get_registered_model(name).aliases.get(alias)
-    best: float | None = None
-    if current is not None:
-        raw = client.get_model_version(name, str(current)).tags.get(metric_name)
-        try:
-            best = float(raw) if raw is not None else None
-        except ValueError:
-            best = None
-        if best is not None and math.isnan(best):
-            best = None
-    if math.isnan(value):
-        promoted = False
-        logger.warning("model %s v%d has %s = NaN; %r not moved", name, version, metric_name, alias)
-    elif current is None or best is None:
-        promoted = True
+    prefix = f"{rule}: " if rule else ""
+    if value is None:
+        raw = client.get_registered_model(name).aliases.get(alias)
+        holder = int(raw) if raw is not None else None
+        message = (f"{prefix}model {name} v{version} registered without a promotion score; "
+                   f"{alias!r} stays {'v' + str(holder) if holder is not None else 'unset'}")
     else:
-        promoted = value > best if greater_is_better else value < best
-    if promoted:
-        client.set_registered_model_alias(name, alias, str(version))
-        logger.info("model %s v%d (%s=%.4f) is now %r (was %s)", name, version, metric_name, value, alias,
-                    f"v{current} with {best}" if current is not None else "unset")
-    else:
-        logger.info("model %s v%d (%s=%.4f) registered; %r stays v%s (%s)", name, version, metric_name, value,
-                    alias, current, best)
-    return version, promoted
+        holder, reason = settle_alias(client, name, score_key, alias=alias, rescore=rescore)
+        scores = _version_scores(client, name, score_key)
+        if holder == version:
+            message = f"{prefix}model {name} v{version} ({value:.4f}) is now {alias!r}"
+        elif reason:
+            message = f"{prefix}model {name} v{version} ({value:.4f}) registered; {alias!r} stays v{holder}: {reason}"
+        else:
+            best = f" ({scores[holder]:.4f})" if holder in scores else ""
+            message = f"{prefix}model {name} v{version} ({value:.4f}) registered; {alias!r} stays v{holder}{best}"
+    promoted = holder == version
+    logger.info("%s", message)
+    return Promotion(version, promoted, holder, message)
 
 
 def load_checkpoint_from_mlflow(
@@ -371,8 +471,10 @@ __all__ = [
     "DEFAULT_MODEL_SPEC",
     "ModelLocation",
     "ModelNotFoundError",
+    "Promotion",
     "load_checkpoint_from_mlflow",
     "locate_model",
     "register_and_promote",
     "resolve_model_uri",
+    "settle_alias",
 ]

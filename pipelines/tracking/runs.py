@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -122,7 +121,7 @@ class RunLogger:
         self.resumed = False
         self._run_id: str | None = None
         self._client_obj: "MlflowClient | None" = None
-        self._logged_steps: dict[str, int] = {}
+        self._logged_steps: dict[str, set[int]] = {}
         self._fluent_active = False
         self._previous_uri: str | None = None
         self._uri_swapped = False
@@ -186,14 +185,13 @@ class RunLogger:
             self._fluent_active = True
         return run_id
 
-    def _last_steps(self, run_id: str) -> dict[str, int]:
+    def _last_steps(self, run_id: str) -> dict[str, set[int]]:
         run = self.client.get_run(run_id)
-        steps: dict[str, int] = {}
-        for key in run.data.metrics:
-            history = self.client.get_metric_history(run_id, key)
-            if history:
-                steps[key] = max(m.step for m in history)
-        return steps
+        return {key: {m.step for m in self.client.get_metric_history(run_id, key)} for key in run.data.metrics}
+
+    def refresh_logged_steps(self) -> None:
+        """Re-read which steps of each metric the server holds (another process may have logged)."""
+        self._logged_steps = self._last_steps(self.run_id)
 
     def end(self, status: str = "FINISHED") -> None:
         """End the run with ``status`` (FINISHED, FAILED or KILLED). Idempotent."""
@@ -224,10 +222,11 @@ class RunLogger:
     ) -> None:
         if exc_type is None:
             self.end("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.end("KILLED")
-        else:
-            self.end("FAILED")
+            return
+        try:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        except Exception as end_exc:  # the server may be why the block failed: keep the block's error
+            logger.warning("MLflow run %s could not be marked ended: %s", self._run_id, " ".join(str(end_exc).split()))
 
     # ------------------------------------------------------------------------------- logging
     def log_params(self, params: Any) -> dict[str, str]:
@@ -251,8 +250,8 @@ class RunLogger:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> dict[str, float]:
         """Log metrics at ``step`` (the epoch); returns the ones logged.
 
-        A metric whose history already reached ``step`` before this run was resumed is skipped,
-        so a restart that repeats an epoch does not repeat it in MLflow. Non-numeric values are
+        A metric that already holds ``step`` (logged before this run was resumed, or earlier by
+        this logger) is skipped, so a restart that repeats an epoch does not repeat it in MLflow. Non-numeric values are
         an error; NaN is logged as NaN.
         """
         from mlflow.entities import Metric
@@ -265,15 +264,17 @@ class RunLogger:
                 number = float(value)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"metric {key!r}: {value!r} is not a number") from exc
-            if step <= self._logged_steps.get(key, -math.inf):
+            if int(step) in self._logged_steps.get(key, ()):
                 continue
             batch.append(Metric(key, number, now, int(step)))
             logged[key] = number
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
+            for key in logged:
+                self._logged_steps.setdefault(key, set()).add(int(step))
         skipped = sorted(set(metrics) - set(logged))
         if skipped:
-            logger.info("step %d of %s already logged before the resume; skipped", step, ", ".join(skipped))
+            logger.debug("step %d of %s already logged; skipped", step, ", ".join(skipped))
         return logged
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:

@@ -17,6 +17,13 @@ BEST_VAL_DICE_TAG = "ossnet.best_val_dice"
 PROMOTED_TAG = "ossnet.promoted"
 COLLAPSE_TAG = "ossnet.collapse"  # a validation predicted (almost) no foreground; the value says where
 
+# Promotion evidence on registered versions (``ossnet_pipelines.train.promotion``).
+VAL_DICE_TAG = "val_dice"  # the selection score (the best epoch's, the best trial's)
+TEST_DICE_TAG = "test_dice"  # the Dice on the store's test split, which decides ``champion``
+TEST_SET_TAG = "ossnet.test_set"  # digest of the test cases that score came from
+TEST_CASES_TAG = "ossnet.test_cases"
+PROMOTION_TAG = "ossnet.promotion"  # the rule and what it decided, one line
+
 # Sweeps (``tune``): trial runs and the parent sweep run.
 TRIAL_ID_TAG = "ossnet.tune.trial_id"
 TRIAL_STATUS_TAG = "ossnet.tune.status"
@@ -39,13 +46,18 @@ __all__ = [
     "MODEL_VERSION_TAG",
     "PARENT_RUN_TAG",
     "PROMOTED_TAG",
+    "PROMOTION_TAG",
     "REGISTERED_PROMOTED_TAG",
     "REGISTERED_TRIAL_TAG",
     "REGISTERED_URI_TAG",
     "REGISTERED_VERSION_TAG",
     "RUN_KEY_TAG",
     "SWEEP_TAG",
+    "TEST_CASES_TAG",
+    "TEST_DICE_TAG",
+    "TEST_SET_TAG",
     "TRIAL_ID_TAG",
     "TRIAL_SETTINGS_TAG",
     "TRIAL_STATUS_TAG",
+    "VAL_DICE_TAG",
 ]

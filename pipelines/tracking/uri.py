@@ -112,6 +112,33 @@ def resolve_tracking_uri(flag: str | None = None) -> str:
     return uri
 
 
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast when an ``http(s)://`` tracking server does not answer (other schemes pass).
+
+    MLflow's own client retries a dead server for minutes before it gives up; jobs call this
+    first so that an unreachable server stops them before any compute, in one line.
+
+    Raises:
+        TrackingConfigError: naming the URI and the reason.
+    """
+    import urllib.error
+    import urllib.request
+
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:  # it answered (a proxy without /health, an auth wall): reachable
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingConfigError(
+            f"the MLflow server at {uri} is not reachable ({reason}); start it (mlflow/server.sh), "
+            "point --tracking-uri / MLFLOW_TRACKING_URI elsewhere, or turn tracking off"
+        ) from None
+
+
 def default_artifact_root(tracking_uri: str) -> Path | None:
     """Local directory for experiment artifacts, or None when the server decides.
 

@@ -85,7 +85,7 @@ def _dry_run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
     resolved, facts, uri = preflight(job)
     out.write(dump_yaml(resolved))
     out.write(f"# run name: {resolved.run_name}\n# train cases: {len(facts.train_cases)}, "
-              f"val cases: {len(facts.val_cases)}, tracking: {uri or 'off'}\n")
+              f"val cases: {len(facts.val_cases)}, test cases: {len(facts.test_cases)}, tracking: {uri or 'off'}\n")
     return 0
 
 
@@ -105,9 +105,10 @@ def _run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
         out.write(f"best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}\n")
     if result.mlflow_run_id:
         out.write(f"MLflow run id: {result.mlflow_run_id}\n")
-    if result.model_version is not None:
-        state = "promoted to champion" if result.promoted else "not promoted (the champion is at least as good)"
-        out.write(f"model {job.tracking.model_name} version {result.model_version}: {state}\n")
+    if result.test_dice is not None:
+        out.write(f"test Dice {result.test_dice:.4f} on the store's test split (the promotion evidence)\n")
+    if result.promotion:
+        out.write(f"{result.promotion}\n")
     if result.mlflow_run_id:
         from ossnet_pipelines.tracking import resolve_tracking_uri
 

@@ -23,16 +23,31 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ossnet.checkpoint import PreprocessSpec
 from ossnet.config import ConfigError
 from ossnet_pipelines import raystart
 from ossnet_pipelines.jobconfig import dump_yaml
-from ossnet_pipelines.tracking.tags import BEST_VAL_DICE_TAG, MODEL_EPOCH_TAG, MODEL_URI_TAG, MODEL_VERSION_TAG, PROMOTED_TAG
+from ossnet_pipelines.jobrunner import JobIncomplete
+from ossnet_pipelines.tracking.tags import (
+    BEST_VAL_DICE_TAG,
+    MODEL_EPOCH_TAG,
+    MODEL_URI_TAG,
+    MODEL_VERSION_TAG,
+    PROMOTED_TAG,
+    PROMOTION_TAG,
+)
 from ossnet_pipelines.train.job import StoreFacts, TrainJob, check_against_store
 from ossnet_pipelines.train.loop import EpochHook, train_loop_per_worker
-from ossnet_pipelines.train.state import MODEL_FILE, SCORE_METRIC, LocalCheckpoints, read_metrics
+from ossnet_pipelines.train.state import (
+    MODEL_FILE,
+    SCORE_METRIC,
+    LocalCheckpoints,
+    checkpoint_directory,
+    read_history,
+    read_metrics,
+)
 
 if TYPE_CHECKING:
     from ossnet_pipelines.tracking import RunLogger
@@ -57,6 +72,8 @@ class TrainResult:
         model_uri: ``models:/<model_id>`` of the logged bundle.
         model_version: registered version (None when registration is off).
         promoted: whether ``champion`` moved to this version in this call.
+        test_dice: the model's mean Dice on the store's test split (the promotion evidence).
+        promotion: the promotion rule and what it decided, one line.
     """
 
     run_name: str
@@ -72,6 +89,8 @@ class TrainResult:
     model_uri: str | None = None
     model_version: int | None = None
     promoted: bool = False
+    test_dice: float | None = None
+    promotion: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,12 +106,15 @@ def _tracking_uri(job: TrainJob) -> str | None:
     if not job.tracking.enabled:
         return None
     from ossnet_pipelines.tracking import TrackingConfigError, resolve_tracking_uri
+    from ossnet_pipelines.tracking.uri import check_reachable
 
     try:
-        return resolve_tracking_uri(job.tracking.uri)
+        uri = resolve_tracking_uri(job.tracking.uri)
+        check_reachable(uri)
     except TrackingConfigError as exc:
         message = str(exc).removeprefix("--tracking-uri: ")  # the resolver names its own flag
         raise ConfigError(f"tracking.uri: {message}") from None
+    return uri
 
 
 def preflight(job: TrainJob) -> tuple[TrainJob, StoreFacts, str | None]:
@@ -145,16 +167,6 @@ def _location(checkpoint: Any) -> str:
     return str(checkpoint) if isinstance(checkpoint, (str, Path)) else str(checkpoint.path)
 
 
-@contextlib.contextmanager
-def _as_directory(checkpoint: Any) -> Iterator[Path]:
-    """A local directory holding the checkpoint (downloaded from remote storage if needed)."""
-    if isinstance(checkpoint, (str, Path)):
-        yield Path(checkpoint)
-    else:
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
-
-
 def _open_run(job: TrainJob, uri: str | None, parent_run_id: str | None) -> contextlib.AbstractContextManager[Any]:
     if uri is None:
         return contextlib.nullcontext(None)
@@ -174,9 +186,11 @@ def _log_config(run: RunLogger, job: TrainJob, config_path: str | os.PathLike[st
         run.log_artifact(config_path, "config")
 
 
-def _log_and_register(run: RunLogger, job: TrainJob, best: tuple[str, dict[str, Any]]) -> dict[str, Any]:
-    """Log the best checkpoint as the model bundle and register it (once per best epoch)."""
-    from ossnet_pipelines.tracking import register_and_promote
+def _log_and_register(run: RunLogger, job: TrainJob, facts: StoreFacts,
+                      best: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """Log the best checkpoint as the model bundle and register it (once per best epoch), with
+    its test-split Dice deciding ``champion`` (``ossnet_pipelines.train.promotion``)."""
+    from ossnet_pipelines.train.promotion import TestSet, register_on_test_evidence
 
     checkpoint, metrics = best
     epoch = int(metrics.get("epoch", 0))
@@ -186,20 +200,52 @@ def _log_and_register(run: RunLogger, job: TrainJob, best: tuple[str, dict[str, 
         logger.info("run %s already logged its best model (epoch %d); not logging it again", run.run_id, epoch)
         version = tags.get(MODEL_VERSION_TAG)
         return {"model_uri": tags.get(MODEL_URI_TAG), "model_version": int(version) if version else None,
-                "promoted": False}
-    with _as_directory(checkpoint) as directory:
+                "promoted": False, "promotion": tags.get(PROMOTION_TAG, "")}
+    with checkpoint_directory(checkpoint) as directory:
         info = run.log_model_bundle(directory / MODEL_FILE, name="model", step=epoch,
                                     metadata={SCORE_METRIC: val_dice, "epoch": epoch, "run_name": job.run_name})
     out: dict[str, Any] = {"model_uri": info.model_uri, "model_version": None, "promoted": False}
     new_tags = {MODEL_EPOCH_TAG: epoch, MODEL_URI_TAG: info.model_uri, BEST_VAL_DICE_TAG: val_dice}
     if job.tracking.register:
-        version, promoted = register_and_promote(info.model_uri, job.tracking.model_name, val_dice,
-                                                 SCORE_METRIC, tracking_uri=run.tracking_uri,
-                                                 tags={"ossnet.run_name": job.run_name, "epoch": epoch})
-        out.update(model_version=version, promoted=promoted)
-        new_tags.update({MODEL_VERSION_TAG: version, PROMOTED_TAG: promoted})
+        test_set = TestSet.of(job.store, facts.test_cases) if facts.test_cases else None
+        evidence = register_on_test_evidence(
+            info.model_uri, model_name=job.tracking.model_name, val_dice=val_dice, test_set=test_set,
+            tracking_uri=run.tracking_uri, mode=job.validation.mode, chunk_points=job.validation.chunk_points,
+            objective=job.validation.objective, tags={"ossnet.run_name": job.run_name, "epoch": epoch})
+        if evidence.test is not None:
+            run.log_metrics({"test_dice": evidence.test.dice, "test_iou": evidence.test.iou,
+                             "test_cases": float(len(evidence.test.per_case))}, step=epoch)
+            out["test_dice"] = evidence.test.dice
+        out.update(model_version=evidence.version, promoted=evidence.promoted, promotion=evidence.message)
+        new_tags.update({MODEL_VERSION_TAG: evidence.version, PROMOTED_TAG: evidence.promoted,
+                         PROMOTION_TAG: evidence.message})
     run.set_tags(new_tags)
     return out
+
+
+class TrackingUnavailableError(JobIncomplete):
+    """Training finished but the tracking server could not take the model (one line, names the URI)."""
+
+
+def _finish_tracking(run: RunLogger, job: TrainJob, facts: StoreFacts, best: tuple[Any, dict[str, Any]] | None,
+                     latest: Any) -> dict[str, Any]:
+    """Send the metrics an outage kept back (from the latest checkpoint's history), then log and
+    register the best model. An unreachable server ends in one line saying to run the job again."""
+    from ossnet_pipelines.tracking.outage import is_outage, reconcile_metrics
+
+    try:
+        if latest is not None:
+            with checkpoint_directory(latest) as directory:
+                reconcile_metrics(run, read_history(directory))
+        return _log_and_register(run, job, facts, best) if best is not None else {}
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        raise TrackingUnavailableError(
+            f"training finished (checkpoints in {Path(job.run.storage_path) / job.run_name}) but MLflow at "
+            f"{run.tracking_uri} is unreachable: the model is not logged or registered yet; run the same command "
+            "again when the server is back (it trains nothing and sends everything once)"
+        ) from exc
 
 
 def train(
@@ -289,8 +335,8 @@ def train(
         local = LocalCheckpoints(run_dir / "local", job.train.keep_checkpoints) if local_mode else None
         best = _best_checkpoint(result, local)
         registered: dict[str, Any] = {}
-        if run is not None and best is not None:
-            registered = _log_and_register(run, job, best)
+        if run is not None:
+            registered = _finish_tracking(run, job, facts, best, local.latest() if local else result.checkpoint)
     history = tuple(returned.get("history") or ())
     executed = tuple(returned.get("executed_epochs") or ())
     if history:
@@ -313,6 +359,8 @@ def train(
         model_uri=registered.get("model_uri"),
         model_version=registered.get("model_version"),
         promoted=bool(registered.get("promoted", False)),
+        test_dice=registered.get("test_dice"),
+        promotion=registered.get("promotion", ""),
         extra={"world_size": returned.get("world_size"), "start_epoch": returned.get("start_epoch")},
     )
     logger.info("finished %s at epoch %d (best val_dice %s at epoch %s)", out.run_name, out.epochs,
@@ -320,4 +368,4 @@ def train(
     return out
 
 
-__all__ = ["TrainResult", "ensure_ray", "preflight", "train"]
+__all__ = ["TrackingUnavailableError", "TrainResult", "ensure_ray", "preflight", "train"]

@@ -258,6 +258,7 @@ class StoreFacts:
     train_cases: tuple[str, ...]
     val_cases: tuple[str, ...]
     zscore_mask: str
+    test_cases: tuple[str, ...] = ()
     resample: str = "none"
     target_spacing: tuple[float, float, float] | None = None
 
@@ -303,6 +304,10 @@ def check_against_store(job: TrainJob, store: Store | None = None) -> StoreFacts
             raise ConfigError(f"store: {job.store} has no complete cases in the {split!r} split") from None
     val = splits[job.validation.split]
     val = val[: job.validation.max_cases] if job.validation.max_cases else val
+    try:  # the promotion evidence: every complete labelled test case
+        test = tuple(split_case_ids(store, "test", None))
+    except ValueError:
+        test = ()
     rows = len(splits["train"]) * job.train.samples_per_case
     if rows < job.scaling.world_size:
         raise ConfigError(
@@ -311,7 +316,7 @@ def check_against_store(job: TrainJob, store: Store | None = None) -> StoreFacts
     if math.prod(model.volume_shape) <= 0:  # pragma: no cover - guarded by ModelConfig.validate
         raise ConfigError("model.volume_shape: empty grid")
     return StoreFacts(
-        model=model, modalities=modalities, train_cases=splits["train"], val_cases=tuple(val),
+        model=model, modalities=modalities, train_cases=splits["train"], val_cases=tuple(val), test_cases=test,
         zscore_mask=str(store.info.get("zscore_mask", "nonzero")),
         resample=str(store.info.get("resample") or "none"),
         target_spacing=tuple(store.info["target_spacing"]) if store.info.get("target_spacing") else None,

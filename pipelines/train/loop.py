@@ -39,7 +39,7 @@ from ossnet.inference import Inferer
 from ossnet.model import build_model
 from ossnet.training import make_optimizer, make_scheduler, train_epoch
 from ossnet_pipelines.train.job import StoreFacts, TrainJob
-from ossnet_pipelines.train.state import LocalCheckpoints, checkpoint_dir_name, restore_checkpoint, write_checkpoint
+from ossnet_pipelines.train.state import LocalCheckpoints, checkpoint_dir_name, restore_first_good, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,27 @@ class _LocalSession:
 Session = Union[_RaySession, _LocalSession]
 
 
+def _older_checkpoints(latest: Any) -> list[Any]:
+    """Ray's latest checkpoint, then the run's other checkpoints on the same storage, newest first
+    (the fallbacks when the latest is damaged)."""
+    import posixpath
+
+    import pyarrow.fs
+    import ray.train
+
+    try:
+        parent = posixpath.dirname(latest.path.rstrip("/"))
+        infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except Exception as exc:  # an unlistable storage only loses the fallbacks
+        logger.debug("cannot list the checkpoints next to %s: %s", latest.path, exc)
+        return [latest]
+    name = posixpath.basename(latest.path.rstrip("/"))
+    older = sorted((info.path for info in infos if info.type == pyarrow.fs.FileType.Directory
+                    and posixpath.basename(info.path).startswith("checkpoint_epoch_")
+                    and posixpath.basename(info.path) < name), reverse=True)
+    return [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in older)]
+
+
 def _device(job: TrainJob, local_mode: bool) -> torch.device:
     if local_mode:
         return torch.device("cuda" if job.scaling.use_gpu and torch.cuda.is_available() else "cpu")
@@ -217,22 +238,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     scaler = torch.amp.GradScaler("cuda", enabled=job.train.mixed_precision and device.type == "cuda")
 
     local = LocalCheckpoints(Path(config["run_dir"]) / "local", job.train.keep_checkpoints) if local_mode else None
-    start_epoch = 1
     checkpoint = session.checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start_epoch = restore_checkpoint(directory, bare, optimizer, scheduler, scaler).epoch + 1
-    elif local is not None and local.latest() is not None:
-        start_epoch = restore_checkpoint(local.latest(), bare, optimizer, scheduler, scaler).epoch + 1
+    candidates = _older_checkpoints(checkpoint) if checkpoint is not None else (
+        local.newest_first() if local is not None else [])
+    restored = restore_first_good(candidates, bare, optimizer, scheduler, scaler)
+    start_epoch = restored.epoch + 1 if restored is not None else 1
+    earlier = [m for m in (restored.history if restored is not None else []) if m.get("epoch", 0) < start_epoch]
     if start_epoch > 1:
         logger.info("rank %d: resuming %s after epoch %d", rank, job.run_name, start_epoch - 1)
 
     run_logger = None
     if rank == 0 and config.get("tracking_uri"):
         from ossnet_pipelines.tracking import RunLogger
+        from ossnet_pipelines.tracking.outage import OutageTolerantRun, fail_fast_on_lost_server
 
-        run_logger = RunLogger(job.run_name, job.tracking.experiment, config["tracking_uri"],
-                               parent_run_id=config.get("parent_run_id"))
+        fail_fast_on_lost_server()
+        run_logger = OutageTolerantRun(RunLogger(job.run_name, job.tracking.experiment, config["tracking_uri"],
+                                                 parent_run_id=config.get("parent_run_id")))
         run_logger.start()
 
     from ossnet_pipelines.data import SampleSpec
@@ -289,18 +311,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if collapse is not None:
                     run_logger.set_tags({COLLAPSE_TAG: f"epoch {epoch}: {collapse}"})
                 run_logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-                from ossnet_pipelines.tracking import log_figure_png
-
                 for png in pngs:
-                    log_figure_png(png, f"validation/{png.parent.name}/{png.name}", run_id=run_logger.run_id,
-                                   tracking_uri=config["tracking_uri"])
+                    run_logger.log_figure(png, f"validation/{png.parent.name}/{png.name}")
             _run_epoch_hooks(config, epoch, rank)
 
+            history.append(metrics)
             if job.train.is_checkpoint_epoch(epoch):
-                _report_checkpoint(session, config, metrics, epoch, bare, optimizer, scheduler, scaler, local)
+                _report_checkpoint(session, config, metrics, epoch, bare, optimizer, scheduler, scaler, local,
+                                   [*earlier, *history])
             else:
                 session.report(metrics)
-            history.append(metrics)
     finally:
         if png_dir is not None:  # the PNGs are in MLflow by now
             shutil.rmtree(png_dir, ignore_errors=True)
@@ -310,9 +330,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 def _report_checkpoint(
     session: Session, config: Mapping[str, Any], metrics: dict[str, float], epoch: int, model: torch.nn.Module,
-    optimizer: Any, scheduler: Any, scaler: Any, local: LocalCheckpoints | None,
+    optimizer: Any, scheduler: Any, scaler: Any, local: LocalCheckpoints | None, history: list[dict[str, float]],
 ) -> None:
-    """Rank 0 writes the checkpoint; every rank reports (Ray persists rank 0's directory)."""
+    """Rank 0 writes the checkpoint (with every epoch's metrics so far); every rank reports (Ray
+    persists rank 0's directory)."""
     from ray.train import Checkpoint
 
     job: TrainJob = config["job"]
@@ -320,7 +341,8 @@ def _report_checkpoint(
     if session.rank != 0:
         session.report(metrics, None, name)
         return
-    args = dict(epoch=epoch, seed=job.train.seed, metrics=metrics, preprocess=config["preprocess"], run_name=job.run_name)
+    args = dict(epoch=epoch, seed=job.train.seed, metrics=metrics, preprocess=config["preprocess"], run_name=job.run_name,
+                history=history)
     if local is not None:  # local mode: Ray keeps nothing, ossnet keeps the directories
         path = write_checkpoint(local.path_for(epoch), model, optimizer, scheduler, scaler, **args)
         session.report(metrics, Checkpoint.from_directory(str(path)), name)

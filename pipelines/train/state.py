@@ -8,6 +8,8 @@ Layout of one checkpoint directory::
     train_state.pt   optimiser (incl. Lookahead slow weights), LR scheduler, GradScaler,
                      epoch, seed and the torch RNG states (CPU and CUDA).
     metrics.json     the metrics reported with the checkpoint (for people and tools).
+    history.json     every epoch's metrics up to this one, across restarts: what reconciles
+                     MLflow after a tracking-server outage.
 
 Both ``.pt`` files load with ``torch.load(weights_only=True)``. Data sampling is seeded by
 (seed, epoch, case, repeat), so restoring this state and re-running epoch ``e + 1`` reproduces
@@ -20,14 +22,15 @@ same retention policy (the best ``keep`` by ``val_dice`` plus the latest).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +44,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.json"
 SCORE_METRIC = "val_dice"
 
 
@@ -54,6 +58,7 @@ class Restored:
 
     epoch: int
     metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _jsonable(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,8 +83,11 @@ def write_checkpoint(
     metrics: Mapping[str, Any],
     preprocess: PreprocessSpec,
     run_name: str,
+    history: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
-    """Write a training checkpoint into ``directory`` (created); returns it."""
+    """Write a training checkpoint into ``directory`` (created); returns it.
+
+    ``history``: every epoch's metrics so far (``history.json``)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     clean = _jsonable(metrics)
@@ -97,6 +105,7 @@ def write_checkpoint(
     torch.save(state, tmp)
     tmp.replace(out / STATE_FILE)
     (out / METRICS_FILE).write_text(json.dumps(clean, indent=1, sort_keys=True))
+    (out / HISTORY_FILE).write_text(json.dumps([_jsonable(m) for m in history]))
     return out
 
 
@@ -134,13 +143,77 @@ def restore_checkpoint(
     torch.set_rng_state(state["torch_rng"].cpu())
     if torch.cuda.is_available() and state.get("cuda_rng"):
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-    return Restored(epoch=int(state["epoch"]), metrics=read_metrics(src))
+    return Restored(epoch=int(state["epoch"]), metrics=read_metrics(src), history=read_history(src))
+
+
+@contextlib.contextmanager
+def checkpoint_directory(checkpoint: Any) -> Iterator[Path]:
+    """A local directory holding a checkpoint: a path as is, or a ``ray.train.Checkpoint``
+    (downloaded from remote storage if needed)."""
+    if isinstance(checkpoint, (str, Path)):
+        yield Path(checkpoint)
+    else:
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+
+def restore_first_good(
+    candidates: Iterable[Any],
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+) -> Restored | None:
+    """Restore the first checkpoint of ``candidates`` (newest first) that loads.
+
+    A damaged checkpoint (truncated or corrupt file, missing file) or a foreign one (another
+    model config) is reported in one warning line and the next, older one is tried: training
+    resumes from the previous good checkpoint and repeats the epochs after it.
+
+    Args:
+        candidates: checkpoint directories or ``ray.train.Checkpoint`` objects, newest first.
+        model, optimizer, scheduler, scaler: as for :func:`restore_checkpoint`.
+
+    Returns:
+        What was restored, or None when there are no candidates.
+
+    Raises:
+        ResumeError: every candidate failed; the message names each and why.
+    """
+    failures = []
+    for candidate in candidates:
+        name = getattr(candidate, "path", candidate)
+        try:
+            with checkpoint_directory(candidate) as directory:
+                restored = restore_checkpoint(directory, model, optimizer, scheduler, scaler)
+        except Exception as exc:  # any checkpoint that cannot be restored is skipped, the reason kept
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            failures.append(f"{name}: {reason}")
+            logger.warning("cannot resume from checkpoint %s (%s); trying the previous one", name, reason)
+            continue
+        if failures:
+            logger.warning("resumed from the older checkpoint %s (epoch %d) after %d damaged or foreign one(s)",
+                           name, restored.epoch, len(failures))
+        return restored
+    if failures:
+        raise ResumeError(f"no checkpoint of this run can be restored: {'; '.join(failures)}")
+    return None
 
 
 def read_metrics(directory: str | Path) -> dict[str, Any]:
     """The metrics saved with a checkpoint ({} when the file is missing)."""
     path = Path(directory) / METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_history(directory: str | Path) -> list[dict[str, Any]]:
+    """Every epoch's metrics saved with a checkpoint ([] when the file is missing or unreadable)."""
+    path = Path(directory) / HISTORY_FILE
+    try:
+        history = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        return []
+    return [dict(m) for m in history if isinstance(m, dict)]
 
 
 def checkpoint_dir_name(epoch: int) -> str:
@@ -182,6 +255,10 @@ class LocalCheckpoints:
         found = self._all()
         return found[-1][1] if found else None
 
+    def newest_first(self) -> list[Path]:
+        """Every kept checkpoint directory, the latest epoch first."""
+        return [path for _, path, _ in reversed(self._all())]
+
     def best(self) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint with the highest ``val_dice`` (the latest one on ties)."""
         found = self._all()
@@ -204,6 +281,7 @@ class LocalCheckpoints:
 
 
 __all__ = [
+    "HISTORY_FILE",
     "LocalCheckpoints",
     "METRICS_FILE",
     "MODEL_FILE",
@@ -212,7 +290,10 @@ __all__ = [
     "SCORE_METRIC",
     "STATE_FILE",
     "checkpoint_dir_name",
+    "checkpoint_directory",
+    "read_history",
     "read_metrics",
     "restore_checkpoint",
+    "restore_first_good",
     "write_checkpoint",
 ]

@@ -77,35 +77,12 @@ class Validator:
             Per-case score dicts (``CASE_KEYS`` plus ``case_id``), and the PNGs written.
         """
         store = cached_store(self.store_url)
-        targets = model.config.targets
         scores: list[dict[str, Any]] = []
         pngs: list[Path] = []
         for index, case_id in enumerate(self.case_ids):
             arrays = store.read_case(case_id, arrays=self.spec.arrays)
-            image = np.asarray(arrays["image"], dtype=np.float32)
-            values = np.asarray(arrays["label"])
-            label = values > 0
-            start = time.perf_counter()
-            result = self.inferer(model, image)
-            seconds = time.perf_counter() - start
-            if targets.kind == "binary":
-                mask = np.asarray(result.mask)
-                score: dict[str, Any] = {"dice": dice(mask, label), "iou": iou(mask, label)}
-            else:
-                written = np.asarray(result.label_map)
-                mask = written > 0
-                spacing = store.case_attrs(case_id).get("spacing", (1.0, 1.0, 1.0))
-                score = target_scores(written, values, targets, spacing)
-                names = targets.names if self.objective == "mean" else (self.objective,)
-                score["dice"] = float(np.mean([score[f"dice_{n}"] for n in names]))
-                score["iou"] = float(np.mean([score[f"iou_{n}"] for n in names]))
-            score.update({
-                "case_id": case_id,
-                "queries": float(result.n_queries),
-                "seconds": seconds,
-                "pred_voxels": int(np.count_nonzero(mask)),
-                "ref_voxels": int(np.count_nonzero(label)),
-            })
+            score, mask = segment_case(model, self.inferer, arrays, case_id, self.objective,
+                                       spacing=store.case_attrs(case_id).get("spacing", (1.0, 1.0, 1.0)))
             rows = sample_case_rows(arrays, case_id, 0, self.spec)
             batch = batch_to_device(collate_rows(rows), self._device)
             score.update(evaluate_batch(model, batch, self.alpha, self.weights))
@@ -115,9 +92,56 @@ class Validator:
 
                 path = self.png_dir / f"epoch_{epoch:04d}" / f"{case_id}.png"
                 title = f"{case_id}  epoch {epoch}  Dice {score['dice']:.3f}"
-                pngs.append(slice_overlay_png(image, label, mask, path, title=title))
-            del arrays, image, label, mask
+                pngs.append(slice_overlay_png(np.asarray(arrays["image"], dtype=np.float32),
+                                              np.asarray(arrays["label"]) > 0, mask, path, title=title))
+            del arrays, mask
         return scores, pngs
+
+
+def segment_case(
+    model: nn.Module,
+    inferer: Inferer,
+    arrays: Mapping[str, Any],
+    case_id: str,
+    objective: str = "mean",
+    *,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Segment one stored case at full resolution and score it against its label.
+
+    Args:
+        model: the bare ``OSSNet`` on the inferer's device.
+        inferer: MISE or dense decoding.
+        arrays: the case's ``image`` (C, D, H, W) and ``label`` (D, H, W) arrays.
+        case_id: names the scores.
+        objective: multi-target models: ``dice``/``iou`` is the mean over targets or one target's.
+        spacing: voxel spacing in mm (HD95 of multi-target models).
+
+    Returns:
+        ``(scores, mask)``: ``dice``, ``iou`` (plus ``dice_<t>``... for multi-target models),
+        ``queries``, ``seconds``, ``pred_voxels``, ``ref_voxels``, ``case_id``; and the predicted
+        foreground (D, H, W) bool.
+    """
+    targets = model.config.targets
+    image = np.asarray(arrays["image"], dtype=np.float32)
+    values = np.asarray(arrays["label"])
+    label = values > 0
+    start = time.perf_counter()
+    result = inferer(model, image)
+    seconds = time.perf_counter() - start
+    if targets.kind == "binary":
+        mask = np.asarray(result.mask)
+        score: dict[str, Any] = {"dice": dice(mask, label), "iou": iou(mask, label)}
+    else:
+        written = np.asarray(result.label_map)
+        mask = written > 0
+        score = target_scores(written, values, targets, tuple(spacing))
+        names = targets.names if objective == "mean" else (objective,)
+        score["dice"] = float(np.mean([score[f"dice_{n}"] for n in names]))
+        score["iou"] = float(np.mean([score[f"iou_{n}"] for n in names]))
+    score.update({"case_id": case_id, "queries": float(result.n_queries), "seconds": seconds,
+                  "pred_voxels": int(np.count_nonzero(mask)), "ref_voxels": int(np.count_nonzero(label))})
+    return score, mask
 
 
 def summarize(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -146,4 +170,4 @@ def collapse_message(scores: Sequence[Mapping[str, Any]]) -> str | None:
     return collapse_warning([int(s["pred_voxels"]) for s in scores], [int(s["ref_voxels"]) for s in scores])
 
 
-__all__ = ["CASE_KEYS", "COLLAPSE_TAG", "Validator", "collapse_message", "summarize"]
+__all__ = ["CASE_KEYS", "COLLAPSE_TAG", "Validator", "collapse_message", "segment_case", "summarize"]

@@ -269,6 +269,30 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         assert not leftovers, f"processes of the local cluster survived stop: {sorted(leftovers)}"
 
 
+def scans_and_model(root: Path, n: int) -> tuple[Path, Path]:
+    """``n`` single-channel NIfTI scans (``<root>/scans/scanNN.nii.gz``, 40x44x36) and a tiny
+    seeded one-channel OSS-Net C checkpoint for them (``<root>/model.pt``): an inference job that
+    needs no registry."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from ossnet.checkpoint import PreprocessSpec, save_checkpoint
+    from ossnet.config import model_config
+    from ossnet.model import build_model
+    from ossnet_pipelines.synthetic import ellipsoid_scan
+
+    grid = (16, 16, 16)
+    torch.manual_seed(0)
+    model = build_model(model_config("C", "tiny", in_channels=1, volume_shape=grid)).eval()
+    checkpoint = save_checkpoint(root / "model.pt", model, PreprocessSpec(modalities=("t1",), volume_shape=grid))
+    scans = root / "scans"
+    scans.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        nib.save(nib.Nifti1Image(ellipsoid_scan((40, 44, 36), i), np.eye(4)), str(scans / f"scan{i:02d}.nii.gz"))
+    return scans, Path(checkpoint)
+
+
 @dataclass(frozen=True)
 class MlflowServer:
     """A running ``mlflow/server.sh`` (SQLite + local artifacts). ``str(self)`` is the URI."""
@@ -290,11 +314,11 @@ def _health_ok(uri: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """An MLflow tracking server on a free 127.0.0.1 port; data in the session temp dir."""
-    home = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
+def start_mlflow_server(home: Path, port: int | None = None) -> MlflowServer:
+    """Start ``mlflow/server.sh`` with its data in ``home`` on ``port`` (default: a free one) and
+    wait until it is healthy. Restarting on the same home and port brings the same data back."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
     log_path = home / "server.log"
     pid_file = home / "server.pid"
     mlflow_bin = Path(sys.executable).parent / "mlflow"
@@ -304,7 +328,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     )
     if mlflow_bin.exists():
         env["OSSNET_MLFLOW"] = str(mlflow_bin)
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         # Own session: the pid is also the process group of the server's workers.
         proc = subprocess.Popen(["bash", str(MLFLOW_SCRIPT)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -318,17 +342,30 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
             pytest.fail(f"mlflow/server.sh did not become healthy:\n{_log_tail(log_path)}")
         time.sleep(0.5)
     assert int(pid_file.read_text()) == proc.pid, "server.sh must exec the server (same pid)"
-    server = MlflowServer(uri=uri, pid=proc.pid, home=home, log_path=log_path)
+    return MlflowServer(uri=uri, pid=proc.pid, home=home, log_path=log_path)
+
+
+def stop_mlflow_server(server: MlflowServer, *, hard: bool = False) -> None:
+    """Stop a server's process tree: SIGTERM and wait, or SIGKILL at once (``hard``: a crash)."""
+    group = process_group(server.pid)
+    if hard:
+        _kill(group)
+    else:
+        try:
+            os.kill(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    leftovers = _wait_gone(group, 60)
+    _kill(leftovers)
+    assert hard or not leftovers, f"MLflow server processes survived SIGTERM: {sorted(leftovers)}"
+    assert not _wait_gone(group, 15), "MLflow server processes survived SIGKILL"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """An MLflow tracking server on a free 127.0.0.1 port; data in the session temp dir."""
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     try:
         yield server
     finally:
-        group = process_group(proc.pid)
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        leftovers = _wait_gone(group, 15)
-        _kill(leftovers)
-        assert not leftovers, f"MLflow server processes survived SIGTERM: {sorted(leftovers)}"
+        stop_mlflow_server(server)

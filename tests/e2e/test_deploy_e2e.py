@@ -74,8 +74,8 @@ def _register_champion(server: MlflowServer, name: str, root: Path, monkeypatch:
     ckpt = save_checkpoint(root / "model.pt", model, PreprocessSpec(modalities=("t1",), volume_shape=GRID))
     with RunLogger("deploy-e2e-model", experiment="ossnet-deploy-e2e", tracking_uri=server.uri) as run:
         info = run.log_model_bundle(ckpt, name="model")
-    version, promoted = register_and_promote(info.model_uri, name, 0.5, tracking_uri=server.uri)
-    assert (version, promoted) == (1, True)
+    promotion = register_and_promote(info.model_uri, name, 0.5, "test_dice", tracking_uri=server.uri)
+    assert (promotion.version, promotion.promoted) == (1, True)
 
 
 def test_rayjob_infer_entrypoint_runs_as_a_ray_job(local_cluster: LocalCluster, mlflow_server: MlflowServer,

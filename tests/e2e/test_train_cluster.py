@@ -39,7 +39,7 @@ def test_train_job_submitted_to_the_cluster_tracks_and_registers(
 ) -> None:
     from mlflow import MlflowClient
 
-    store = write_phantom_store(tmp_path, range(700, 704))
+    store = write_phantom_store(tmp_path, (700, 701, 702, 703, 715), test_fraction=0.2)  # 715: the test case
     (val_case,) = open_store(store).case_ids("val")
     config = tmp_path / "train.yaml"
     config.write_text(
@@ -64,7 +64,7 @@ def test_train_job_submitted_to_the_cluster_tracks_and_registers(
     assert "submitting run e2e-train" in proc.stdout
     run_id = re.search(r"MLflow run id: ([0-9a-f]{32})", proc.stdout)
     assert run_id, proc.stdout[-4000:]
-    version = re.search(r"model ossnet-e2e version (\d+): promoted to champion", proc.stdout)
+    version = re.search(r"model ossnet-e2e v(\d+) \([0-9.]+\) is now 'champion'", proc.stdout)
     assert version, proc.stdout[-4000:]
 
     client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
@@ -83,6 +83,7 @@ def test_train_job_submitted_to_the_cluster_tracks_and_registers(
     assert registered.run_id == run.info.run_id and registered.status == "READY"
     assert int(client.get_registered_model("ossnet-e2e").aliases["champion"]) == int(version.group(1))
     assert 0.0 <= float(registered.tags["val_dice"]) <= 1.0
+    assert float(registered.tags["test_dice"]) == pytest.approx(run.data.metrics["test_dice"])
     # The model bundle and the checkpoints went where they should: the server's artifact store
     # and the run's Ray Train storage.
     assert list((mlflow_server.home / "mlartifacts").rglob("checkpoint.pt"))

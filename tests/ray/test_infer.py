@@ -82,8 +82,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespa
         ckpt = save_checkpoint(root / "model.pt", model, PreprocessSpec(modalities=("t1",), volume_shape=GRID))
         with RunLogger("infer-test-model", experiment="ossnet-infer-test", tracking_uri=uri) as run:
             info = run.log_model_bundle(ckpt, name="model")
-        version, promoted = register_and_promote(info.model_uri, MODEL_NAME, 0.5, tracking_uri=uri)
-        assert promoted
+        promotion = register_and_promote(info.model_uri, MODEL_NAME, 0.5, "test_dice", tracking_uri=uri)
+        version = promotion.version
+        assert promotion.promoted
         yield SimpleNamespace(uri=uri, model=model, spec=f"models:/{MODEL_NAME}@champion", version=version,
                               home=root / "home")
 
@@ -103,7 +104,8 @@ def scans(tmp_path_factory: pytest.TempPathFactory, registry: SimpleNamespace) -
     nan = ellipsoid_scan((20, 20, 12), 7)
     nan[5, 5, 5] = np.nan
     _save(root / "scans" / "nan.nii.gz", nan, np.eye(4))
-    _save(root / "scans" / "vol4d.nii.gz", np.ones((9, 8, 7, 2), np.float32), np.eye(4))
+    _save(root / "scans" / "vol4d.nii.gz", np.ones((9, 8, 7, 2), np.float32), np.eye(4))  # 2 channels in one file
+    _save(root / "scans" / "slice2d.nii.gz", np.ones((20, 20), np.float32), np.eye(4))
     return SimpleNamespace(root=root / "scans", labels=root / "labels", files=files, expected=expected)
 
 
@@ -125,11 +127,12 @@ def test_masks_equal_the_library_dense_prediction_in_scan_geometry_and_a_rerun_s
 
     statuses = {c.case_id: c.status for c in report.cases}
     assert statuses == {"lps": "ok", "perm": "ok", "plain": "ok", "corrupt": "failed", "nan": "failed",
-                        "vol4d": "failed"}
+                        "vol4d": "failed", "slice2d": "failed"}
     assert sorted(r.case_id for r in seen) == sorted(statuses)  # progress saw every processed case
     rows = {c.case_id: c for c in report.cases}
     assert "corrupt.nii.gz" in rows["corrupt"].error and "non-finite" in rows["nan"].error
-    assert "3D volume" in rows["vol4d"].error
+    assert "3D volume" in rows["vol4d"].error and "3D volume" in rows["slice2d"].error
+    assert all("\n" not in rows[c].error for c in ("corrupt", "nan", "vol4d", "slice2d"))
     for cid, expected in scans.expected.items():
         src, mask = nib.load(str(scans.files[cid])), nib.load(str(out / "masks" / f"{cid}.nii.gz"))
         assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return write_phantom_store(tmp_path_factory.mktemp("train-store"), range(500, 504))
+    # 3 training cases, 1 validation case, and 1 test case (536) that decides promotion.
+    return write_phantom_store(tmp_path_factory.mktemp("train-store"), (500, 501, 502, 503, 536), test_fraction=0.2)
 
 
 def make_job(store_url: str, tmp: Path, name: str, **overrides: Any) -> TrainJob:
@@ -192,6 +193,10 @@ def test_local_mode_trains_tracks_registers_and_reruns_idempotently(
     assert int(registered.aliases["champion"]) == 1
     version = client.get_model_version("ossnet", "1")
     assert float(version.tags["val_dice"]) == pytest.approx(result.best_val_dice)
+    # The test case, unseen by training and checkpoint selection, decided promotion.
+    assert float(version.tags["test_dice"]) == pytest.approx(result.test_dice)
+    assert client.get_run(result.mlflow_run_id).data.metrics["test_dice"] == pytest.approx(result.test_dice)
+    assert version.tags["ossnet.test_cases"] == "1" and "is now 'champion'" in result.promotion
     model, info = load_checkpoint_from_mlflow("models:/ossnet@champion", job.tracking.uri,
                                               dst_dir=tmp_path / "cache")
     assert info.config == model_config("C", "tiny") and info.extra["epoch"] == result.best_epoch
@@ -236,6 +241,14 @@ def test_worker_crash_restarts_from_checkpoint_and_rerun_resumes(
     tags = client.get_run(result.mlflow_run_id).data.tags
     assert tags["ossnet.model_epoch"] == str(longer.best_epoch)
     assert int(tags["ossnet.model_version"]) == longer.model_version
+
+    # The latest checkpoint is damaged (truncated): the next run resumes from the one before it.
+    damaged = Path(result.run_dir) / "checkpoint_epoch_0003" / "model.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    resumed = train(make_job(store_url, tmp_path, "crash", **{"tracking.model_name": "crash", "train.epochs": 4}))
+    assert resumed.extra["start_epoch"] == 3 and resumed.executed_epochs == (3, 4)
+    for metric in ("train_loss", "val_dice"):
+        assert _steps(client, result.mlflow_run_id, metric) == [1, 2, 3, 4], metric
 
 
 def test_two_workers_train_with_ddp_on_cpu(ray_session: Any, store_url: str, tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ SWEEP = "tune-test"
 MODEL_NAME = "tune-test-model"
 # Phantom seeds with lesions of 5-8 % of the volume: a few steps learn them.
 SEEDS = (509, 525, 530, 506)
+TEST_SEED = 536  # the store's one test case (the seeded split keeps the validation case of SEEDS)
 GOOD = {"aux_loss": True, "alpha": 0.1, "patch_size": 3, "border_ratio": 0.5, "band_width": 4, "lr": 0.02}
 GOOD2 = {**GOOD, "patch_size": "3+6", "border_ratio": 0.3, "band_width": 3, "lr": 0.025}
 WEAK_LR, FAILING_LR = 1e-5, 0.0123
@@ -123,7 +124,7 @@ def _checkpoints(experiment_path: Path) -> dict[str, dict[str, float]]:
 @pytest.fixture(scope="module")
 def sweep_run(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
     root = tmp_path_factory.mktemp("tune")
-    config = _config(write_phantom_store(root, SEEDS), root)
+    config = _config(write_phantom_store(root, (*SEEDS, TEST_SEED), test_fraction=0.2), root)
     config_path = root / "sweep.yaml"
     config_path.write_text(yaml.safe_dump(config))
     experiment_path = root / "tune" / SWEEP
@@ -270,7 +271,13 @@ def test_champion_alias_points_to_the_best_trials_model(sweep_run: SweepRun) -> 
     assert parent.data.tags["ossnet.sweep.model_version"] == str(champion.version)
     # Only the sweep registered a model: trials do not, and the resume did not add another.
     assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")] == [str(champion.version)]
-    assert f"model {MODEL_NAME} version {champion.version}: promoted to champion" in sweep_run.stdout
+    # Selected on validation, promoted on the test case no trial saw: both scores are kept.
+    test_dice = float(champion.tags["test_dice"])
+    assert parent.data.metrics["test_dice"] == pytest.approx(test_dice)
+    assert champion.tags["ossnet.test_cases"] == "1"
+    assert "highest test Dice on the 1 test cases" in champion.tags["ossnet.promotion"]
+    assert f"best trial's test Dice {test_dice:.4f} on the store's test split" in sweep_run.stdout
+    assert f"model {MODEL_NAME} v{champion.version} ({test_dice:.4f}) is now 'champion'" in sweep_run.stdout
 
 
 # --------------------------------------------------------------------------- no cluster needed

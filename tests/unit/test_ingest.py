@@ -312,6 +312,8 @@ def test_source_level_errors_exit_2(tmp_path: Path) -> None:
         parser.parse_args(["src", "--store", "s", "--bogus"])
     with pytest.raises(IngestError, match="ingest.val_fraction"):
         _job(tmp_path, tmp_path / "s.zarr", val_fraction=1.5)
+    with pytest.raises(IngestError, match="test_fraction: val_fraction \\+ test_fraction must be < 1"):
+        _job(tmp_path, tmp_path / "s.zarr", val_fraction=0.5, test_fraction=0.5)
     with pytest.raises(IngestError, match=r"^ingest.layout: must be one of 'auto', 'brats', 'lits' or 'generic', got 'x'$"):
         _job(tmp_path, tmp_path / "s.zarr", layout="x")
 
@@ -380,14 +382,28 @@ def test_seeded_split_is_deterministic_and_order_free() -> None:
     assert set(seeded_split(["x", "y"], 0.0, 0).values()) == {"train"}
 
 
+def test_seeded_test_split_takes_training_cases_and_keeps_the_validation_ones() -> None:
+    ids = [f"case{i:03d}" for i in range(40)]
+    before = seeded_split(ids, 0.15, seed=0)
+    after = seeded_split(ids, 0.15, seed=0, test_fraction=0.15)
+    assert sum(s == "test" for s in after.values()) == 6
+    assert {k for k, s in after.items() if s == "val"} == {k for k, s in before.items() if s == "val"}
+    assert all(before[k] == "train" for k, s in after.items() if s == "test")
+    # Small archives keep a training case: 3 cases -> one each; 2 cases -> no test case.
+    assert sorted(seeded_split(["x", "y", "z"], 0.1, 0, test_fraction=0.1).values()) == ["test", "train", "val"]
+    assert set(seeded_split(["x", "y"], 0.1, 0, test_fraction=0.1).values()) == {"train", "val"}
+    assert set(seeded_split(["x", "y"], 0.0, 0, test_fraction=0.1).values()) == {"train", "test"}
+
+
 def test_ingest_split_is_seeded_and_split_file_honoured(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     ids = [f"BraTS20_Training_{i:03d}" for i in range(1, 5)]
     for cid in ids:
         _brats_case(tmp_path / "brats", cid, rng)
     url = str(tmp_path / "s.zarr")
-    ingest(_job(tmp_path / "brats", url, val_fraction=0.25, split_seed=3))
-    assert open_store(url).manifest == seeded_split(ids, 0.25, 3)
+    ingest(_job(tmp_path / "brats", url, val_fraction=0.25, split_seed=3))  # test_fraction 0.15 by default
+    assert open_store(url).manifest == seeded_split(ids, 0.25, 3, test_fraction=0.15)
+    assert sorted(open_store(url).manifest.values()) == ["test", "train", "train", "val"]
     # The reference BraTS split format: section headers, one id per line.
     split = tmp_path / "bra_ts_split.txt"
     split.write_text(f"Training:\n    {ids[0]}\n    {ids[1]}\n\nValidation:\n    {ids[2]}\n    BraTS20_Training_999\n")

@@ -42,7 +42,7 @@ def write_brats_store(root: Path, n_cases: int, source_shape=SOURCE_SHAPE, grid=
     archive = write_brats_archive(cases, root / "archive")
     url = str(root / "store.zarr")
     report = ingest(IngestJob(source=str(archive), store=url, preset="tiny", volume_shape=grid, band_width=2,
-                              val_fraction=0.25, split_seed=0, executor="serial"))
+                              val_fraction=0.25, test_fraction=0.0, split_seed=0, executor="serial"))
     assert report.ok, report.table()
     store = open_store(url, mode="r+")
     writer = store.case_writer(PARTIAL)

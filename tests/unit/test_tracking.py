@@ -33,6 +33,7 @@ from ossnet_pipelines.tracking import (
     locate_model,
     predict_volume,
     register_and_promote,
+    settle_alias,
     resolve_model_uri,
     resolve_tracking_uri,
 )
@@ -346,18 +347,55 @@ def test_champion_alias_moves_only_on_improvement(bundle: SimpleNamespace, tmp_p
     client = MlflowClient(bundle.uri, registry_uri=bundle.uri)
     name = "ossnet-champion-test"
     results = []
-    for dice in (0.5, 0.4, 0.7):
-        version, promoted = register_and_promote(bundle.info.model_uri, name, dice, tracking_uri=bundle.uri)
+    for dice in (0.5, 0.4, 0.7, None, float("nan")):
+        promotion = register_and_promote(bundle.info.model_uri, name, dice, "test_dice.x", tracking_uri=bundle.uri,
+                                         tags={"val_dice": 0.9})
         champion = client.get_model_version_by_alias(name, "champion")
-        results.append((version, promoted, int(champion.version)))
-    assert results == [(1, True, 1), (2, False, 1), (3, True, 3)]
-    assert float(client.get_model_version(name, "2").tags["val_dice"]) == 0.4
+        results.append((promotion.version, promotion.promoted, int(champion.version)))
+        assert promotion.champion == int(champion.version) and "\n" not in promotion.message
+    # Unscored versions (None, NaN) are registered and never take the alias.
+    assert results == [(1, True, 1), (2, False, 1), (3, True, 3), (4, False, 3), (5, False, 3)]
+    assert float(client.get_model_version(name, "2").tags["test_dice.x"]) == 0.4
+    assert client.get_model_version(name, "2").tags["val_dice"] == "0.9"
+    assert "test_dice.x" not in client.get_model_version(name, "4").tags
     loc = locate_model(f"models:/{name}@champion", bundle.uri)
     assert (loc.kind, loc.name, loc.version) == ("registry", name, 3)
     path = resolve_model_uri(f"models:/{name}@champion", bundle.uri, dst_dir=tmp_path)
     assert path.read_bytes() == bundle.ckpt.read_bytes()
     # A second resolution of the same version is served from the cache.
     assert resolve_model_uri(f"models:/{name}/3", bundle.uri, dst_dir=tmp_path) == path
+
+
+def test_a_promoter_that_set_the_alias_from_a_stale_read_corrects_it(bundle: SimpleNamespace) -> None:
+    """The compare-and-set MLflow lacks: the rule is re-checked after every write.
+
+    Two promoters raced: v1 (0.9) was registered and promoted, then the loser, which had read
+    the registry before v1 existed, moved the alias to its own v2 (0.6). Settling again (what
+    the loser does right after its write) gives the alias back to the better version.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(bundle.uri, registry_uri=bundle.uri)
+    name = "ossnet-race-test"
+    assert register_and_promote(bundle.info.model_uri, name, 0.9, "test_dice.s", tracking_uri=bundle.uri).promoted
+    second = register_and_promote(bundle.info.model_uri, name, 0.6, "test_dice.s", tracking_uri=bundle.uri)
+    assert (second.version, second.promoted, second.champion) == (2, False, 1)
+    client.set_registered_model_alias(name, "champion", "2")  # the stale write
+    assert settle_alias(client, name, "test_dice.s") == (1, "")
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    # Versions scored on other cases do not compete; a holder without a score on these cases
+    # is scored first (here: rescored low, so the better v3 takes the alias) ...
+    client.set_registered_model_alias(name, "champion", "2")
+    third = register_and_promote(bundle.info.model_uri, name, 0.7, "test_dice.other", tracking_uri=bundle.uri,
+                                 rescore=lambda version: {2: 0.1}[version])
+    assert (third.version, third.promoted) == (3, True)
+    assert client.get_model_version(name, "2").tags["test_dice.other"] == "0.1"
+    # ... and one that cannot be scored on them keeps the alias, with the reason given.
+    client.set_registered_model_alias(name, "champion", "1")
+    fourth = register_and_promote(bundle.info.model_uri, name, 0.95, "test_dice.other", tracking_uri=bundle.uri,
+                                  rescore=lambda version: None)
+    assert (fourth.promoted, fourth.champion) == (False, 1)
+    assert "could not be scored" in fourth.message
 
 
 def test_resolution_ignores_the_process_wide_tracking_uri(
@@ -373,7 +411,8 @@ def test_resolution_ignores_the_process_wide_tracking_uri(
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(elsewhere)
     try:
-        assert register_and_promote(bundle.info.model_uri, name, 0.5, tracking_uri=bundle.uri) == (1, True)
+        promotion = register_and_promote(bundle.info.model_uri, name, 0.5, "test_dice", tracking_uri=bundle.uri)
+        assert (promotion.version, promotion.promoted) == (1, True)
         assert mlflow.get_tracking_uri() == elsewhere
         for spec in (f"models:/{name}@champion", f"models:/{bundle.info.model_id}", bundle.run_id):
             path = resolve_model_uri(spec, bundle.uri, dst_dir=tmp_path / "cache")
@@ -384,7 +423,7 @@ def test_resolution_ignores_the_process_wide_tracking_uri(
 
 def test_resolve_model_uri_fails_clearly_before_any_work(bundle: SimpleNamespace, tmp_path: Path) -> None:
     name = "ossnet-errors-test"
-    register_and_promote(bundle.info.model_uri, name, 0.5, tracking_uri=bundle.uri)
+    register_and_promote(bundle.info.model_uri, name, 0.5, "test_dice", tracking_uri=bundle.uri)
     cache = tmp_path / "cache"
     cases = {
         "models:/no-such-model@champion": "no-such-model",

@@ -1,0 +1,79 @@
+"""Batch inference writing onto a disk that fills up, for real: a 64 KiB tmpfs.
+
+The job runs inside its own mount namespace (``unshare``), where the output folder is a tmpfs
+too small for every mask. Cases whose mask does not fit must fail with a one-line error and
+leave no partial file; the masks that were written must be whole. After the tmpfs is grown
+(space freed), the same command must complete every case.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import scans_and_model
+from ossnet_pipelines.files import TMP_SUFFIX
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+N_SCANS = 24
+TIMEOUT_S = 900
+
+
+def _can_mount_tmpfs(folder: Path) -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(folder))}"],
+                           capture_output=True, text=True, check=False) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+def test_a_full_disk_fails_cases_cleanly_and_a_rerun_completes_them(tmp_path: Path) -> None:
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    logs.mkdir()
+    if not _can_mount_tmpfs(out):
+        pytest.skip("this machine does not let a test mount a tmpfs in its own mount namespace (unshare -rm)")
+    scans, checkpoint = scans_and_model(tmp_path, N_SCANS)
+    infer = shlex.join([sys.executable, "-m", "ossnet_cli", "infer", str(scans), "--output", str(out), "--model",
+                        str(checkpoint), "--actors", "1", "--mode", "dense"])
+    o, lg = shlex.quote(str(out)), shlex.quote(str(logs))
+    script = f"""
+        mount -t tmpfs -o size=64k tmpfs {o} || exit 90
+        {infer} > {lg}/first.log 2>&1; echo $? > {lg}/first.rc
+        find {o} -type f | sort > {lg}/first.files
+        cp -r {o} {lg}/first
+        mount -o remount,size=64m tmpfs {o} || exit 91
+        {infer} > {lg}/second.log 2>&1; echo $? > {lg}/second.rc
+        cp -r {o} {lg}/second
+    """
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT_S, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first_log = (logs / "first.log").read_text()
+    assert (logs / "first.rc").read_text().strip() == "1", first_log[-6000:]
+    written = sorted((logs / "first" / "masks").glob("*.nii.gz"))
+    assert 0 < len(written) < N_SCANS, first_log[-6000:]  # the disk filled up mid-way
+    assert "No space left on device" in first_log
+    assert not [f for f in (logs / "first.files").read_text().split() if f.endswith(TMP_SUFFIX)]
+    for mask in written:  # whatever was written is whole
+        assert np.asarray(nib.load(str(mask)).dataobj).shape == (40, 44, 36)
+
+    second_log = (logs / "second.log").read_text()
+    assert (logs / "second.rc").read_text().strip() == "0", second_log[-6000:]
+    final = logs / "second"
+    assert len(list((final / "masks").glob("*.nii.gz"))) == N_SCANS
+    for mask in written:  # the masks written before the disk filled were kept, not redone
+        np.testing.assert_array_equal(np.asarray(nib.load(str(mask)).dataobj),
+                                      np.asarray(nib.load(str(final / "masks" / mask.name)).dataobj))
+    import pandas as pd
+
+    report = pd.read_parquet(final / "report.parquet")
+    assert len(report) == N_SCANS and set(report["status"]) <= {"ok", "skipped"}
+    assert not [p for p in final.rglob("*") if p.name.endswith(TMP_SUFFIX)]
