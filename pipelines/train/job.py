@@ -200,7 +200,8 @@ with warnings.catch_warnings():  # "register" is also ABCMeta.register: the YAML
                                    description="tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)")
         experiment: NonBlank = "ossnet"
         model_name: NonBlank = "ossnet"
-        register: bool = Field(True, description="register the best model and promote it if it beats the champion")
+        register: bool = Field(True, description="register the best model; champion moves to it if its "
+                                                 "test-split Dice is the best")
 
 
 class TrainJob(Job):
