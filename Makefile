@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) -m ossnet_bench.train --quick
 	$(PY) -m ossnet_bench.infer --quick
 	$(PY) -m ossnet_bench.multiclass --quick
+	$(PY) -m ossnet_bench.cli --quick
 
 lint: $(STAMP)
 	$(PY) -m ruff check ossnet ossnet_cli pipelines tune bench tests

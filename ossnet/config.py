@@ -19,6 +19,7 @@ ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "relu", "silu", "elu", "gelu")
 PRESETS: tuple[str, ...] = ("brats", "lits", "small", "tiny")
 CBN_NORMS: tuple[str, ...] = ("layer", "feature", "pooled")
 ENCODER_NORMS: tuple[str, ...] = ("batch", "instance", "group")
+OPTIMIZERS: tuple[str, ...] = ("radam_lookahead", "radam", "adam")  # ossnet.training.make_optimizer
 
 
 def _fail(field_name: str, message: str) -> None:

@@ -16,12 +16,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import MultiStepLR
 
+from ossnet.config import OPTIMIZERS
 from ossnet.loss import LossTerms, ossnet_loss
 from ossnet.targets import TargetSpec
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS: tuple[str, ...] = ("radam_lookahead", "radam", "adam")
 
 
 class Lookahead(Optimizer):

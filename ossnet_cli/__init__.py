@@ -23,6 +23,18 @@ Handler = Callable[[argparse.Namespace], int]
 Validator = Callable[[argparse.Namespace], Any]
 
 
+def plain_text(doc: str | None) -> str | None:
+    """A docstring as a terminal shows it: reStructuredText markup (````code````,
+    ``:class:`x```, ``Examples::``) reduced to plain text."""
+    if doc is None:
+        return None
+    import re
+
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return re.sub(r"::$", ":", text, flags=re.MULTILINE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Subcommand:
     """One ``ossnet`` subcommand: the module that configures, validates and runs it.
@@ -37,12 +49,13 @@ class Subcommand:
     configure: str
     handler: str
     validate: str | None = None
+    description: str | None = None  # the --help text; default the module's docstring
 
     def add_to(self, sub: argparse._SubParsersAction) -> None:
         import importlib
 
         module = importlib.import_module(self.module)
-        p = sub.add_parser(self.name, help=self.help, description=module.__doc__,
+        p = sub.add_parser(self.name, help=self.help, description=plain_text(self.description or module.__doc__),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         getattr(module, self.configure)(p)
         defaults: dict[str, Any] = {"handler": getattr(module, self.handler)}
@@ -71,17 +84,55 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
                "configure_infer_parser", "run_infer_cli", "job_from_args"),
     Subcommand("jobs", "ossnet_pipelines.jobs",
                "list, follow or stop jobs submitted to a Ray cluster (--address or $RAY_API_SERVER_ADDRESS)",
-               "configure_jobs_parser", "run_jobs_cli"),
+               "configure_jobs_parser", "run_jobs_cli",
+               description="""``ossnet jobs``: the jobs that ``ossnet train/tune/infer --address`` submitted to a Ray cluster.
+
+Examples::
+
+    ossnet jobs list --address http://127.0.0.1:8275
+    ossnet jobs logs ossnet-train-... --follow
+    ossnet jobs stop ossnet-train-...
+
+The address is the cluster's dashboard URL (default ``$RAY_API_SERVER_ADDRESS``). A cluster with
+token authentication needs its token in ``RAY_AUTH_TOKEN`` or in the file named by
+``RAY_AUTH_TOKEN_PATH`` (``infra/local-cluster.sh env`` prints both).
+"""),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every available subcommand."""
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand a command line names: its first word that is not a global flag."""
+    names = {c.name for c in SUBCOMMANDS}
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in names else None
+    return None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ossnet")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser.
+
+    Args:
+        argv: the command line it will parse. Only the subcommand it names is configured (its
+            module imported); the others are listed by name and help, so ``ossnet --help`` and
+            ``ossnet COMMAND --help`` import nothing they do not show. None configures all.
+    """
+    chosen = _chosen_command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="ossnet",
         description="OSS-Net: memory-efficient high-resolution 3D medical segmentation on Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ossnet {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show every log line (Ray's too)")
     # dest differs from `train --dry-run` (which also opens the store): a subparser's defaults
     # would otherwise overwrite this flag.
     parser.add_argument(
@@ -91,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in SUBCOMMANDS:
-        command.add_to(sub)
+        if argv is None or command.name == chosen:
+            command.add_to(sub)
+        else:
+            sub.add_parser(command.name, help=command.help)
     return parser
 
 
@@ -127,7 +181,7 @@ def parse_entrypoint(command: str) -> argparse.Namespace:
     else:
         raise ValueError(f"{command!r}: not an ossnet command (expected 'ossnet ...' or 'python -m ossnet_cli ...')")
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
     except SystemExit as exc:
         raise ValueError(f"{command!r}: rejected by the ossnet parser (exit {exc.code})") from None
     args.raw_argv = argv
@@ -184,8 +238,8 @@ def dry_run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ossnet`` console script; returns the process exit code."""
-    parser = build_parser()
     raw_argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(raw_argv)
     args = parser.parse_args(raw_argv)
     # Handlers that resubmit themselves to a cluster (--address) need the exact command line.
     args.raw_argv = raw_argv

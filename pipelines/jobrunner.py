@@ -163,11 +163,12 @@ class OverrideFlag:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, flags: Sequence[OverrideFlag] = (), *,
-                         config_required: bool = False) -> None:
-    """Add ``--config``, repeatable ``--set KEY=VALUE`` and the dedicated override ``flags``."""
+                         config_required: bool = False, set_example: str = "train.lr=1e-3") -> None:
+    """Add ``--config``, repeatable ``--set KEY=VALUE`` (``set_example``: a key of this job) and
+    the dedicated override ``flags``."""
     parser.add_argument("--config", "-c", metavar="YAML", required=config_required, help="job config file")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="override a config key (repeatable), e.g. --set train.lr=1e-3")
+                        help=f"override a config key (repeatable), e.g. --set {set_example}")
     for f in flags:
         if f.const is not NO_CONST:
             parser.add_argument(f.flag, dest=f.dest, action="store_const", const=f.const, default=None, help=f.help)
@@ -197,18 +198,22 @@ TRACKING_FLAGS: tuple[OverrideFlag, ...] = (
 )
 
 
-def add_submission_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+def add_submission_arguments(parser: argparse.ArgumentParser, what: str, *, dry_run: bool = True) -> None:
     """``--config-json`` (the whole ``what`` as JSON, how ``--address`` submits it), ``--address``
-    and ``--dry-run``."""
+    and (``dry_run``) ``--dry-run``."""
     parser.add_argument("--config-json", metavar="JSON", help=f"the whole {what} as JSON (what --address submits)")
     parser.add_argument("--address", metavar="URL",
-                        help="submit to this Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
-    parser.add_argument("--dry-run", action="store_true", help=f"validate and print the resolved {what}, then exit")
+                        help="submit to this Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running "
+                             "here; local paths are made absolute first")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true", help=f"validate and print the resolved {what}, then exit")
 
 
-def config_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] = ()) -> dict[str, Any]:
-    """The job mapping of a parsed command line: ``--config`` YAML or ``--config-json``, with the
-    ``--set`` items and the dedicated ``flags`` applied.
+def config_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] = (), *,
+                     leading: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
+    """The job mapping of a parsed command line: ``--config`` YAML or ``--config-json``, with
+    ``leading`` (e.g. a positional argument), then the ``--set`` items and the dedicated
+    ``flags`` applied.
 
     Raises:
         ConfigError: both sources given, or JSON that does not parse.
@@ -222,7 +227,7 @@ def config_from_args(args: argparse.Namespace, flags: Sequence[OverrideFlag] = (
             data = json.loads(config_json)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--config-json: not valid JSON ({exc})") from None
-    return apply_overrides(data, overrides_from_args(args, flags))
+    return apply_overrides(data, [*leading, *overrides_from_args(args, flags)])
 
 
 __all__ = [

@@ -332,20 +332,6 @@ def stop_job(address: str, job_id: str, *, auth_token: str | None = None) -> boo
     return bool(stopped)
 
 
-def without_address(argv: Sequence[str]) -> list[str]:
-    """``argv`` minus ``--address X`` / ``--address=X`` (what the job itself must not get)."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--address":
-            skip = True
-        elif not arg.startswith("--address="):
-            out.append(arg)
-    return out
-
-
 def cli_entrypoint(argv: Sequence[str]) -> list[str]:
     """The argv a job runs for ``ossnet <argv>``: the CLI module, from the uploaded project."""
     return ["python", "-m", "ossnet_cli", *argv]
@@ -365,8 +351,8 @@ def submit_cli_command(
 
     Args:
         address: the cluster's Jobs API URL.
-        argv: the subcommand and its arguments, without ``--address`` (see
-            :func:`without_address`).
+        argv: the subcommand and its arguments, without ``--address``, local paths already
+            absolute (the job runs in an uploaded copy of the project).
         env: variables for the job; MLflow/S3 variables of this process are added when
             not given here (see :data:`FORWARDED_ENV_VARS`).
         out: where the job's log goes (default stdout).

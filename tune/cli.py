@@ -58,7 +58,7 @@ OVERRIDE_FLAGS: tuple[OverrideFlag, ...] = (
 def configure_tune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``tune`` flags to ``parser`` (config, overrides, resume, submission)."""
     parser.allow_abbrev = False  # strict: "--num-sample" is an error
-    add_config_arguments(parser, OVERRIDE_FLAGS)
+    add_config_arguments(parser, OVERRIDE_FLAGS, set_example="space.lr.high=1e-3")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed trials again")
     add_submission_arguments(parser, "sweep")

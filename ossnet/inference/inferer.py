@@ -21,17 +21,19 @@ from torch import nn
 
 from ossnet.config import ModelConfig
 from ossnet.inference import mise
+from ossnet.inference_options import (
+    DEFAULT_COARSE_STRIDE,
+    DEFAULT_PROBE_STRIDE,
+    DEFAULT_RECALL_MARGIN,
+    DEFAULT_SEED_THRESHOLD,
+    MAX_RECALL_MARGIN,
+    MODES,
+)
 from ossnet.sampling import downsample_image, extract_patches, normalize_points, pool_volume
 from ossnet.targets import TargetSpec
 
 logger = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("dense", "mise", "mise_lowres")
-DEFAULT_COARSE_STRIDE = 4
-DEFAULT_SEED_THRESHOLD = 0.3
-DEFAULT_PROBE_STRIDE = 8
-DEFAULT_RECALL_MARGIN = 8.0
-MAX_RECALL_MARGIN = 50.0  # logits; beyond this every cell of a float32 sigmoid is "uncertain"
 Array = Union[np.ndarray, torch.Tensor]
 
 

@@ -1,9 +1,20 @@
-"""``ossnet infer``: the command-line shell over ``run_inference``.
+"""``ossnet infer``: segment a folder of scans (or a store) with a trained model.
 
-Settings come from, in increasing precedence: ``InferJob`` defaults, ``--config YAML`` (a flat
-mapping of ``InferJob`` fields), ``--set KEY=VALUE`` and the dedicated flags. With ``--address``
-the same command runs as a job on a Ray cluster (``ossnet_pipelines.jobs``); paths must then be
-visible from the cluster (shared storage or fsspec URLs).
+Examples::
+
+    ossnet infer /data/export/ --output /data/masks                      # models:/ossnet@champion
+    ossnet infer /data/BraTS2020_Validation --output preds/ --model models:/ossnet-brats2020/7
+    ossnet infer scans/ --output preds/ --model checkpoint.pt --actors 2 --save-probabilities
+    ossnet infer /data/brats.zarr --split test --output preds/          # a store's test cases
+    ossnet infer scans/ --output preds/ --address http://127.0.0.1:8275  # a Ray job
+
+Each scan is prepared exactly as the model's training data was, segmented at full resolution
+(MISE started from the low-resolution segmentation) and written back in the scan's own grid as
+``<output>/masks/<case>.nii.gz``, with a report (``report.parquet``, ``report.csv``) of status,
+timing and, where a reference label is given, Dice and IoU. A case that cannot be read fails
+with one line and the others go on; running the same command again skips finished cases.
+Settings come from ``--config YAML`` (a flat mapping of the fields below), then ``--set
+KEY=VALUE``, then the flags.
 
 Exit codes: 0 every case ok or skipped, 1 some case failed, 2 the job could not run (unknown
 model or alias, unreadable input, bad setting).
@@ -12,14 +23,21 @@ model or alias, unreadable input, bad setting).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import sys
+from pathlib import Path
 from typing import TextIO
 
-from ossnet.inference import DEFAULT_RECALL_MARGIN
+from ossnet.inference_options import DEFAULT_RECALL_MARGIN
 from ossnet_pipelines.infer.job import INPUT_LAYOUTS, MODES, InferError, InferJob
-from ossnet_pipelines.jobconfig import load_job
-from ossnet_pipelines.jobrunner import JobCommand, OverrideFlag, add_config_arguments, overrides_from_args, run_job_command
+from ossnet_pipelines.jobrunner import (
+    JobCommand,
+    OverrideFlag,
+    add_config_arguments,
+    add_submission_arguments,
+    config_from_args,
+    run_job_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,26 +73,26 @@ def configure_infer_parser(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("input", nargs="?", default=None,
                         help="NIfTI folder, glob or file; BraTS-style case folders; generic images/ folder; "
                              "CSV (image or image_<modality> columns, optional label, case_id); or a Zarr store")
-    add_config_arguments(parser, FLAGS)
-    parser.add_argument("--address", default=None,
-                        help="submit to a Ray cluster's Jobs API (e.g. http://127.0.0.1:8275) instead of running here")
+    add_config_arguments(parser, FLAGS, set_example="recall_margin=4")
+    add_submission_arguments(parser, "inference job", dry_run=False)
     return parser
 
 
 def job_from_args(args: argparse.Namespace) -> InferJob:
     """Build and validate the ``InferJob`` of parsed ``configure_infer_parser`` arguments."""
-    overrides = overrides_from_args(args, FLAGS)
-    if args.input is not None:
-        overrides.insert(0, ("input", args.input))
-    return load_job(InferJob, args.config, overrides)
+    leading = [("input", args.input)] if args.input is not None else []
+    return InferJob.parse(config_from_args(args, FLAGS, leading=leading))
 
 
 def _submit_argv(args: argparse.Namespace, job: InferJob, out: TextIO) -> list[str]:
-    """``infer ...`` as typed (from ``sys.argv``), minus ``--address``, for the cluster job."""
-    from ossnet_pipelines.jobs import without_address
-
-    raw = list(sys.argv[1:])
-    return without_address(raw[raw.index("infer"):] if "infer" in raw else ["infer", *raw])
+    """The job as the cluster runs it: every local path made absolute here, on the submitting
+    machine (the job runs in an uploaded copy of the project, where relative paths mean nothing)."""
+    resolved = job.normalized()
+    model = resolved.model
+    if "://" not in model and not model.startswith(("models:", "runs:")) and Path(model).expanduser().exists():
+        resolved = resolved.updated({"model": str(Path(model).expanduser().resolve())})
+    out.write(f"submitting inference of {resolved.input} to {args.address}\n")
+    return ["infer", "--config-json", json.dumps(resolved.to_dict())]
 
 
 def _run(args: argparse.Namespace, job: InferJob, out: TextIO) -> int:

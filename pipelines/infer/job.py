@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Iterable, Literal, Mapping, Optional
 from pydantic import Field, model_validator
 
 from ossnet.config import ConfigError
-from ossnet.inference import MAX_RECALL_MARGIN
-from ossnet.inference import MODES as INFERENCE_MODES
+from ossnet.inference_options import MAX_RECALL_MARGIN
+from ossnet.inference_options import MODES as INFERENCE_MODES
 from ossnet_pipelines.constants import SPLITS
 from ossnet_pipelines.files import absolute_url
 from ossnet_pipelines.jobconfig import Job, NonBlank

@@ -37,13 +37,13 @@ from ossnet.config import (
     VARIANTS,
     AugmentConfig,
     ConfigError,
+    OPTIMIZERS,
     ModelConfig,
     SamplingConfig,
     model_config,
 )
-from ossnet.inference import MODES
+from ossnet.inference_options import MODES
 from ossnet.targets import TARGET_PRESETS, TargetSpec
-from ossnet.training import OPTIMIZERS
 from ossnet_pipelines.files import absolute_url
 from ossnet_pipelines.jobconfig import Checked, Job, JobModel, NonBlank, config_hash, load_job, safe_name
 

@@ -396,7 +396,10 @@ def test_address_submits_the_same_command_as_a_cluster_job(monkeypatch: pytest.M
     monkeypatch.setattr("sys.argv", ["ossnet", "-v", *argv])
     args = configure_infer_parser(argparse.ArgumentParser()).parse_args(argv[1:])
     assert run_infer_cli(args) == 0
-    assert calls == [("http://127.0.0.1:8275", ["infer", "s3://b/in", "--output", "s3://b/out", "--actors", "4"])]
+    ((address, submitted),) = calls
+    assert address == "http://127.0.0.1:8275" and submitted[:2] == ["infer", "--config-json"]
+    back = job_from_args(configure_infer_parser(argparse.ArgumentParser()).parse_args(submitted[1:]))
+    assert (back.input, back.output, back.actors) == ("s3://b/in", "s3://b/out", 4)  # URLs stay as given
 
 
 def test_a_bad_reference_label_leaves_the_prediction_and_says_why(tmp_path: Path, tiny_model) -> None:

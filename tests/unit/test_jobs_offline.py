@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,28 @@ def test_cluster_script_rejects_bad_settings(tmp_path: Path) -> None:
     assert "OSSNET_CLUSTER_CPUS must be a non-negative integer, got 'two'" in proc.stderr
 
 
-def test_without_address_and_cli_entrypoint() -> None:
-    argv = ["train", "--address", "http://h:8265", "--epochs", "3", "--address=http://x", "-v"]
-    assert jobs.without_address(argv) == ["train", "--epochs", "3", "-v"]
+def test_cli_entrypoint_and_infer_submission_resolves_local_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import json
+
+    from ossnet_cli import build_parser
+    from ossnet_pipelines.infer.cli import _submit_argv, job_from_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"x")
+    argv = ["infer", "scans", "--output", "out", "--model", "model.pt", "--labels", "refs",
+            "--address", "http://127.0.0.1:1"]
+    args = build_parser(argv).parse_args(argv)
+    submitted = _submit_argv(args, job_from_args(args), io.StringIO())
+    assert submitted[:2] == ["infer", "--config-json"] and "--address" not in submitted
+    job = json.loads(submitted[2])
+    assert (job["input"], job["output"], job["labels"], job["model"]) == (
+        str(tmp_path / "scans"), str(tmp_path / "out"), str(tmp_path / "refs"), str(tmp_path / "model.pt"))
+    # What the cluster runs parses back to the same job.
+    back = build_parser(submitted).parse_args(submitted)
+    assert job_from_args(back).to_dict() == job
     assert jobs.cli_entrypoint(["train", "--name", "a b"]) == [
         "python", "-m", "ossnet_cli", "train", "--name", "a b"]
 
@@ -99,3 +119,25 @@ def test_jobs_parser_is_strict(monkeypatch: pytest.MonkeyPatch) -> None:
         parser.parse_args(["stop"])  # JOB is required
     with pytest.raises(SystemExit):
         parser.parse_args(["list", "--bogus"])
+
+
+def test_help_and_version_load_no_heavy_library() -> None:
+    """``ossnet --help``, every ``ossnet COMMAND --help`` and ``--version`` answer without importing
+    torch, Ray or MLflow (their speed is measured by ``python -m ossnet_bench.cli``)."""
+    from ossnet_cli import SUBCOMMANDS
+
+    code = (
+        "import sys\n"
+        "from ossnet_cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))\n"
+    )
+    for argv in (["--help"], ["--version"], *([c.name, "--help"] for c in SUBCOMMANDS)):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.stdout.strip().splitlines()[-1] == "HEAVY []", (argv, proc.stdout[-500:], proc.stderr[-2000:])
+        assert "usage: ossnet" in proc.stdout or "ossnet " in proc.stdout
+        assert "``" not in proc.stdout and ":class:" not in proc.stdout, argv  # no reST markup in help
