@@ -195,6 +195,8 @@ TRACKING_FLAGS: tuple[OverrideFlag, ...] = (
                  "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else .ossnet/mlflow.db)"),
     OverrideFlag("--experiment", "tracking.experiment", str, "MLflow experiment"),
     OverrideFlag("--model-name", "tracking.model_name", str, "registered model name"),
+    OverrideFlag("--system-metrics", "tracking.system_metrics", bool,
+                 "log the training process's CPU, memory, disk, network and GPU use as system/* metrics"),
 )
 
 

@@ -246,6 +246,9 @@ def _log_parent(run: RunLogger, job: TuneJob, trials: tuple[TrialSummary, ...], 
         run.log_artifact(folder / name, "sweep")
     if config_path is not None and Path(config_path).is_file():
         run.log_artifact(config_path, "config")
+    from ossnet_pipelines.tracking.lineage import log_store_input
+
+    log_store_input(run, job.base.store)
 
 
 def run_sweep(

@@ -94,6 +94,8 @@ class RunLogger:
         run_name: display name of a new run (default: ``run_key``).
         tags: tags set on the run at every start.
         parent_run_id: parent run (e.g. a sweep), recorded as ``mlflow.parentRunId``.
+        log_system_metrics: sample this process's CPU, memory, disk, network (and GPU) use into
+            ``system/*`` metrics while the run is active here (MLflow's system metrics).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class RunLogger:
         run_name: str | None = None,
         tags: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
+        log_system_metrics: bool = False,
     ) -> None:
         if not _RUN_KEY_RE.match(run_key or ""):
             raise ValueError(
@@ -117,6 +120,7 @@ class RunLogger:
         self.run_name = run_name or run_key
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.parent_run_id = parent_run_id
+        self.log_system_metrics = log_system_metrics
         self.experiment_id: str | None = None
         self.resumed = False
         self._run_id: str | None = None
@@ -181,7 +185,8 @@ class RunLogger:
         mlflow.set_tracking_uri(self.tracking_uri)
         active = mlflow.active_run()
         if active is None or active.info.run_id != run_id:
-            mlflow.start_run(run_id=run_id, nested=active is not None)
+            mlflow.start_run(run_id=run_id, nested=active is not None,
+                             log_system_metrics=True if self.log_system_metrics else None)
             self._fluent_active = True
         return run_id
 

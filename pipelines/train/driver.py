@@ -172,9 +172,11 @@ def _open_run(job: TrainJob, uri: str | None, parent_run_id: str | None) -> cont
         return contextlib.nullcontext(None)
     from ossnet_pipelines.tracking import RunLogger
 
+    # System metrics come from the process that trains: here in local mode, else rank 0's worker.
     return RunLogger(job.run_name, job.tracking.experiment, uri, parent_run_id=parent_run_id,
                      tags={"ossnet.variant": job.model.variant, "ossnet.preset": job.model.preset,
-                           "ossnet.store": job.store})
+                           "ossnet.store": job.store},
+                     log_system_metrics=job.tracking.system_metrics and job.scaling.num_workers == 0)
 
 
 def _log_config(run: RunLogger, job: TrainJob, config_path: str | os.PathLike[str] | None, tmp: Path) -> None:
@@ -184,6 +186,10 @@ def _log_config(run: RunLogger, job: TrainJob, config_path: str | os.PathLike[st
     run.log_artifact(resolved, "config")
     if config_path is not None and Path(config_path).is_file():
         run.log_artifact(config_path, "config")
+    from ossnet_pipelines.tracking.lineage import log_store_input
+
+    dataset = log_store_input(run, job.store)
+    logger.info("MLflow run %s: dataset input %s (digest %s)", run.run_id, dataset.name, dataset.digest)
 
 
 def _log_and_register(run: RunLogger, job: TrainJob, facts: StoreFacts,

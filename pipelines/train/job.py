@@ -202,6 +202,8 @@ with warnings.catch_warnings():  # "register" is also ABCMeta.register: the YAML
         model_name: NonBlank = "ossnet"
         register: bool = Field(True, description="register the best model; champion moves to it if its "
                                                  "test-split Dice is the best")
+        system_metrics: bool = Field(False, description="MLflow system metrics (system/*) of the process that "
+                                                         "trains: CPU, memory, disk, network, GPU with pynvml")
 
 
 class TrainJob(Job):

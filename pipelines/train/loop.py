@@ -254,7 +254,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         fail_fast_on_lost_server()
         run_logger = OutageTolerantRun(RunLogger(job.run_name, job.tracking.experiment, config["tracking_uri"],
-                                                 parent_run_id=config.get("parent_run_id")))
+                                                 parent_run_id=config.get("parent_run_id"),
+                                                 log_system_metrics=job.tracking.system_metrics and not local_mode))
         run_logger.start()
 
     from ossnet_pipelines.data import SampleSpec

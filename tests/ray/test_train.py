@@ -181,6 +181,11 @@ def test_local_mode_trains_tracks_registers_and_reruns_idempotently(
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["ossnet.run_key"] == "local"
     assert run.data.params["train.epochs"] == "2" and run.data.params["model.preset"] == "tiny"
+    from ossnet_pipelines.store import open_store
+    from ossnet_pipelines.tracking.lineage import store_digest
+
+    (dataset_input,) = run.inputs.dataset_inputs  # the store the run trained on
+    assert dataset_input.dataset.digest == store_digest(open_store(store_url))
     for metric in ("train_loss", "train_point_acc", "val_dice", "val_iou", "val_lowres_dice", "val_point_acc"):
         assert _steps(client, run.info.run_id, metric) == [1, 2], metric
     artifacts = _artifacts(client, run.info.run_id)

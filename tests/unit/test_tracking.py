@@ -7,6 +7,7 @@ migrations (seconds); each test uses its own run keys and registered model names
 
 from __future__ import annotations
 
+import json
 import dataclasses
 import hashlib
 import subprocess
@@ -464,3 +465,49 @@ def test_slice_overlay_png_writes_a_png_through_the_lesion(tmp_path: Path) -> No
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["case.png"]  # no temporary left
     with pytest.raises(ValueError, match="prediction shape"):
         slice_overlay_png(image, reference, prediction[:-1], tmp_path / "c.png")
+
+
+# ------------------------------------------------------------------------------- lineage
+
+
+def test_a_run_records_its_store_as_a_dataset_input(tmp_path: Path) -> None:
+    from ossnet_pipelines.store import open_store
+    from ossnet_pipelines.synthetic import write_phantom_store
+    from ossnet_pipelines.tracking.lineage import log_store_input, store_digest
+
+    store = write_phantom_store(tmp_path / "data", (1, 2, 3, 4), test_fraction=0.25)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with RunLogger("lineage", experiment="lineage-test", tracking_uri=uri) as run:
+        log_store_input(run, store)
+        log_store_input(run, store)  # a resumed run records the same input once
+    (entry,) = run.client.get_run(run.run_id).inputs.dataset_inputs
+    dataset = entry.dataset
+    assert dataset.name == "store.zarr" and dataset.digest == store_digest(open_store(store))
+    assert json.loads(dataset.source)["uri"].rstrip("/") == store.rstrip("/")
+    profile = json.loads(dataset.profile)
+    assert profile["cases_per_split"] == {"test": 1, "train": 2, "val": 1} and profile["cases"] == 4
+    assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
+
+    # Any change to the scans or the splits changes the digest.
+    before = store_digest(open_store(store))
+    writable = open_store(store, mode="r+")
+    writable.write_manifest({**writable.manifest, "brats-1": "val"}, {"method": "test"})
+    assert store_digest(open_store(store)) != before
+
+
+def test_system_metrics_are_logged_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with RunLogger("sysmetrics", experiment="sysmetrics-test", tracking_uri=uri, log_system_metrics=True) as run:
+        deadline = time.monotonic() + 30
+        while not any(k.startswith("system/") for k in run.client.get_run(run.run_id).data.metrics):
+            assert time.monotonic() < deadline, "no system metric within 30 s"
+            time.sleep(0.2)
+    metrics = run.client.get_run(run.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    with RunLogger("plain", experiment="sysmetrics-test", tracking_uri=uri) as plain:
+        time.sleep(1.0)
+    assert not [k for k in plain.client.get_run(plain.run_id).data.metrics if k.startswith("system/")]
