@@ -68,10 +68,13 @@ def _kill_after(command: list[str], marker: str, max_delay_s: float) -> str:
     return log
 
 
-def _run(command: list[str]) -> str:
+def _run(command: list[str], what: str = "") -> str:
+    start = time.monotonic()
     proc = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
                           check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    if what:  # the time to recover, for the record (pytest -rP shows it)
+        print(f"[recovery] {what}: {time.monotonic() - start:.1f} s")
     return proc.stdout + proc.stderr
 
 
@@ -85,7 +88,7 @@ def test_a_killed_ingest_run_again_equals_a_clean_ingest(tmp_path: Path) -> None
     args = ["--preset", "tiny", "--executor", "serial"]
     killed, clean = tmp_path / "killed.zarr", tmp_path / "clean.zarr"
     _kill_after(_ossnet("ingest", str(archive), "--store", str(killed), *args), "ingest: 3/10 cases", 1.0)
-    _run(_ossnet("ingest", str(archive), "--store", str(killed), *args))
+    _run(_ossnet("ingest", str(archive), "--store", str(killed), *args), "ingest killed, run again")
     _run(_ossnet("ingest", str(archive), "--store", str(clean), *args))
     a, b = open_store(str(killed)), open_store(str(clean))
     assert a.manifest == b.manifest and len(a.manifest) == 10
@@ -102,7 +105,7 @@ def test_a_killed_inference_run_again_writes_every_mask_once(tmp_path: Path) -> 
     flags = ["--model", str(checkpoint), "--actors", "1", "--mode", "dense"]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     _kill_after(_ossnet("infer", str(scans), "--output", str(killed), *flags), "infer: 4/24 cases", 0.5)
-    _run(_ossnet("infer", str(scans), "--output", str(killed), *flags))
+    _run(_ossnet("infer", str(scans), "--output", str(killed), *flags), "inference killed, run again")
     _run(_ossnet("infer", str(scans), "--output", str(clean), *flags))
     names = sorted(p.name for p in (clean / "masks").iterdir())
     assert len(names) == 24 and sorted(p.name for p in (killed / "masks").iterdir()) == names
@@ -137,7 +140,7 @@ def test_a_killed_training_run_again_logs_every_epoch_once(tmp_path: Path) -> No
     )
     command = _ossnet("train", "--config", str(config))
     _kill_after(command, f"epoch {RNG.randint(1, 3)}/{epochs}:", 1.5)
-    _run(command)
+    _run(command, "training killed, run again")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
     assert run.info.status == "FINISHED"

@@ -78,8 +78,10 @@ def test_training_survives_a_lost_tracking_server_and_a_rerun_reconciles(tmp_pat
         assert kept[-1] == f"checkpoint_epoch_{EPOCHS:04d}", kept
 
         server = start_mlflow_server(tmp_path / "mlflow", port)  # the same data comes back
+        start = time.monotonic()
         again = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                                timeout=JOB_TIMEOUT_S, check=False)
+        print(f"[recovery] tracking server back, training run again: {time.monotonic() - start:.1f} s")
         assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
         client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
         (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
