@@ -486,6 +486,19 @@ def test_ray_up_config_has_a_cpu_head_and_gpu_workers_from_zero_with_spot() -> N
     assert "--dashboard-host=127.0.0.1" in head_start, "the dashboard is reached through `ray dashboard` (SSH)"
 
 
+def test_ray_up_nodes_boot_an_ami_whose_driver_runs_the_image_and_workers_reach_s3() -> None:
+    """Ray's default AMI (CUDA 11.2's driver) cannot run the CUDA 13 torch of the image, and Ray
+    gives only the head an instance profile; the workers do every s3:// read and write."""
+    config = _load(RAY_UP)
+    dlami = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+    for name, node_type in config["available_node_types"].items():
+        assert node_type["node_config"].get("ImageId") == dlami, name
+        if name != config["head_node_type"]:
+            assert node_type["node_config"].get("IamInstanceProfile", {}).get("Name"), name
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    assert re.search(r"driver\s*>=?\s*580", dockerfile, flags=re.IGNORECASE), "the image states its minimum driver"
+
+
 # --------------------------------------------------------------------------- compose
 
 
