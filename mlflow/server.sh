@@ -3,7 +3,7 @@
 #
 # By default: a SQLite backend and a local artifact store under $OSSNET_MLFLOW_HOME, bound
 # to 127.0.0.1. With environment variables it runs as a team server on PostgreSQL and an
-# S3-compatible store (MinIO, AWS S3). Artifacts are always proxied by the server
+# S3-compatible store (SeaweedFS, AWS S3). Artifacts are always proxied by the server
 # (--serve-artifacts), so clients need only the tracking URI, never storage credentials.
 # The script `exec`s the server: its pid is the server's (SIGTERM stops it cleanly).
 #
@@ -22,7 +22,7 @@
 #                                 e.g. postgresql://mlflow:PASSWORD@postgres:5432/mlflow
 #   MLFLOW_ARTIFACTS_DESTINATION  artifact store [$OSSNET_MLFLOW_HOME/mlartifacts],
 #                                 e.g. s3://mlflow-artifacts/ossnet
-#   MLFLOW_S3_ENDPOINT_URL        S3-compatible endpoint, e.g. http://minio:9000 (with
+#   MLFLOW_S3_ENDPOINT_URL        S3-compatible endpoint, e.g. http://s3:8333 (with
 #                                 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, read by boto3)
 #   OSSNET_MLFLOW_ALLOWED_HOSTS   extra accepted Host headers, comma-separated, appended to
 #                                 localhost/127.0.0.1 (any port); fnmatch wildcards, e.g.

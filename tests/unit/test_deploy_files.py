@@ -499,6 +499,44 @@ def test_ray_up_nodes_boot_an_ami_whose_driver_runs_the_image_and_workers_reach_
     assert re.search(r"driver\s*>=?\s*580", dockerfile, flags=re.IGNORECASE), "the image states its minimum driver"
 
 
+# --------------------------------------------------------------------------- Kubernetes: the tracking stack
+
+K8S_MLFLOW = INFRA / "kubernetes" / "mlflow.yaml"
+
+
+@pytest.mark.parametrize("version", ["1.31", "1.34", "1.37"])
+def test_tracking_stack_manifests_pass_the_kubernetes_schemas(version: str) -> None:
+    """Strict validation (unknown fields are errors) against the bundled Kubernetes schemas, offline."""
+    import kubernetes_validate
+
+    docs = list(yaml.safe_load_all(K8S_MLFLOW.read_text()))
+    assert {d["kind"] for d in docs} >= {"Service", "StatefulSet", "Deployment", "Job"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+    broken = copy.deepcopy(next(d for d in docs if d["kind"] == "Deployment"))
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"  # a typo must not pass
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_the_ray_manifests_reach_the_tracking_stacks_services() -> None:
+    """Every http://<service>:<port> the RayClusters and RayJobs use is a Service of the stack."""
+    services = {(d["metadata"]["name"], p["port"]) for d in yaml.safe_load_all(K8S_MLFLOW.read_text())
+                if d["kind"] == "Service" for p in d["spec"]["ports"]}
+    used = set()
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for host, port in re.findall(r"http://([a-z0-9-]+):(\d+)", path.read_text()):
+            used.add((host, int(port)))
+    assert {("mlflow", 5000), ("s3", 8333)} <= used
+    assert used <= services, f"not served by infra/kubernetes/mlflow.yaml: {sorted(used - services)}"
+    for doc in yaml.safe_load_all(K8S_MLFLOW.read_text()):
+        if doc["kind"] == "Service":
+            assert doc["spec"]["type"] == "ClusterIP", doc["metadata"]["name"]  # nothing exposed outside
+    images = re.findall(r"image: (\S+)", K8S_MLFLOW.read_text())
+    assert any(re.fullmatch(r"chrislusf/seaweedfs:[0-9.]+@sha256:[0-9a-f]{64}", i) for i in images)
+    assert _compose()["services"]["s3"]["image"] in images  # compose and Kubernetes run the same store
+
+
 # --------------------------------------------------------------------------- compose
 
 
@@ -509,14 +547,14 @@ def _compose() -> dict[str, Any]:
 def test_compose_services_have_health_checks_and_wait_for_each_other() -> None:
     services = _compose()["services"]
     long_running = {k: v for k, v in services.items() if v.get("restart") != "no"}
-    assert set(long_running) == {"postgres", "minio", "mlflow"}
+    assert set(long_running) == {"postgres", "s3", "mlflow"}
     for name, service in long_running.items():
         test = service["healthcheck"]["test"]
         assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
     deps = services["mlflow"]["depends_on"]
     assert deps["postgres"]["condition"] == "service_healthy"
-    assert deps["minio-init"]["condition"] == "service_completed_successfully"
-    assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert deps["s3-init"]["condition"] == "service_completed_successfully"
+    assert services["s3-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
 
 
 def test_compose_uses_named_volumes_only() -> None:
@@ -528,7 +566,21 @@ def test_compose_uses_named_volumes_only() -> None:
             source = volume.split(":")[0]
             assert not source.startswith((".", "/", "~")), f"{name}: bind mount {source}"
             used.add(source)
-    assert used == declared and {"postgres-data", "minio-data"} <= used
+    assert used == declared and {"postgres-data", "s3-data"} <= used
+
+
+def test_compose_images_are_pinned_and_no_unmaintained_object_store_is_left() -> None:
+    """Third-party images carry a version, the object store also its digest; MinIO (no images
+    published any more, the last one vulnerable) is not used."""
+    services = _compose()["services"]
+    for name, service in services.items():
+        image = service["image"]
+        assert ":" in image.split("/")[-1] and not image.endswith(":latest"), f"{name}: {image} is not pinned"
+        assert "minio" not in image, name
+    assert re.fullmatch(r"chrislusf/seaweedfs:[0-9.]+@sha256:[0-9a-f]{64}", services["s3"]["image"])
+    dockerfile = (REPO / "mlflow" / "Dockerfile").read_text()
+    assert re.search(r"psycopg2-binary==\$\{PSYCOPG2_VERSION\}", dockerfile)
+    assert re.search(r"boto3==\$\{BOTO3_VERSION\}", dockerfile)
 
 
 def test_compose_publishes_ports_on_loopback_only() -> None:
