@@ -227,7 +227,7 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    logger.info("saved checkpoint %s (variant %s)", dest, payload["model_config"]["variant"])
+    logger.debug("saved checkpoint %s (variant %s)", dest, payload["model_config"]["variant"])
     return dest
 
 

@@ -243,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(raw_argv)
     # Handlers that resubmit themselves to a cluster (--address) need the exact command line.
     args.raw_argv = raw_argv
+    if not args.verbose and not sys.stderr.isatty():
+        # MLflow's download bars are a line per update in a log file.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

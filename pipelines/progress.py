@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import Any
 
@@ -31,23 +32,38 @@ class CaseCounts:
 
 
 class CaseProgress:
-    """Logs ``<job>: done/total cases (n failed), rate cases/s, eta`` every ``every`` cases
-    (default: about twenty lines per run), every ``interval_s`` seconds, and at the end.
+    """Shows how far a job through its cases is.
+
+    In a terminal (stderr is a TTY) it draws one progress bar (``tqdm``: done/total, rate, eta,
+    failed cases); otherwise (a log file, a Ray job's log, CI) it logs ``<job>: done/total cases
+    (n failed), rate cases/s, eta`` every ``every`` cases (default: about twenty lines per run),
+    every ``interval_s`` seconds, and at the end.
 
     Args:
         job: the prefix of each line ("ingest", "infer").
         total: cases to do.
         every: log every this many cases (0: ``ceil(total / 20)``).
         interval_s: log at least this often while cases finish.
+        bar: draw a bar (default: when stderr is a terminal).
+        stream: where the bar goes (default stderr).
     """
 
-    def __init__(self, job: str, total: int, every: int = 0, interval_s: float = 15.0) -> None:
+    def __init__(self, job: str, total: int, every: int = 0, interval_s: float = 15.0, *,
+                 bar: bool | None = None, stream: Any = None) -> None:
         self.job = job
         self.total = int(total)
         self.every = every if every > 0 else max(1, math.ceil(self.total / 20))
         self.interval_s = float(interval_s)
         self.done = self.failed = 0
         self.t0 = self._last = time.perf_counter()
+        stream = stream if stream is not None else sys.stderr
+        if bar is None:
+            bar = bool(getattr(stream, "isatty", lambda: False)())
+        self._bar = None
+        if bar and self.total > 0:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc=job, unit="case", file=stream, dynamic_ncols=True, leave=True)
 
     @property
     def rate(self) -> float:
@@ -55,9 +71,16 @@ class CaseProgress:
         return self.done / max(time.perf_counter() - self.t0, 1e-9)
 
     def update(self, failed: bool = False) -> None:
-        """Count one finished case (``failed`` or not) and log a line when one is due."""
+        """Count one finished case (``failed`` or not): advance the bar, or log a line when one is due."""
         self.done += 1
         self.failed += bool(failed)
+        if self._bar is not None:
+            if failed:
+                self._bar.set_postfix(failed=self.failed, refresh=False)
+            self._bar.update(1)
+            if self.done >= self.total:
+                self.close()
+            return
         now = time.perf_counter()
         if self.done % self.every == 0 or self.done == self.total or now - self._last > self.interval_s:
             self._last = now
@@ -65,6 +88,12 @@ class CaseProgress:
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
             logger.info("%s: %d/%d cases done (%d failed), %.3f cases/s, eta %.0f s", self.job, self.done,
                         self.total, self.failed, rate, eta)
+
+    def close(self) -> None:
+        """End the bar (a job that stops early); nothing to do for log lines."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 __all__ = ["CaseProgress"]

@@ -31,6 +31,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def verbose() -> bool:
+    """Whether the user asked for every log line (``ossnet -v``: the root logger at DEBUG)."""
+    return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+
+
+def quiet_ray_data_env() -> dict[str, str]:
+    """Environment for Ray processes whose Ray Data logs go to the session's ``ray-data.log``
+    only, warnings excepted: the per-epoch execution plans and progress lines of the training
+    stream are not for the console. Writes the logging config it names under the state dir."""
+    import json
+
+    from ossnet_pipelines.tracking.uri import state_dir
+
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"ray": {"format": "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"}},
+        "handlers": {
+            "file": {"class": "ray.data._internal.logging.SessionFileHandler", "formatter": "ray",
+                     "filename": "ray-data.log"},
+            "console": {"class": "ray._private.log.PlainRayHandler", "formatter": "ray", "level": "WARNING"},
+        },
+        "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file", "console"], "propagate": False}},
+    }
+    path = state_dir() / "ray-data-logging.yaml"
+    path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = str(path)  # this driver's Ray Data too, if not yet imported
+    return {"RAY_DATA_LOGGING_CONFIG": str(path)}
+
+
+def quiet_ray_data_console() -> None:
+    """This process's Ray Data console handlers at WARNING (its file log keeps everything)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.WARNING)
+
+
 def ensure_ray(*, min_cpus: float = 1.0, object_store_mb: int | None = None, dashboard: bool = True,
                log_to_driver: bool = True) -> bool:
     """Join or start Ray by the module's policy.
@@ -56,6 +93,9 @@ def ensure_ray(*, min_cpus: float = 1.0, object_store_mb: int | None = None, das
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus) + 1)
     options: dict = {"address": "local", "num_cpus": num_cpus, "runtime_env": {"env_vars": env},
                      "configure_logging": False, "log_to_driver": log_to_driver, "include_dashboard": dashboard}
+    if not verbose():
+        env.update(quiet_ray_data_env())
+        options["logging_config"] = ray.LoggingConfig(log_level="WARNING")
     if object_store_mb is not None:
         options["object_store_memory"] = int(object_store_mb) << 20
     logger.info("starting a local Ray instance (%d logical CPUs%s)", num_cpus,
@@ -65,6 +105,8 @@ def ensure_ray(*, min_cpus: float = 1.0, object_store_mb: int | None = None, das
             options.update(dashboard_host="127.0.0.1", dashboard_port=free_port())
         try:
             ray.init(**options)
+            if not verbose():
+                quiet_ray_data_console()
             return True
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
             if "timed out during startup" not in str(exc) or attempt == 2:
@@ -74,4 +116,4 @@ def ensure_ray(*, min_cpus: float = 1.0, object_store_mb: int | None = None, das
     return True
 
 
-__all__ = ["REPO_ROOT", "ensure_ray", "free_port"]
+__all__ = ["REPO_ROOT", "ensure_ray", "free_port", "quiet_ray_data_console", "quiet_ray_data_env", "verbose"]

@@ -67,7 +67,10 @@ def _pipeline(cases: list[InferCase], job: InferJob, ctx: Any, checkpoint: bytes
         fn_constructor_kwargs={"checkpoint": [checkpoint_ref], "mode": job.predictor_mode, "chunk_points": job.chunk_points,
                                "recall_margin": job.recall_margin,
                                "threads": max(1, int(job.cpus_per_actor))},
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+        # Starts with every actor; may shrink to one, so a lost node slows the job instead of
+        # leaving it waiting forever for an actor the cluster can no longer place.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors,
+                                           max_tasks_in_flight_per_actor=2),
         batch_size=1,
         batch_format="numpy",
         zero_copy_batch=True,
@@ -202,6 +205,7 @@ def run_inference(job: InferJob, progress: Callable[[CaseResult], None] | None =
                     if not todo:
                         break
             finally:
+                tracker.close()
                 pipeline_seconds = time.perf_counter() - t0
                 # Whatever happened (Ctrl-C, a lost cluster), keep the record of finished cases.
                 lost = [c for c in plan.todo if c not in results]

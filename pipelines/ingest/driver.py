@@ -160,13 +160,16 @@ def ingest(job: IngestJob, progress: Callable[[CaseReport], None] | None = None)
     runner = {"serial": lambda: run_serial(todo, ctx), "process": lambda: run_process(todo, ctx, job.workers),
               "ray": lambda: run_ray(todo, ctx, job.workers)}[executor]
     tracker = CaseProgress("ingest", len(todo))
-    for rep in runner():
-        reports.append(rep)
-        if rep.status == "failed":
-            logger.warning("ingest: %s failed: %s", rep.case_id, rep.message)
-        if progress is not None:
-            progress(rep)
-        tracker.update(rep.status == "failed")
+    try:
+        for rep in runner():
+            reports.append(rep)
+            if rep.status == "failed":
+                logger.warning("ingest: %s failed: %s", rep.case_id, rep.message)
+            if progress is not None:
+                progress(rep)
+            tracker.update(rep.status == "failed")
+    finally:
+        tracker.close()
 
     complete = sorted(cid for cid, a in store.scan_cases().items() if a.get("complete") is True)
     splits, split_info = _assign_splits(job, complete)

@@ -15,6 +15,7 @@ loader on the downloaded checkpoint) both work on any ``models:/`` or ``runs:/``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ import tempfile
 import warnings
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -119,19 +120,39 @@ def log_model_bundle(
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         staged = Path(tmp) / CHECKPOINT_FILENAME
         shutil.copyfile(src, staged)
-        model_info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=OssnetPyfuncModel(),
-            artifacts={CHECKPOINT_ARTIFACT: str(staged)},
-            code_paths=_code_paths(Path(tmp) / "code") if include_code else None,
-            pip_requirements=pip_requirements if pip_requirements is not None else bundle_requirements(),
-            signature=ModelSignature(params=params_schema()),
-            metadata={"ossnet": info, **dict(metadata or {})},
-            tags={str(k): str(v) for k, v in (tags or {}).items()} or None,
-            step=step,
-        )
+        # MLflow warns about pickling a python_model object at every call; ours is stateless and
+        # pickled by reference (its class, in the bundle's code), and the weights load with
+        # torch.load(weights_only=True).
+        with _without_log_message("mlflow.pyfunc", "Passing a Python object as `python_model`"):
+            model_info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=OssnetPyfuncModel(),
+                artifacts={CHECKPOINT_ARTIFACT: str(staged)},
+                code_paths=_code_paths(Path(tmp) / "code") if include_code else None,
+                pip_requirements=pip_requirements if pip_requirements is not None else bundle_requirements(),
+                signature=ModelSignature(params=params_schema()),
+                metadata={"ossnet": info, **dict(metadata or {})},
+                tags={str(k): str(v) for k, v in (tags or {}).items()} or None,
+                step=step,
+            )
     logger.info("logged model bundle %s (%s, run %s)", model_info.model_uri, cfg.variant, model_info.run_id)
     return model_info
+
+
+@contextlib.contextmanager
+def _without_log_message(logger_name: str, text: str) -> Iterator[None]:
+    """Drop records of ``logger_name`` containing ``text`` for the duration."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return text not in record.getMessage()
+
+    target, drop = logging.getLogger(logger_name), _Drop()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 def checkpoint_in_model_dir(model_dir: str | os.PathLike[str]) -> Path:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -299,7 +300,14 @@ def train(
         samples_per_case=job.train.samples_per_case, num_cpus=job.data.cpus_per_task,
         max_tasks=job.data.max_tasks, options=options,
     )
-    dataset.context.enable_progress_bars = False  # per-epoch bars would flood the job log
+    # Ray Data's bars in a terminal (they redraw in place); none in a log, where every epoch's
+    # bars would be a screenful of lines.
+    dataset.context.enable_progress_bars = sys.stderr.isatty()
+    if not raystart.verbose():
+        # Its advice ("set memory=...") is about the sampling tasks ossnet sizes itself; it
+        # fired after every epoch of the quickstart. `ossnet -v` keeps it.
+        detectors = dataset.context.issue_detectors_config.detectors
+        dataset.context.issue_detectors_config.detectors = [d for d in detectors if "HighMemory" not in d.__name__]
     preprocess = PreprocessSpec(modalities=facts.modalities, volume_shape=tuple(facts.model.volume_shape),
                                 zscore_mask=facts.zscore_mask, resample=facts.resample,
                                 target_spacing=facts.target_spacing)
@@ -307,6 +315,7 @@ def train(
         "job": job, "facts": facts, "clock": clock, "tracking_uri": uri, "parent_run_id": parent_run_id,
         "local_mode": local_mode, "run_dir": str(run_dir), "preprocess": preprocess,
         "epoch_hooks": tuple(epoch_hooks),
+        "quiet": not raystart.verbose(),
         "local_callbacks": list(callbacks) if local_mode else [],
         "local_dataset": dataset if local_mode else None,
     }
@@ -326,6 +335,9 @@ def train(
             ),
             failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
             callbacks=list(callbacks) or None,
+            # Ray Train's own INFO lines (resources requested, worker group started, a report per
+            # epoch) go to its log files only; ossnet's epoch lines and warnings still show.
+            logging_config=None if raystart.verbose() else ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options={"train": options}),

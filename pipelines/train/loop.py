@@ -25,6 +25,7 @@ pickled (cloudpickle), so closures work.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -101,7 +102,21 @@ def _reduce_train(parts: list[dict[str, float]], n_points: int) -> dict[str, flo
     return out
 
 
-def _setup_logging() -> None:
+class _RayInfoToFiles(logging.Filter):
+    """Drops INFO records of Ray's own modules from a console handler (Ray Train logs some under
+    their file path, which its log-level setting does not reach); Ray's files keep them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import ray
+
+        self._ray_dir = os.path.dirname(ray.__file__) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self._ray_dir)
+
+
+def _setup_logging(quiet: bool = False) -> None:
     # Ray worker processes start without handlers; make epoch progress visible in job logs.
     root = logging.getLogger()
     pipelines_logger = logging.getLogger("ossnet_pipelines")
@@ -110,6 +125,11 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         pipelines_logger.addHandler(handler)
     pipelines_logger.setLevel(logging.INFO)
+    if quiet:
+        for handler in root.handlers:
+            if not any(isinstance(f, _RayInfoToFiles) for f in handler.filters) and \
+                    not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+                handler.addFilter(_RayInfoToFiles())
 
 
 class _RaySession:
@@ -214,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         On every rank: ``{"start_epoch", "executed_epochs", "history", "world_size"}`` (Ray keeps
         rank 0's).
     """
-    _setup_logging()
+    _setup_logging(quiet=bool(config.get("quiet")))
     job: TrainJob = config["job"]
     facts: StoreFacts = config["facts"]
     local_mode = bool(config["local_mode"])

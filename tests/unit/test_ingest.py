@@ -569,3 +569,32 @@ def test_a_regions_store_keeps_the_label_values_and_a_band_per_target(tmp_path: 
         ingest(_job(tmp_path / "brats", tmp_path / "s.zarr", targets="brats2023-regions"))
     with pytest.raises(IngestError, match=r"^ingest.targets: must be one of 'binary'"):
         _job(tmp_path / "brats", tmp_path / "t.zarr", targets="brats")
+
+
+def test_progress_is_a_bar_in_a_terminal_and_log_lines_elsewhere(caplog: pytest.LogCaptureFixture) -> None:
+    import io
+    import logging
+
+    from ossnet_pipelines.progress import CaseProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    with caplog.at_level(logging.INFO, logger="ossnet_pipelines.progress"):
+        bar = CaseProgress("ingest", 3, stream=terminal)
+        for failed in (False, True, False):
+            bar.update(failed)
+    drawn = terminal.getvalue()
+    assert "ingest" in drawn and "3/3" in drawn and "failed=1" in drawn
+    assert not caplog.records  # the bar replaces the log lines
+
+    log_file = io.StringIO()  # not a terminal: periodic log lines, no bar
+    with caplog.at_level(logging.INFO, logger="ossnet_pipelines.progress"):
+        lines = CaseProgress("infer", 2, stream=log_file)
+        lines.update()
+        lines.update(failed=True)
+    assert log_file.getvalue() == ""
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["infer: 1/2 cases done (0 failed)",
+                                                                     "infer: 2/2 cases done (1 failed)"]
