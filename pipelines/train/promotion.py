@@ -179,7 +179,16 @@ def register_on_test_evidence(
         return Evidence(float(val_dice), None, promotion.version, False, promotion.message)
     settings = {"mode": mode, "chunk_points": chunk_points, "objective": objective, "tracking_uri": tracking_uri}
     logger.info("scoring %s on %d test cases", model_uri, len(test_set.case_ids))
-    test = score_model(model_uri, test_set, **settings)  # type: ignore[arg-type]
+    try:
+        test = score_model(model_uri, test_set, **settings)  # type: ignore[arg-type]
+    except Exception as exc:  # a broken test case must not lose the trained model: register it unpromoted
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        logger.error("could not score %s on the test split: %s", model_uri, reason)
+        rule = f"{test_set.rule}; this model could not be scored on them ({reason[:300]})"
+        promotion = register_and_promote(model_uri, model_name, None, test_set.score_key, tracking_uri=tracking_uri,
+                                         tags=version_tags, rule=rule)
+        _tag_promotion(model_name, promotion.version, promotion.message, tracking_uri)
+        return Evidence(float(val_dice), None, promotion.version, False, promotion.message)
     version_tags.update({TEST_DICE_TAG: repr(test.dice), TEST_SET_TAG: test_set.digest,
                          TEST_CASES_TAG: len(test_set.case_ids)})
 
