@@ -143,14 +143,15 @@ def register_best(
     from ossnet_pipelines.train.promotion import TestSet, register_on_test_evidence
 
     client = parent.client
-    tags = client.get_run(parent.run_id).data.tags
+    data = client.get_run(parent.run_id).data
+    tags = data.tags
     if tags.get(REGISTERED_TRIAL_TAG) == best.trial_id and tags.get(REGISTERED_URI_TAG):
         version = tags.get(REGISTERED_VERSION_TAG)
         logger.info("sweep %s already registered trial %s (version %s)", parent.run_key, best.trial_id, version)
         # A resumed sweep whose first run got as far as registering reports what that run did.
         promoted_before = tags.get(REGISTERED_PROMOTED_TAG) == "True"
         return Registration(tags[REGISTERED_URI_TAG], int(version) if version else None, promoted_before,
-                            tags.get(PROMOTION_TAG, ""))
+                            tags.get(PROMOTION_TAG, ""), data.metrics.get("test_dice"))
     if best.mlflow_run_id is None:
         logger.warning("best trial %s has no MLflow run; nothing to register", best.trial_id)
         return Registration()
