@@ -93,9 +93,8 @@ def ensure_ray(*, min_cpus: float = 1.0, object_store_mb: int | None = None, das
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus) + 1)
     options: dict = {"address": "local", "num_cpus": num_cpus, "runtime_env": {"env_vars": env},
                      "configure_logging": False, "log_to_driver": log_to_driver, "include_dashboard": dashboard}
-    if not verbose():
+    if not verbose():  # (not ray.LoggingConfig: it would also reconfigure this process's root logger)
         env.update(quiet_ray_data_env())
-        options["logging_config"] = ray.LoggingConfig(log_level="WARNING")
     if object_store_mb is not None:
         options["object_store_memory"] = int(object_store_mb) << 20
     logger.info("starting a local Ray instance (%d logical CPUs%s)", num_cpus,
