@@ -2,23 +2,48 @@
 #   make quickstart   set up and run the main job on the embedded default
 #   make test         set up (with the dev extra) and run the whole test suite
 #   make bench        run every benchmark in --quick mode
+#   make lock         regenerate the hash-pinned lock files from pyproject.toml and requirements/pins.txt
+#
+# Every target installs the environment from requirements/lock-dev.txt (versions and hashes,
+# pip --require-hashes), then the project itself without dependencies.
+#   TORCH=cuda (default)  torch from PyPI: on Linux x86_64 the CUDA 13.0 build (~4 GB with its
+#                         CUDA libraries; a GPU needs an NVIDIA driver >= 580)
+#   TORCH=cpu             the CPU build of the same torch release from PyTorch's CPU index, no
+#                         CUDA download: make quickstart TORCH=cpu
 PYTHON ?= python3
 VENV   ?= .venv
+TORCH  ?= cuda
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements/pins.txt)
+ifeq ($(TORCH),cuda)
+LOCK := requirements/lock-dev.txt
+else ifeq ($(TORCH),cpu)
+LOCK := requirements/lock-dev-cpu.txt
+else
+$(error TORCH must be cuda or cpu, not '$(TORCH)')
+endif
+STAMP  := $(VENV)/.installed-$(TORCH)-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
-.PHONY: quickstart test test-unit test-ray test-e2e bench lint clean venv
+.PHONY: quickstart test test-unit test-ray test-e2e bench lint lock clean venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+ifeq ($(TORCH),cpu)
+	$(PY) -m pip install --quiet --no-deps --index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)'
+endif
+	$(PY) -m pip install --quiet --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+lock: $(STAMP)
+	$(PY) requirements/lock.py
 
 quickstart: $(STAMP)
 	$(PY) -m ossnet_cli quickstart
@@ -53,7 +78,7 @@ bench: $(STAMP)
 	$(PY) -m ossnet_bench.cli --quick
 
 lint: $(STAMP)
-	$(PY) -m ruff check ossnet ossnet_cli pipelines tune bench tests
+	$(PY) -m ruff check ossnet ossnet_cli pipelines tune bench tests requirements
 	$(PY) -m mypy
 
 clean:
