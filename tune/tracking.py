@@ -211,6 +211,7 @@ def _model_of_best_epoch(client: MlflowClient, parent: RunLogger, best: TrialSum
         info = child.log_model_bundle(Path(best.checkpoint_path) / MODEL_FILE, name="model", step=best.best_epoch or 0,
                                       metadata={SCORE_METRIC: best.best_val_dice, "epoch": best.best_epoch,
                                                 "run_name": best.run_name})
+        child.link_metrics_to_model(info.model_id, "val_", step=best.best_epoch or 0)
         child.set_tags({MODEL_EPOCH_TAG: best.best_epoch, MODEL_URI_TAG: info.model_uri,
                         "ossnet.best_val_dice": best.best_val_dice})
     finally:

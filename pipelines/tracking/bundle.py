@@ -2,8 +2,9 @@
 
 Bundle layout (an MLflow model directory)::
 
-    MLmodel                      python_function flavor, loader = OssnetPyfuncModel,
-                                 params schema, metadata {ossnet: {variant, volume_shape, ...}}
+    MLmodel                      python_function flavor, loader = OssnetPyfuncModel, signature
+                                 (input (C, -1, -1, -1) float32 + params), metadata {ossnet: ...}
+    input_example.json, serving_input_example.json   a (C, 8, 8, 8) volume
     python_model.pkl             the (stateless) OssnetPyfuncModel, pickled by reference
     artifacts/checkpoint.pt      the library's self-describing checkpoint, unchanged
     code/ossnet, code/ossnet_pipelines  the source, so the bundle loads outside this checkout
@@ -96,7 +97,13 @@ def log_model_bundle(
     from mlflow.models import ModelSignature
 
     from ossnet.checkpoint import load_checkpoint
-    from ossnet_pipelines.tracking.pyfunc_model import CHECKPOINT_ARTIFACT, OssnetPyfuncModel, params_schema
+    from ossnet_pipelines.tracking.pyfunc_model import (
+        CHECKPOINT_ARTIFACT,
+        OssnetPyfuncModel,
+        input_example,
+        input_schema,
+        params_schema,
+    )
 
     src = Path(checkpoint_path)
     if not src.is_file():
@@ -114,23 +121,25 @@ def log_model_bundle(
         "checkpoint": f"artifacts/{CHECKPOINT_FILENAME}",
     }
     with tempfile.TemporaryDirectory(prefix="ossnet-bundle-") as tmp, warnings.catch_warnings():
-        # Deliberate choices MLflow would warn about at every log: no predict type hints (they
-        # would enforce a fixed input schema) and no input example (a volume is too large).
+        # A deliberate choice MLflow would warn about at every log: no predict type hints (the
+        # logged signature states the input instead).
         warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         staged = Path(tmp) / CHECKPOINT_FILENAME
         shutil.copyfile(src, staged)
         # MLflow warns about pickling a python_model object at every call; ours is stateless and
         # pickled by reference (its class, in the bundle's code), and the weights load with
         # torch.load(weights_only=True).
-        with _without_log_message("mlflow.pyfunc", "Passing a Python object as `python_model`"):
+        # And it says at INFO that it checks the input example against the signature, at every log.
+        with _without_log_message("mlflow.pyfunc", "Passing a Python object as `python_model`"), \
+                _without_log_message("mlflow.pyfunc", "Validating input example"):
             model_info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=OssnetPyfuncModel(),
                 artifacts={CHECKPOINT_ARTIFACT: str(staged)},
                 code_paths=_code_paths(Path(tmp) / "code") if include_code else None,
                 pip_requirements=pip_requirements if pip_requirements is not None else bundle_requirements(),
-                signature=ModelSignature(params=params_schema()),
+                signature=ModelSignature(inputs=input_schema(cfg.encoder.in_channels), params=params_schema()),
+                input_example=input_example(cfg.encoder.in_channels),
                 metadata={"ossnet": info, **dict(metadata or {})},
                 tags={str(k): str(v) for k, v in (tags or {}).items()} or None,
                 step=step,

@@ -4,17 +4,21 @@ The bundle holds the library's own checkpoint as the artifact ``checkpoint``; lo
 only ``ossnet.checkpoint.load_checkpoint``, so the pyfunc and the library loader share one file
 and one code path (``predict_volume``). No torch.export: any volume size is accepted.
 
-Input: a ``(C, X, Y, Z)`` array (raw intensities; z-scored per the checkpoint's spec), or a
-dict ``{"image": array, "affine": 4x4, ...}``: the scan's affine (as ``nibabel`` gives it) lets
-the model reorient and resample the scan exactly as ``ossnet infer`` does (without it the
-array is taken as RAS with 1 mm voxels); the dict may also carry the params below (they win
-over ``params``).
+Input: a ``(C, X, Y, Z)`` float32 array (raw intensities; z-scored per the checkpoint's spec).
+The logged signature says so (``TensorSpec(float32, (C, -1, -1, -1))`` with the model's channel
+count C), so MLflow refuses another channel count, dimensionality or dtype before the model
+runs, and the bundle carries a small input example of that form.
 Params (a params schema is logged with the model, so ``predict(x, params={...})`` works):
-``output`` ("mask" -> (X, Y, Z) uint8, "probability" -> float32, "both" -> dict of the two),
+``affine`` (the scan's 4x4 affine as nibabel gives it, flattened to 16 numbers: the model
+reorients and resamples the scan exactly as ``ossnet infer`` does; without it the array is
+taken as RAS with 1 mm voxels), ``output`` ("mask" -> (X, Y, Z) uint8, "probability" -> float32, "both" -> dict of the two),
 ``mode`` ("" = mise_lowres when the model has a low-res head, else mise; or dense/mise/
 mise_lowres; a probability output always decodes densely: off the surface MISE's map is an
 interpolation, not a probability), ``device``, ``chunk_points``, ``threshold`` (0 = the checkpoint's own threshold),
 ``normalized`` (the input is already z-scored).
+Called directly (``OssnetPyfuncModel().predict``, or a bundle logged without a signature), the
+input may also be a dict ``{"image": array, "affine": 4x4, <params>...}``; its keys win over
+``params``.
 
 Multi-target models (``ossnet.targets``): the mask is the label map in the source's values
 (BraTS 0, 1, 2, 4; LiTS 0, 1, 2) and the probability is ``(T, X, Y, Z)``, one map per target;
@@ -40,7 +44,9 @@ PARAM_DEFAULTS: dict[str, Any] = {
     "chunk_points": 16384,
     "threshold": 0.0,
     "normalized": False,
+    "affine": [],
 }
+INPUT_EXAMPLE_SIDE = 8
 
 
 def params_schema() -> Any:
@@ -48,7 +54,21 @@ def params_schema() -> Any:
     from mlflow.types.schema import ParamSchema, ParamSpec
 
     dtypes = {str: "string", bool: "boolean", int: "long", float: "double"}
-    return ParamSchema([ParamSpec(k, dtypes[type(v)], v) for k, v in PARAM_DEFAULTS.items()])
+    specs = [ParamSpec(k, dtypes[type(v)], v) for k, v in PARAM_DEFAULTS.items() if not isinstance(v, list)]
+    return ParamSchema([*specs, ParamSpec("affine", "double", [], shape=(-1,))])
+
+
+def input_schema(in_channels: int) -> Any:
+    """The input ``Schema``: one ``(in_channels, X, Y, Z)`` float32 volume of any spatial size."""
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return Schema([TensorSpec(np.dtype(np.float32), (int(in_channels), -1, -1, -1))])
+
+
+def input_example(in_channels: int) -> np.ndarray:
+    """A small valid input, ``(in_channels, 8, 8, 8)`` float32 (seeded noise): what a request looks like."""
+    side = INPUT_EXAMPLE_SIDE
+    return np.random.default_rng(0).normal(0.0, 1.0, size=(int(in_channels), side, side, side)).astype(np.float32)
 
 
 class OssnetPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -86,13 +106,13 @@ class OssnetPyfuncModel(mlflow.pyfunc.PythonModel):
         # the caller wrote explicitly) take precedence over ``params``.
         opts = dict(PARAM_DEFAULTS)
         opts.update({k: v for k, v in (params or {}).items() if k in PARAM_DEFAULTS and v is not None})
-        image, affine = model_input, None
+        image, affine = model_input, _affine(opts["affine"])
         if isinstance(model_input, dict):
             if "image" not in model_input:
                 raise ValueError(f"ossnet pyfunc: dict input needs an 'image' key, got keys {sorted(model_input)}")
             image = model_input["image"]
             if model_input.get("affine") is not None:
-                affine = np.asarray(model_input["affine"], dtype=np.float64).reshape(4, 4)
+                affine = _affine(model_input["affine"])
             opts.update({k: _scalar(v) for k, v in model_input.items() if k in PARAM_DEFAULTS})
         elif hasattr(model_input, "columns"):  # a pandas DataFrame has no natural volume shape
             raise ValueError("ossnet pyfunc: pass a (C, X, Y, Z) numpy array or {'image': array}, not a DataFrame")
@@ -121,10 +141,20 @@ class OssnetPyfuncModel(mlflow.pyfunc.PythonModel):
         return {"mask": result.mask, "probability": result.probability}
 
 
+def _affine(value: Any) -> np.ndarray | None:
+    """A 4x4 affine from the ``affine`` param (16 numbers, or 4x4), or None when it is empty."""
+    arr = np.asarray(value if value is not None else [], dtype=np.float64)
+    if arr.size == 0:
+        return None
+    if arr.size != 16:
+        raise ValueError(f"ossnet pyfunc: param 'affine' needs the 16 numbers of a 4x4 matrix, got {arr.size}")
+    return arr.reshape(4, 4)
+
+
 def _scalar(value: Any) -> Any:
     # Values from a JSON request arrive as 0-d or 1-element arrays.
     arr = np.asarray(value)
     return arr.reshape(-1)[0].item() if arr.size == 1 else value
 
 
-__all__ = ["CHECKPOINT_ARTIFACT", "OssnetPyfuncModel", "PARAM_DEFAULTS", "params_schema"]
+__all__ = ["CHECKPOINT_ARTIFACT", "OssnetPyfuncModel", "PARAM_DEFAULTS", "input_example", "input_schema", "params_schema"]

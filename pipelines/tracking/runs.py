@@ -282,6 +282,27 @@ class RunLogger:
             logger.debug("step %d of %s already logged; skipped", step, ", ".join(skipped))
         return logged
 
+    def link_metrics_to_model(self, model_id: str, prefix: str, step: int) -> dict[str, float]:
+        """Attach this run's metrics named ``<prefix>*`` at ``step`` to the logged model ``model_id``
+        (MLflow 3's model metrics: ``get_logged_model(model_id).metrics``, the Models tab).
+
+        The points are re-sent with their original timestamps and values, which MLflow folds into
+        the existing run points, so the run's metric history gains no duplicate step. Returns the
+        linked metrics (none when the run has no such metric at ``step``).
+        """
+        from mlflow.entities import Metric
+
+        latest = self.client.get_run(self.run_id).data.metrics
+        linked: list[Metric] = []
+        for key in sorted(k for k in latest if k.startswith(prefix)):
+            points = [m for m in self.client.get_metric_history(self.run_id, key) if m.step == int(step)]
+            if points:
+                point = points[-1]
+                linked.append(Metric(key, point.value, point.timestamp, point.step, model_id=model_id))
+        if linked:
+            self.client.log_batch(self.run_id, metrics=linked)
+        return {m.key: m.value for m in linked}
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values become strings)."""
         from mlflow.entities import RunTag

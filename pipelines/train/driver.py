@@ -211,6 +211,7 @@ def _log_and_register(run: RunLogger, job: TrainJob, facts: StoreFacts,
     with checkpoint_directory(checkpoint) as directory:
         info = run.log_model_bundle(directory / MODEL_FILE, name="model", step=epoch,
                                     metadata={SCORE_METRIC: val_dice, "epoch": epoch, "run_name": job.run_name})
+    run.link_metrics_to_model(info.model_id, "val_", step=epoch)
     out: dict[str, Any] = {"model_uri": info.model_uri, "model_version": None, "promoted": False}
     new_tags = {MODEL_EPOCH_TAG: epoch, MODEL_URI_TAG: info.model_uri, BEST_VAL_DICE_TAG: val_dice}
     if job.tracking.register:
@@ -222,6 +223,7 @@ def _log_and_register(run: RunLogger, job: TrainJob, facts: StoreFacts,
         if evidence.test is not None:
             run.log_metrics({"test_dice": evidence.test.dice, "test_iou": evidence.test.iou,
                              "test_cases": float(len(evidence.test.per_case))}, step=epoch)
+            run.link_metrics_to_model(info.model_id, "test_", step=epoch)
             out["test_dice"] = evidence.test.dice
         out.update(model_version=evidence.version, promoted=evidence.promoted, promotion=evidence.message)
         new_tags.update({MODEL_VERSION_TAG: evidence.version, PROMOTED_TAG: evidence.promoted,

@@ -198,6 +198,21 @@ def test_run_logs_everything_and_a_resumed_run_keeps_its_id(store: SimpleNamespa
     assert len(client.search_runs([run.info.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'")) == 1
 
 
+def test_validation_metrics_are_linked_to_the_logged_model_without_repeating_a_step(store: SimpleNamespace) -> None:
+    with RunLogger("link-metrics", experiment="ossnet-test", tracking_uri=store.uri) as run:
+        for epoch in (1, 2, 3):
+            run.log_metrics({"train_loss": 1.0 / epoch, "val_dice": 0.2 * epoch, "val_iou": 0.1 * epoch}, step=epoch)
+        model = run.client.create_logged_model(run.client.get_run(run.run_id).info.experiment_id, source_run_id=run.run_id)
+        assert run.link_metrics_to_model(model.model_id, "val_", step=2) == pytest.approx({"val_dice": 0.4, "val_iou": 0.2})
+        assert run.link_metrics_to_model(model.model_id, "test_", step=2) == {}  # nothing of that name: nothing linked
+    linked = {m.key: m for m in run.client.get_logged_model(model.model_id).metrics}
+    assert set(linked) == {"val_dice", "val_iou"}
+    assert linked["val_dice"].step == 2 and linked["val_dice"].value == pytest.approx(0.4)
+    assert linked["val_dice"].run_id == run.run_id
+    history = run.client.get_metric_history(run.run_id, "val_dice")
+    assert sorted(m.step for m in history) == [1, 2, 3], "linking must not add a second point at step 2"
+
+
 # --------------------------------------------------------------------------------- bundle
 
 
@@ -209,22 +224,51 @@ def pyfunc(bundle: SimpleNamespace) -> Any:
 
 
 def test_pyfunc_bundle_predicts_any_volume_size(bundle: SimpleNamespace, pyfunc: Any) -> None:
+    from mlflow.exceptions import MlflowException
+
     assert bundle.info.model_uri.startswith("models:/m-")
     odd = _volume(ODD, 1)
-    both = pyfunc.predict({"image": odd, "output": "both"})
+    both = pyfunc.predict(odd, params={"output": "both"})
     mask, prob = both["mask"], both["probability"]
     assert mask.shape == ODD and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     assert prob.shape == ODD and prob.dtype == np.float32
     assert 0.0 <= float(prob.min()) and float(prob.max()) <= 1.0
     np.testing.assert_array_equal(mask, (prob >= 0.5).astype(np.uint8))
-    with pytest.raises(ValueError, match="output 'probability' needs mode 'dense'"):
-        pyfunc.predict({"image": odd, "output": "probability", "mode": "mise"})
-    # The same request through MLflow's params, and a second size through the default output.
     np.testing.assert_array_equal(pyfunc.predict(odd, params={"output": "probability"}), prob)
+    with pytest.raises(ValueError, match="output 'probability' needs mode 'dense'"):
+        pyfunc.predict(odd, params={"output": "probability", "mode": "mise"})
     cube = pyfunc.predict(_volume(CUBE, 2))
     assert cube.shape == CUBE and cube.dtype == np.uint8
-    with pytest.raises(ValueError, match="channels"):
+    # The signature refuses what the model cannot take before it runs.
+    with pytest.raises(MlflowException, match="Shape of input"):
         pyfunc.predict(_volume(CUBE, 3, channels=2))
+    with pytest.raises(MlflowException, match="Shape of input"):
+        pyfunc.predict(_volume(CUBE, 3)[0])
+    with pytest.raises(MlflowException, match="dtype"):
+        pyfunc.predict(_volume(CUBE, 3).astype(np.float64))
+    # Called directly, the model also takes the dict form with its options inside.
+    direct = pyfunc.unwrap_python_model().predict(None, {"image": odd, "output": "both"})
+    np.testing.assert_array_equal(direct["probability"], prob)
+
+
+def test_pyfunc_bundle_carries_its_signature_and_a_working_input_example(bundle: SimpleNamespace, pyfunc: Any) -> None:
+    """Read back from the MLflow store: the input spec, the params, and an example that predicts."""
+    import mlflow
+    from mlflow.models import Model
+
+    from ossnet_pipelines.tracking.pyfunc_model import INPUT_EXAMPLE_SIDE, PARAM_DEFAULTS
+
+    channels = bundle.model.config.encoder.in_channels
+    logged = mlflow.models.get_model_info(bundle.info.model_uri)
+    (spec,) = logged.signature.inputs.inputs
+    assert spec.type == np.dtype(np.float32) and spec.shape == (channels, -1, -1, -1)
+    assert {p.name for p in logged.signature.params.params} == set(PARAM_DEFAULTS)
+    local = mlflow.artifacts.download_artifacts(bundle.info.model_uri)
+    example = Model.load(local).load_input_example(local)
+    side = INPUT_EXAMPLE_SIDE
+    assert example.shape == (channels, side, side, side) and example.dtype == np.float32
+    out = pyfunc.predict(example)
+    assert out.shape == (side, side, side) and out.dtype == np.uint8
 
 
 def test_the_bundle_code_imports_where_the_project_is_not_installed(bundle: SimpleNamespace, tmp_path: Path) -> None:
@@ -304,15 +348,18 @@ def test_pyfunc_and_batch_job_give_identical_masks_for_a_non_ras_scan(
 
     _, info = load_checkpoint(bundle.ckpt)
     image = _volume(ODD, 4)
-    both = pyfunc.predict({"image": image, "affine": NON_RAS, "output": "both", "mode": "dense"})
-    threshold = float(np.quantile(both["probability"], 0.8))  # an untrained model: any non-trivial cut
+    affine = NON_RAS.ravel().tolist()
+    prob = pyfunc.predict(image, params={"affine": affine, "output": "probability", "mode": "dense"})
+    threshold = float(np.quantile(prob, 0.8))  # an untrained model: any non-trivial cut
     mask, probability = _batch_job(tmp_path, bundle.ckpt.read_bytes(), info.preprocess, image, threshold)
-    np.testing.assert_array_equal(both["probability"], probability)
-    ours = pyfunc.predict({"image": image, "affine": NON_RAS, "threshold": threshold, "mode": "dense"})
+    np.testing.assert_array_equal(prob, probability)
+    ours = pyfunc.predict(image, params={"affine": affine, "threshold": threshold, "mode": "dense"})
     assert ours.shape == ODD and 0 < ours.sum() < ours.size
     np.testing.assert_array_equal(ours, mask)
     # Without the affine the array is taken as RAS: the model sees another grid.
-    assert not np.array_equal(pyfunc.predict({"image": image, "output": "probability", "mode": "dense"}), probability)
+    assert not np.array_equal(pyfunc.predict(image, params={"output": "probability", "mode": "dense"}), probability)
+    with pytest.raises(ValueError, match="16 numbers"):
+        pyfunc.predict(image, params={"affine": affine[:12]})
 
 
 def test_resampling_model_gives_the_same_mask_through_predict_volume_and_the_batch_job(
