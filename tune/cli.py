@@ -126,7 +126,9 @@ def _submit_argv(args: argparse.Namespace, job: Any, out: TextIO) -> list[str]:
 def _run(args: argparse.Namespace, job: Any, out: TextIO) -> int:
     import ossnet_tune.sweep
 
-    result = ossnet_tune.sweep.run_sweep(job, resume=args.resume, retry_failed=args.retry_failed, config_path=args.config)
+    # -v: Tune's status tables and every trial result, beside the progress bar or lines.
+    result = ossnet_tune.sweep.run_sweep(job, resume=args.resume, retry_failed=args.retry_failed, config_path=args.config,
+                                         verbose=2 if getattr(args, "verbose", False) else 1)
     _print_result(result, job, out)
     if result.counts["unfinished"]:
         return 130

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -177,6 +178,7 @@ def _new_tuner(job: TuneJob, trainable: Any, max_concurrent: int, verbose: int) 
     import ray.tune
     from ray.tune.search.optuna import OptunaSearch
 
+    from ossnet_tune.progress import SweepProgress
     from ossnet_tune.scheduler import ResumableASHA
 
     points = [job.space.normalized_point(p) for p in job.sweep.points_to_evaluate]
@@ -192,12 +194,15 @@ def _new_tuner(job: TuneJob, trainable: Any, max_concurrent: int, verbose: int) 
         grace_period=job.scheduler.grace_period, reduction_factor=job.scheduler.reduction_factor,
         brackets=job.scheduler.brackets, stop_last_trials=False,
     )
+    progress = SweepProgress(job.sweep.num_samples, SCORE_METRIC)
+    if verbose == 1 and sys.stderr.isatty():
+        verbose = 0  # in a terminal the progress bar stands in for Tune's status tables
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=job.sweep.num_samples,
                                         max_concurrent_trials=max_concurrent),
         run_config=ray.tune.RunConfig(
-            name=job.name, storage_path=job.sweep.storage_path, verbose=verbose,
+            name=job.name, storage_path=job.sweep.storage_path, verbose=verbose, callbacks=[progress],
             failure_config=ray.tune.FailureConfig(max_failures=job.sweep.max_failures, fail_fast=False),
         ),
     )
@@ -268,7 +273,8 @@ def run_sweep(
             kept, unfinished ones continue.
         retry_failed: with ``resume``, run failed trials again (from their last checkpoint).
         config_path: the YAML the job came from, logged to the parent run.
-        verbose: Tune's console verbosity (0 silent, 1 status tables, 2 every result).
+        verbose: Tune's console verbosity (0 silent, 1 status tables, 2 every result); 1 in a
+            terminal becomes 0: a progress bar (trials done, failed, best score) stands in.
         trial_hook: called in each trial's actor before it trains (``ossnet_tune.trial.TrialHook``).
 
     Returns:
