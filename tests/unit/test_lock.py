@@ -4,9 +4,11 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -158,3 +160,23 @@ def test_the_image_labels_its_torch_build_and_minimum_driver() -> None:
     runtime = [r for r, _ in _entries(LOCK_IMAGE) if canonicalize_name(r.name) == "nvidia-cuda-runtime"]
     assert runtime and all(str(next(iter(r.specifier)).version).startswith("13.0.") for r in runtime)
     assert f"torch {labels['org.ossnet.torch']}, CUDA {labels['org.ossnet.torch-cuda']}" in dockerfile
+
+
+@pytest.mark.parametrize("torch", ["cuda", "cpu"])
+def test_make_installs_the_lock_of_the_chosen_torch_flavour(torch: str, tmp_path: Path) -> None:
+    """What `make venv TORCH=...` would run on a fresh machine (make -n: printed, not run)."""
+    venv = tmp_path / "venv"
+    out = subprocess.run(["make", "-n", "venv", f"TORCH={torch}", f"VENV={venv}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    commands = [line.removeprefix(f"{venv}/bin/python -m ") for line in out.stdout.splitlines()]
+    lock = LOCK_DEV_CPU if torch == "cpu" else LOCK_DEV
+    installs = [c for c in commands if c.startswith("pip install")]
+    assert installs[1] == f"pip install --quiet --require-hashes -r {lock.relative_to(REPO)}"
+    cpu_index = "https://download.pytorch.org/whl/cpu"
+    cpu_torch = f"pip install --quiet --no-deps --index-url {cpu_index} 'torch=={_explicit_pins()['torch']}'"
+    assert (cpu_torch in installs) == (torch == "cpu")
+    assert installs[-1] == "pip install --quiet --no-deps -e ."
+    bad = subprocess.run(["make", "-n", "venv", "TORCH=gpu", f"VENV={venv}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "TORCH must be cuda or cpu, not 'gpu'" in bad.stderr
