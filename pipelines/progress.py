@@ -37,12 +37,12 @@ class CaseProgress:
     In a terminal (stderr is a TTY) it draws one progress bar (``tqdm``: done/total, rate, eta,
     failed items, a note such as the best score so far); otherwise (a log file, a Ray job's log,
     CI) it logs ``<job>: done/total cases (n failed), rate cases/s, eta[, note]`` every ``every``
-    items (default: about twenty lines per run), every ``interval_s`` seconds, and at the end.
+    items (default: about ten lines per run), every ``interval_s`` seconds, and at the end.
 
     Args:
         job: the prefix of each line ("ingest", "infer", "sweep").
         total: items to do.
-        every: log every this many items (0: ``ceil(total / 20)``).
+        every: log every this many items (0: ``ceil(total / 10)``).
         interval_s: log at least this often while items finish.
         bar: draw a bar (default: when stderr is a terminal).
         stream: where the bar goes (default stderr).
@@ -54,7 +54,7 @@ class CaseProgress:
         self.job = job
         self.unit = unit
         self.total = int(total)
-        self.every = every if every > 0 else max(1, math.ceil(self.total / 20))
+        self.every = every if every > 0 else max(1, math.ceil(self.total / 10))
         self.interval_s = float(interval_s)
         self.done = self.failed = 0
         self.note = ""

@@ -175,8 +175,11 @@ class RunLogger:
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, value)
             self._logged_steps = self._last_steps(run_id)
-            logger.info("MLflow run %s resumed (key %r, %d metrics already logged)", run_id, self.run_key,
-                        len(self._logged_steps))
+            # A run with nothing logged yet is one the driver created for this process (a Train
+            # worker attaching to it): worth a line only when something is really resumed.
+            logger.log(logging.INFO if self._logged_steps else logging.DEBUG,
+                       "MLflow run %s resumed (key %r, %d metrics already logged)", run_id, self.run_key,
+                       len(self._logged_steps))
         self._run_id = run_id
         # The fluent run is needed by mlflow.pyfunc.log_model; it also sets status RUNNING.
         # set_tracking_uri is process-wide (it also sets $MLFLOW_TRACKING_URI): end() restores it.

@@ -25,6 +25,7 @@ pickled (cloudpickle), so closures work.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -322,8 +323,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 all_scores = [s for part in _gather(scores, world) for s in part]
                 metrics.update(summarize(all_scores))
                 collapse = collapse_message(all_scores)
-            logger.info("epoch %d/%d: %s", epoch, job.train.epochs,
-                        "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            # About ten epoch lines per run, every validation epoch among them; -v shows them all.
+            shown = epoch in (start_epoch, job.train.epochs) or job.train.is_validation_epoch(epoch) \
+                or epoch % math.ceil(job.train.epochs / 10) == 0
+            logger.log(logging.INFO if shown else logging.DEBUG, "epoch %d/%d: %s", epoch, job.train.epochs,
+                       "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
             if collapse is not None and rank == 0:
                 logger.warning("epoch %d: validation predicts almost no foreground: %s. Early in training "
                                "the model may still be learning; if this persists or follows better epochs, "
