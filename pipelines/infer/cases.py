@@ -261,7 +261,7 @@ def list_cases(
     """
     if layout == "auto":
         layout = detect_input_layout(input_url, storage_options)
-        logger.info("infer: %s looks like the %s layout", input_url, layout)
+        logger.debug("infer: %s looks like the %s layout", input_url, layout)
     if split is not None and layout != "zarr":
         raise InferError(f"{input_url}: --split applies to Zarr stores only (this input is {layout})")
     if layout == "zarr":

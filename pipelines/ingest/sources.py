@@ -188,7 +188,7 @@ def discover(
         raise IngestError(f"layout: unknown {layout!r}; choose from {', '.join(LAYOUTS)}")
     if layout == "auto":
         layout = detect_layout(fs, root)
-        logger.info("ingest: %s looks like the %s layout", root, layout)
+        logger.debug("ingest: %s looks like the %s layout", root, layout)
     elif not fs.exists(root):
         raise IngestError(f"{root}: no such folder or CSV file")
     if layout == "brats":

@@ -92,7 +92,7 @@ class OssnetPyfuncModel(mlflow.pyfunc.PythonModel):
         self._model, self._info = load_checkpoint(path, map_location="cpu")
         self._model.eval()
         self._device = "cpu"
-        logger.info("loaded ossnet checkpoint %s (variant %s)", path, self._model.config.variant)
+        logger.debug("loaded ossnet checkpoint %s (variant %s)", path, self._model.config.variant)
 
     # ``model_input`` is deliberately left without a type hint: MLflow 3 turns predict's type
     # hints into an enforced input schema, which has no way to say "4D array of any size".

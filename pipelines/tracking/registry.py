@@ -252,7 +252,7 @@ def _download(loc: ModelLocation, cache_root: Path, tracking_uri: str | None) ->
         except OSError:
             if not (final / "MLmodel").is_file():  # another process filled it meanwhile: use theirs
                 raise
-        logger.info("model %s downloaded to %s", loc.spec, final)
+        logger.debug("model %s downloaded to %s", loc.spec, final)
         return final
     finally:
         if loc.cache_key is not None:
