@@ -204,7 +204,8 @@ def test_local_mode_trains_tracks_registers_and_reruns_idempotently(
     assert version.tags["ossnet.test_cases"] == "1" and "is now 'champion'" in result.promotion
     # The scores are the logged model's own metrics too (MLflow 3's model_id), at its epoch; the
     # run's history above kept one point per epoch.
-    linked = {m.key: m for m in client.get_logged_model(version.model_id).metrics}
+    assert result.model_uri.startswith("models:/m-")
+    linked = {m.key: m for m in client.get_logged_model(result.model_uri.removeprefix("models:/")).metrics}
     assert {"val_dice", "val_iou", "val_lowres_dice", "test_dice", "test_iou"} <= set(linked)
     assert linked["val_dice"].value == pytest.approx(result.best_val_dice) and linked["val_dice"].step == result.best_epoch
     assert linked["test_dice"].value == pytest.approx(result.test_dice)
