@@ -71,7 +71,7 @@ class InferJob(Job):
         affine_atol: tolerance (mm) when comparing the affines of a case's files.
         report_every_s: the report is rewritten at least this often while the job runs, so a
             killed job keeps the record of the cases it finished.
-        progress_every: log a progress line every N finished cases (0: about 20 lines per job).
+        progress_every: log a progress line every N finished cases (0: about 10 lines per job).
     """
 
     error_type: ClassVar[type[Exception]] = InferError
