@@ -1,6 +1,6 @@
 # ossnet: bootstrap .venv and run the main entry points.
 #   make quickstart   set up and run the main job on the embedded default
-#   make test         set up (with the dev extra) and run the whole test suite
+#   make test         set up and run the whole test suite
 #   make bench        run every benchmark in --quick mode
 #   make lock         regenerate the hash-pinned lock files from pyproject.toml and requirements/pins.txt
 #

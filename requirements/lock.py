@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 REQ = ROOT / "requirements"
 PINS = REQ / "pins.txt"
 INDEX = "https://pypi.org/simple"
+# The oldest Python the locks serve (pyproject's requires-python); uv would otherwise start at
+# the Python that runs it.
+MIN_PYTHON = "3.11"
 
 # torch's GPU build: the CUDA libraries and triton, dropped from the CPU lock with torch itself.
 # torch's other requirements (sympy, networkx, ...) stay: the CPU wheel needs them too.
@@ -41,7 +44,7 @@ def _uv() -> str:
 
 def compile_lock(inputs: list[str], output: Path, extras: list[str], constraints: list[Path]) -> None:
     """Run ``uv pip compile`` for ``inputs`` into ``output`` (hashes, all platforms)."""
-    cmd = [_uv(), "pip", "compile", *inputs, "--universal", "--generate-hashes", "--no-header",
+    cmd = [_uv(), "pip", "compile", *inputs, "--universal", "--python-version", MIN_PYTHON, "--generate-hashes", "--no-header",
            "--index-url", INDEX, "--quiet", "-o", str(output)]
     for extra in extras:
         cmd += ["--extra", extra]
