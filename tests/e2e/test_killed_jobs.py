@@ -101,15 +101,15 @@ def test_a_killed_ingest_run_again_equals_a_clean_ingest(tmp_path: Path) -> None
 
 
 def test_a_killed_inference_run_again_writes_every_mask_once(tmp_path: Path) -> None:
-    scans, checkpoint = scans_and_model(tmp_path, 24)
+    scans, checkpoint = scans_and_model(tmp_path, 12)
     # A progress line per case, so that the kill lands after a known case.
     flags = ["--model", str(checkpoint), "--actors", "1", "--mode", "dense", "--set", "progress_every=1"]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    _kill_after(_ossnet("infer", str(scans), "--output", str(killed), *flags), "infer: 4/24 cases", 0.5)
+    _kill_after(_ossnet("infer", str(scans), "--output", str(killed), *flags), "infer: 4/12 cases", 0.5)
     _run(_ossnet("infer", str(scans), "--output", str(killed), *flags), "inference killed, run again")
     _run(_ossnet("infer", str(scans), "--output", str(clean), *flags))
     names = sorted(p.name for p in (clean / "masks").iterdir())
-    assert len(names) == 24 and sorted(p.name for p in (killed / "masks").iterdir()) == names
+    assert len(names) == 12 and sorted(p.name for p in (killed / "masks").iterdir()) == names
     for name in names:
         np.testing.assert_array_equal(np.asarray(nib.load(str(killed / "masks" / name)).dataobj),
                                       np.asarray(nib.load(str(clean / "masks" / name)).dataobj), err_msg=name)

@@ -23,7 +23,7 @@ from ossnet_pipelines.synthetic import write_phantom_store
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-EPOCHS = 6
+EPOCHS = 4  # the outage lands after epoch 1: three epochs run without the server
 JOB_TIMEOUT_S = 900
 
 
