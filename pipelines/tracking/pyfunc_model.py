@@ -54,8 +54,8 @@ def params_schema() -> Any:
     from mlflow.types.schema import ParamSchema, ParamSpec
 
     dtypes = {str: "string", bool: "boolean", int: "long", float: "double"}
-    specs = [ParamSpec(k, dtypes[type(v)], v) for k, v in PARAM_DEFAULTS.items() if not isinstance(v, list)]
-    return ParamSchema([*specs, ParamSpec("affine", "double", [], shape=(-1,))])
+    return ParamSchema([ParamSpec(k, "double", v, shape=(-1,)) if isinstance(v, list) else ParamSpec(k, dtypes[type(v)], v)
+                        for k, v in PARAM_DEFAULTS.items()])
 
 
 def input_schema(in_channels: int) -> Any:
@@ -106,16 +106,15 @@ class OssnetPyfuncModel(mlflow.pyfunc.PythonModel):
         # the caller wrote explicitly) take precedence over ``params``.
         opts = dict(PARAM_DEFAULTS)
         opts.update({k: v for k, v in (params or {}).items() if k in PARAM_DEFAULTS and v is not None})
-        image, affine = model_input, _affine(opts["affine"])
+        image = model_input
         if isinstance(model_input, dict):
             if "image" not in model_input:
                 raise ValueError(f"ossnet pyfunc: dict input needs an 'image' key, got keys {sorted(model_input)}")
             image = model_input["image"]
-            if model_input.get("affine") is not None:
-                affine = _affine(model_input["affine"])
             opts.update({k: _scalar(v) for k, v in model_input.items() if k in PARAM_DEFAULTS})
         elif hasattr(model_input, "columns"):  # a pandas DataFrame has no natural volume shape
             raise ValueError("ossnet pyfunc: pass a (C, X, Y, Z) numpy array or {'image': array}, not a DataFrame")
+        affine = _affine(opts["affine"])
         output = str(opts["output"])
         if output not in OUTPUTS:
             raise ValueError(f"ossnet pyfunc: output must be one of {', '.join(OUTPUTS)}, got {output!r}")
