@@ -10,6 +10,8 @@
 #                         CUDA libraries; a GPU needs an NVIDIA driver >= 580)
 #   TORCH=cpu             the CPU build of the same torch release from PyTorch's CPU index, no
 #                         CUDA download: make quickstart TORCH=cpu
+#                         (TORCH_VERSION=X takes another release, e.g. a CPU wheel that pip
+#                         already finds on local disk; the build is checked to be CPU-only)
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= cuda
@@ -23,7 +25,7 @@ LOCK := requirements/lock-dev-cpu.txt
 else
 $(error TORCH must be cuda or cpu, not '$(TORCH)')
 endif
-STAMP  := $(VENV)/.installed-$(TORCH)-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(TORCH)-$(TORCH_VERSION)-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
 .PHONY: quickstart test test-unit test-ray test-e2e bench lint lock clean venv
 
@@ -35,6 +37,7 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
 ifeq ($(TORCH),cpu)
 	$(PY) -m pip install --quiet --no-deps --index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)'
+	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda and f'TORCH=cpu: torch {torch.__version__} is a CUDA build')"
 endif
 	$(PY) -m pip install --quiet --no-deps -e .
 	rm -f $(VENV)/.installed-*

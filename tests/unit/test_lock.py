@@ -176,7 +176,12 @@ def test_make_installs_the_lock_of_the_chosen_torch_flavour(torch: str, tmp_path
     cpu_index = "https://download.pytorch.org/whl/cpu"
     cpu_torch = f"pip install --quiet --no-deps --index-url {cpu_index} 'torch=={_explicit_pins()['torch']}'"
     assert (cpu_torch in installs) == (torch == "cpu")
+    assert any("torch.version.cuda" in c for c in commands) == (torch == "cpu")
     assert installs[-1] == "pip install --quiet --no-deps -e ."
+    if torch == "cpu":
+        other = subprocess.run(["make", "-n", "venv", "TORCH=cpu", "TORCH_VERSION=2.13.0", f"VENV={venv}"], cwd=REPO,
+                               capture_output=True, text=True, timeout=60)
+        assert f"--index-url {cpu_index} 'torch==2.13.0'" in other.stdout, other.stdout
     bad = subprocess.run(["make", "-n", "venv", "TORCH=gpu", f"VENV={venv}"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode != 0 and "TORCH must be cuda or cpu, not 'gpu'" in bad.stderr
