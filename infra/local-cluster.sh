@@ -32,6 +32,10 @@
 #   OSSNET_CLUSTER_AUTH             token | disabled [token]
 #   OSSNET_CLUSTER_START_TIMEOUT    seconds to wait for each node [180]
 #   OSSNET_CLUSTER_START_ATTEMPTS   tries per node that dies while starting [3]
+#   OSSNET_CLUSTER_DRAIN_TIMEOUT    seconds a node waits on `stop` for its leases to end before
+#                                   shutting down [0]; Ray's own default (30) waits for Serve
+#                                   replicas to move, and an idle job's leftover lease on the
+#                                   head then holds every `stop` for the full 30 s
 #   OSSNET_RAY                      the `ray` executable [<repo>/.venv/bin/ray, else PATH]
 #
 # Authentication: Ray 2.59+ turns token auth on by default, and which token a process uses
@@ -70,7 +74,7 @@ TEMP_DIR="${OSSNET_CLUSTER_TEMP_DIR:-/tmp/ossnet-ray-$(id -u)-$PORT}"
 AUTH_MODE="${OSSNET_CLUSTER_AUTH:-token}"
 START_TIMEOUT="${OSSNET_CLUSTER_START_TIMEOUT:-180}"
 START_ATTEMPTS="${OSSNET_CLUSTER_START_ATTEMPTS:-3}"
-STOP_GRACE=30
+DRAIN_TIMEOUT="${OSSNET_CLUSTER_DRAIN_TIMEOUT:-0}"
 HOST=127.0.0.1
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
@@ -78,11 +82,12 @@ log() { echo "local-cluster: $*" >&2; }
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 for var in WORKERS CPUS HEAD_CPUS GPUS OBJECT_STORE_MB PORT DASHBOARD_PORT CLIENT_PORT \
-    WORKER_PORT_BASE AGENT_PORT_BASE START_TIMEOUT START_ATTEMPTS; do
+    WORKER_PORT_BASE AGENT_PORT_BASE START_TIMEOUT START_ATTEMPTS DRAIN_TIMEOUT; do
     is_uint "${!var}" || die "OSSNET_CLUSTER_${var} must be a non-negative integer, got '${!var}'"
 done
 [[ "$AUTH_MODE" == token || "$AUTH_MODE" == disabled ]] \
     || die "OSSNET_CLUSTER_AUTH must be 'token' or 'disabled', got '$AUTH_MODE'"
+STOP_GRACE=$((DRAIN_TIMEOUT + 30))   # a node's drain, then its own shutdown
 (( WORKERS >= 1 )) || die "OSSNET_CLUSTER_WORKERS must be at least 1 (a multi-node cluster)"
 (( OBJECT_STORE_MB >= 80 )) || die "OSSNET_CLUSTER_OBJECT_STORE_MB must be at least 80 (Ray's minimum)"
 (( ${#TEMP_DIR} <= 40 )) \
@@ -165,6 +170,8 @@ ray_env() {
         unset RAY_AUTH_TOKEN_PATH
     fi
     export RAY_USAGE_STATS_ENABLED=0
+    # Read by each `ray start --block` when `stop` sends it SIGTERM.
+    export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="$DRAIN_TIMEOUT"
     # Jobs run `python ...` entrypoints: make that the interpreter Ray runs under.
     export PATH="$(dirname "$RAY_BIN"):$PATH"
 }
