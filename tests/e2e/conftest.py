@@ -294,6 +294,55 @@ def scans_and_model(root: Path, n: int) -> tuple[Path, Path]:
 
 
 @dataclass(frozen=True)
+class DenseReference:
+    """``REFERENCE_SCANS`` scans (``scans_and_model``) and the masks of one undisturbed local
+    dense inference over them: what every disturbed run (killed, node lost, disk full) must end
+    with. Scans are inputs only: tests read them, never write next to them."""
+
+    scans: Path
+    checkpoint: Path
+    masks: Path
+
+    def subset(self, folder: Path, n: int) -> Path:
+        """A folder holding copies of the first ``n`` scans."""
+        folder.mkdir(parents=True)
+        for scan in sorted(self.scans.iterdir())[:n]:
+            shutil.copy2(scan, folder / scan.name)
+        return folder
+
+    def assert_same_masks(self, masks: Path) -> list[str]:
+        """Every mask in ``masks`` equals the reference mask of its case; returns the names."""
+        import nibabel as nib
+        import numpy as np
+
+        names = sorted(p.name for p in masks.iterdir())
+        assert names, f"no masks in {masks}"
+        for name in names:
+            np.testing.assert_array_equal(np.asarray(nib.load(str(masks / name)).dataobj),
+                                          np.asarray(nib.load(str(self.masks / name)).dataobj), err_msg=name)
+        return names
+
+
+REFERENCE_SCANS = 24
+
+
+@pytest.fixture(scope="session")
+def dense_reference(tmp_path_factory: pytest.TempPathFactory) -> DenseReference:
+    """One clean ``ossnet infer --mode dense`` (local Ray, one actor) shared by the fault tests,
+    instead of a clean run of their own each."""
+    root = tmp_path_factory.mktemp("dense-reference")
+    scans, checkpoint = scans_and_model(root, REFERENCE_SCANS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    clean = subprocess.run([sys.executable, "-m", "ossnet_cli", "infer", str(scans), "--output", str(root / "clean"),
+                            "--model", str(checkpoint), "--actors", "1", "--mode", "dense"], cwd=REPO_ROOT, env=env,
+                           check=False, capture_output=True, text=True, timeout=900)
+    assert clean.returncode == 0, (clean.stdout + clean.stderr)[-6000:]
+    reference = DenseReference(scans, checkpoint, root / "clean" / "masks")
+    assert len(list(reference.masks.iterdir())) == REFERENCE_SCANS
+    return reference
+
+
+@dataclass(frozen=True)
 class MlflowServer:
     """A running ``mlflow/server.sh`` (SQLite + local artifacts). ``str(self)`` is the URI."""
 

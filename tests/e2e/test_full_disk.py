@@ -18,13 +18,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import scans_and_model
+from conftest import REFERENCE_SCANS, DenseReference
 from ossnet_pipelines.files import TMP_SUFFIX
 
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-N_SCANS = 24
+N_SCANS = REFERENCE_SCANS
 TIMEOUT_S = 900
 
 
@@ -34,13 +34,14 @@ def _can_mount_tmpfs(folder: Path) -> bool:
     return probe is not None and probe.returncode == 0
 
 
-def test_a_full_disk_fails_cases_cleanly_and_a_rerun_completes_them(tmp_path: Path) -> None:
+def test_a_full_disk_fails_cases_cleanly_and_a_rerun_completes_them(dense_reference: DenseReference,
+                                                                   tmp_path: Path) -> None:
     out, logs = tmp_path / "out", tmp_path / "logs"
     out.mkdir()
     logs.mkdir()
     if not _can_mount_tmpfs(out):
         pytest.skip("this machine does not let a test mount a tmpfs in its own mount namespace (unshare -rm)")
-    scans, checkpoint = scans_and_model(tmp_path, N_SCANS)
+    scans, checkpoint = dense_reference.scans, dense_reference.checkpoint
     infer = shlex.join([sys.executable, "-m", "ossnet_cli", "infer", str(scans), "--output", str(out), "--model",
                         str(checkpoint), "--actors", "1", "--mode", "dense"])
     o, lg = shlex.quote(str(out)), shlex.quote(str(logs))
@@ -71,7 +72,7 @@ def test_a_full_disk_fails_cases_cleanly_and_a_rerun_completes_them(tmp_path: Pa
     begin, end = map(float, (logs / "second.time").read_text().split())
     print(f"[recovery] disk full, space freed, inference run again: {end - begin:.1f} s")
     final = logs / "second"
-    assert len(list((final / "masks").glob("*.nii.gz"))) == N_SCANS
+    assert len(dense_reference.assert_same_masks(final / "masks")) == N_SCANS
     for mask in written:  # the masks written before the disk filled were kept, not redone
         np.testing.assert_array_equal(np.asarray(nib.load(str(mask)).dataobj),
                                       np.asarray(nib.load(str(final / "masks" / mask.name)).dataobj))

@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import process_group, scans_and_model
+from conftest import DenseReference, process_group
 from ossnet.phantoms import brats_like
 from ossnet_pipelines.files import TMP_SUFFIX
 from ossnet_pipelines.store import open_store
@@ -100,19 +99,16 @@ def test_a_killed_ingest_run_again_equals_a_clean_ingest(tmp_path: Path) -> None
     assert not _temporaries(killed)
 
 
-def test_a_killed_inference_run_again_writes_every_mask_once(tmp_path: Path) -> None:
-    scans, checkpoint = scans_and_model(tmp_path, 12)
+def test_a_killed_inference_run_again_writes_every_mask_once(dense_reference: DenseReference, tmp_path: Path) -> None:
+    scans = dense_reference.subset(tmp_path / "scans", 12)
     # A progress line per case, so that the kill lands after a known case.
-    flags = ["--model", str(checkpoint), "--actors", "1", "--mode", "dense", "--set", "progress_every=1"]
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    flags = ["--model", str(dense_reference.checkpoint), "--actors", "1", "--mode", "dense",
+             "--set", "progress_every=1"]
+    killed = tmp_path / "killed"
     _kill_after(_ossnet("infer", str(scans), "--output", str(killed), *flags), "infer: 4/12 cases", 0.5)
     _run(_ossnet("infer", str(scans), "--output", str(killed), *flags), "inference killed, run again")
-    _run(_ossnet("infer", str(scans), "--output", str(clean), *flags))
-    names = sorted(p.name for p in (clean / "masks").iterdir())
-    assert len(names) == 12 and sorted(p.name for p in (killed / "masks").iterdir()) == names
-    for name in names:
-        np.testing.assert_array_equal(np.asarray(nib.load(str(killed / "masks" / name)).dataobj),
-                                      np.asarray(nib.load(str(clean / "masks" / name)).dataobj), err_msg=name)
+    names = dense_reference.assert_same_masks(killed / "masks")
+    assert names == sorted(p.name for p in scans.iterdir())
     import pandas as pd
 
     report = pd.read_parquet(killed / "report.parquet")

@@ -17,21 +17,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CLUSTER_START_TIMEOUT_S, STOP_TIMEOUT_S, process_group, scans_and_model
+from conftest import CLUSTER_START_TIMEOUT_S, STOP_TIMEOUT_S, process_group
 from ossnet_pipelines.files import TMP_SUFFIX
 
 if TYPE_CHECKING:
-    from conftest import LocalCluster
+    from conftest import DenseReference, LocalCluster
 
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-N_SCANS = 24
 TIMEOUT_S = 900
 
 
@@ -45,9 +42,10 @@ def restored_cluster(local_cluster: LocalCluster) -> Iterator[LocalCluster]:
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
 
 
-def test_inference_completes_when_a_worker_node_is_lost(restored_cluster: LocalCluster, tmp_path: Path) -> None:
+def test_inference_completes_when_a_worker_node_is_lost(restored_cluster: LocalCluster,
+                                                       dense_reference: DenseReference, tmp_path: Path) -> None:
     local_cluster = restored_cluster
-    scans, checkpoint = scans_and_model(tmp_path, N_SCANS)
+    scans, checkpoint = dense_reference.scans, dense_reference.checkpoint
     out = tmp_path / "out"
     flags = ["--model", str(checkpoint), "--actors", "2", "--cpus-per-actor", "0.5", "--mode", "dense",
              "--set", "progress_every=1"]
@@ -76,16 +74,8 @@ def test_inference_completes_when_a_worker_node_is_lost(restored_cluster: LocalC
     print(f"[recovery] worker node lost: the job finished {time.monotonic() - killed_at:.1f} s after the kill "
           f"({'cases lost with the node were run again' if lost else 'no case was lost with the node'})")
 
-    clean = tmp_path / "clean"
-    subprocess.run([sys.executable, "-m", "ossnet_cli", "infer", str(scans), "--output", str(clean),
-                    "--model", str(checkpoint), "--actors", "1", "--mode", "dense"], cwd=REPO_ROOT,
-                   env={k: v for k, v in env.items() if not k.startswith("RAY_")}, check=True,
-                   capture_output=True, timeout=TIMEOUT_S)
-    names = sorted(p.name for p in (clean / "masks").iterdir())
-    assert len(names) == N_SCANS and sorted(p.name for p in (out / "masks").iterdir()) == names
-    for name in names:
-        np.testing.assert_array_equal(np.asarray(nib.load(str(out / "masks" / name)).dataobj),
-                                      np.asarray(nib.load(str(clean / "masks" / name)).dataobj), err_msg=name)
+    names = dense_reference.assert_same_masks(out / "masks")
+    assert names == sorted(p.name for p in scans.iterdir())
     report = pd.read_parquet(out / "report.parquet")
     assert sorted(report["case_id"]) == [n.removesuffix(".nii.gz") for n in names]
     assert set(report["status"]) == {"ok"} and report["case_id"].is_unique
