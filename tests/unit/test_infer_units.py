@@ -471,3 +471,44 @@ def test_a_multi_target_model_writes_the_label_map_in_the_source_values_and_scor
     assert {"dice_wt", "iou_tc", "hd95_et", "tp_et"} <= set(frame.columns) and frame["dice_wt"].iloc[1] == 1.0
     summary = InferReport(output=str(tmp_path / "out"), cases=(result, bad), seconds=1.0).summary()
     assert "wt: mean Dice 1.0000 over 1 cases, global Dice 1.0000" in summary and "373.13" in summary
+
+
+def test_cases_lost_with_a_worker_get_one_more_pass_then_fail_in_one_line(
+    tmp_path: Path, tiny_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Data gives no row for a case whose block died with its worker or node. Such cases
+    run once more; a case lost on both passes is a failed row naming the likely cause."""
+    import ray
+
+    from ossnet_pipelines.infer import run as infer_run
+    from ossnet_pipelines.infer.run import run_inference
+
+    _, ckpt, _ = tiny_model
+    (tmp_path / "model.pt").write_bytes(ckpt)
+    for i in range(4):
+        _save(tmp_path / "in" / f"s{i}.nii.gz", _scan((9, 8, 7), i))
+    passes: list[list[str]] = []
+
+    def pipeline(cases, job, ctx, checkpoint, gpus):  # the stages in this process, minus lost cases
+        passes.append([c.case_id for c in cases])
+        predictor = CasePredictor(checkpoint, mode="dense")
+        for case in cases:
+            if case.case_id == "s3" or (case.case_id == "s1" and len(passes) == 1):
+                continue  # lost with its worker: no row
+            yield process_case(case, ctx, predictor).to_row()
+
+    monkeypatch.setattr(infer_run, "ensure_ray", lambda **kw: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(infer_run, "_pipeline", pipeline)
+    job = InferJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(tmp_path / "model.pt"),
+                   mode="dense")
+    report = run_inference(job)
+
+    assert passes == [["s0", "s1", "s2", "s3"], ["s1", "s3"]]
+    status = {r.case_id: r.status for r in report.cases}
+    assert status == {"s0": "ok", "s1": "ok", "s2": "ok", "s3": "failed"}
+    (lost,) = [r for r in report.cases if r.case_id == "s3"]
+    assert "\n" not in lost.error and "worker died" in lost.error
+    saved = read_report(OutputLayout(str(tmp_path / "out")))
+    assert {cid: r.status for cid, r in saved.items()} == status
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["s0.nii.gz", "s1.nii.gz", "s2.nii.gz"]
