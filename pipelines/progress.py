@@ -11,6 +11,14 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+CONSOLE_LINES = 10  # progress lines a job logs by default, whatever its length
+
+
+def log_every(total: int, lines: int = CONSOLE_LINES) -> int:
+    """Log every this many items (cases, trials, epochs) so that ``total`` items give about
+    ``lines`` lines."""
+    return max(1, math.ceil(total / lines))
+
 
 class CaseCounts:
     """Counts of a job report whose ``cases`` each carry a ``status`` ("ok", "ingested",
@@ -54,7 +62,7 @@ class CaseProgress:
         self.job = job
         self.unit = unit
         self.total = int(total)
-        self.every = every if every > 0 else max(1, math.ceil(self.total / 10))
+        self.every = every if every > 0 else log_every(self.total)
         self.interval_s = float(interval_s)
         self.done = self.failed = 0
         self.note = ""
@@ -113,4 +121,4 @@ class CaseProgress:
             self._bar = None
 
 
-__all__ = ["CaseProgress"]
+__all__ = ["CONSOLE_LINES", "CaseProgress", "log_every"]

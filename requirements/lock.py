@@ -20,15 +20,24 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REQ = ROOT / "requirements"
 PINS = REQ / "pins.txt"
 INDEX = "https://pypi.org/simple"
-# The oldest Python the locks serve (pyproject's requires-python); uv would otherwise start at
-# the Python that runs it.
-MIN_PYTHON = "3.11"
+
+
+def min_python() -> str:
+    """The oldest Python the locks serve: pyproject's ``requires-python = ">=X.Y"`` (uv would
+    otherwise start at the Python that runs it)."""
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    match = re.fullmatch(r"\s*>=\s*(\d+\.\d+)\s*", spec)
+    if match is None:
+        raise SystemExit(f"pyproject.toml: requires-python must read '>=X.Y' for make lock, not {spec!r}")
+    return match.group(1)
+
 
 # torch's GPU build: the CUDA libraries and triton, dropped from the CPU lock with torch itself.
 # torch's other requirements (sympy, networkx, ...) stay: the CPU wheel needs them too.
@@ -44,8 +53,8 @@ def _uv() -> str:
 
 def compile_lock(inputs: list[str], output: Path, extras: list[str], constraints: list[Path]) -> None:
     """Run ``uv pip compile`` for ``inputs`` into ``output`` (hashes, all platforms)."""
-    cmd = [_uv(), "pip", "compile", *inputs, "--universal", "--python-version", MIN_PYTHON, "--generate-hashes", "--no-header",
-           "--index-url", INDEX, "--quiet", "-o", str(output)]
+    cmd = [_uv(), "pip", "compile", *inputs, "--universal", "--python-version", min_python(), "--generate-hashes",
+           "--no-header", "--index-url", INDEX, "--quiet", "-o", str(output)]
     for extra in extras:
         cmd += ["--extra", extra]
     for path in constraints:

@@ -25,7 +25,6 @@ pickled (cloudpickle), so closures work.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -40,6 +39,7 @@ from ossnet.config import AugmentConfig
 from ossnet.inference import Inferer
 from ossnet.model import build_model
 from ossnet.training import make_optimizer, make_scheduler, train_epoch
+from ossnet_pipelines.progress import log_every
 from ossnet_pipelines.train.job import StoreFacts, TrainJob
 from ossnet_pipelines.train.state import LocalCheckpoints, checkpoint_dir_name, restore_first_good, write_checkpoint
 
@@ -325,7 +325,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 collapse = collapse_message(all_scores)
             # About ten epoch lines per run, every validation epoch among them; -v shows them all.
             shown = epoch in (start_epoch, job.train.epochs) or job.train.is_validation_epoch(epoch) \
-                or epoch % math.ceil(job.train.epochs / 10) == 0
+                or epoch % log_every(job.train.epochs) == 0
             logger.log(logging.INFO if shown else logging.DEBUG, "epoch %d/%d: %s", epoch, job.train.epochs,
                        "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
             if collapse is not None and rank == 0:
